@@ -1,0 +1,32 @@
+# The two set-up commands: `make demo` and `make test`. Each creates .venv when it is
+# missing, installs the project into it, then runs the demo / the test suite.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN     = $(VENV)/bin
+STAMP   = $(VENV)/.installed-dev
+
+export FLWR_TELEMETRY_ENABLED = 0
+export FLWR_DISABLE_UPDATE_CHECK = 1
+export MLFLOW_DISABLE_TELEMETRY = true
+export RAY_USAGE_STATS_ENABLED = 0
+export HF_HUB_DISABLE_TELEMETRY = 1
+
+.PHONY: demo test install clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --upgrade pip
+	$(BIN)/python -m pip install -e ".[dev]"
+	touch $(STAMP)
+
+demo: $(STAMP)
+	test -d demo-data/site1 || $(BIN)/nearl demo-data --out demo-data --sites 4
+	$(BIN)/nearl train --config demo --data demo-data/site1 --out runs/demo --overwrite
+
+test: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf runs demo-data .pytest_cache

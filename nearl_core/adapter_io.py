@@ -1,0 +1,152 @@
+"""Adapter-only state: what a site trains, what it sends, what a checkpoint holds.
+
+An adapter file is a directory with ``adapters.safetensors`` (exactly the tensors for
+which :func:`nearl_core.model.is_adapter_param` holds, without the prefix) and
+``adapters.json`` (backbone name and weight provenance, classes, prompts, the whole
+config and the package version).  Loading refuses a file made for another backbone or
+another class list: silently loading adapters into the wrong model would give
+plausible-looking but meaningless predictions.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
+from typing import Any, Mapping
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from nearl_core.errors import AdapterFileError
+from nearl_core.model import ADAPTER_PREFIX, NearlCLIP, is_adapter_param
+
+WEIGHTS_FILE = "adapters.safetensors"
+META_FILE = "adapters.json"
+
+
+def package_version() -> str:
+    try:
+        return version("nearl-federated")
+    except PackageNotFoundError:  # running from a source tree without install
+        return "0+unknown"
+
+
+def get_adapter_state(model: NearlCLIP) -> dict[str, torch.Tensor]:
+    """Exactly the adapter tensors, detached on CPU, keyed without the ``adapters.`` prefix."""
+    return {
+        name[len(ADAPTER_PREFIX):]: p.detach().cpu().clone()
+        for name, p in model.named_parameters()
+        if is_adapter_param(name)
+    }
+
+
+def adapter_schema(model: NearlCLIP) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype): the agreed layout of every payload for this model."""
+    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in get_adapter_state(model).items()}
+
+
+def set_adapter_state(model: NearlCLIP, state: Mapping[str, torch.Tensor]) -> None:
+    """Load adapter tensors, refusing missing, extra or mis-shaped entries."""
+    params = {name[len(ADAPTER_PREFIX):]: p for name, p in model.named_parameters() if is_adapter_param(name)}
+    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
+    if missing or extra:
+        raise AdapterFileError(
+            f"adapter tensors do not match this model (missing {missing[:3]}, unexpected {extra[:3]}); "
+            "were they made with other adapter dimensions?"
+        )
+    for name, p in params.items():
+        value = torch.as_tensor(state[name])
+        if tuple(value.shape) != tuple(p.shape):
+            raise AdapterFileError(
+                f"adapter tensor '{name}' has shape {tuple(value.shape)}, this model needs {tuple(p.shape)}"
+            )
+        with torch.no_grad():
+            p.copy_(value.to(dtype=p.dtype, device=p.device))
+
+
+def model_metadata(model: NearlCLIP, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """What a reader needs to rebuild the same model and check compatibility."""
+    meta = {
+        "format": "nearl-adapters/1",
+        "version": package_version(),
+        "backbone": model.backbone_name,
+        "backbone_source": model.backbone_source,
+        "classes": list(model.classes),
+        "templates": list(model.cfg.task.templates),
+        "modality": model.cfg.task.modality,
+        "config": model.cfg.to_dict(),
+    }
+    meta.update(extra or {})
+    return meta
+
+
+def save_adapters(model: NearlCLIP, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
+                  *, overwrite: bool = False) -> Path:
+    """Write weights + metadata atomically (temp files then rename); refuse to clobber by default."""
+    out = Path(out_dir)
+    if (out / WEIGHTS_FILE).exists() and not overwrite:
+        raise AdapterFileError(f"{out / WEIGHTS_FILE} already exists; choose another --out or pass --overwrite")
+    out.mkdir(parents=True, exist_ok=True)
+    state = {k: v.contiguous() for k, v in get_adapter_state(model).items()}
+    meta = model_metadata(model, extra)
+    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
+    return out
+
+
+def read_adapters(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Read (tensors, metadata) from an adapter directory (or its .safetensors file)."""
+    p = Path(path)
+    folder = p.parent if p.suffix == ".safetensors" else p
+    weights, meta_file = folder / WEIGHTS_FILE, folder / META_FILE
+    for f in (weights, meta_file):
+        if not f.is_file():
+            raise AdapterFileError(f"adapter file {f} not found; point --adapters at a folder written by nearl train")
+    try:
+        state = load_file(str(weights))
+        meta = json.loads(meta_file.read_text())
+    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+        raise AdapterFileError(f"{folder}: adapter files are corrupt ({str(err).splitlines()[0]}); re-export them") from None
+    return state, meta
+
+
+def check_compatible(meta: Mapping[str, Any], model: NearlCLIP, source: str = "adapter file") -> None:
+    """Refuse adapters made for another backbone, other weights or another class list."""
+    if meta.get("backbone") != model.backbone_name:
+        raise AdapterFileError(
+            f"{source} was trained on backbone '{meta.get('backbone')}', this model is '{model.backbone_name}'; "
+            "use the matching --config"
+        )
+    if meta.get("backbone_source") != model.backbone_source:
+        raise AdapterFileError(
+            f"{source} was trained on backbone weights {meta.get('backbone_source')}, this model has "
+            f"{model.backbone_source}; load the same pretrained weights"
+        )
+    if list(meta.get("classes", [])) != list(model.classes):
+        raise AdapterFileError(
+            f"{source} is for classes {meta.get('classes')}, this model has {list(model.classes)}; "
+            "use the same task.classes (same order)"
+        )
+
+
+def load_adapters(model: NearlCLIP, path: str | Path) -> dict[str, Any]:
+    """Check compatibility, then load; returns the metadata."""
+    state, meta = read_adapters(path)
+    check_compatible(meta, model, source=str(path))
+    set_adapter_state(model, state)
+    return meta
+
+
+def _atomic_write(target: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)

@@ -1,0 +1,222 @@
+"""One configuration object for a NEARL job.
+
+A YAML file (kebab-case keys, grouped in sections) is loaded into frozen dataclasses
+and validated once, so that every later layer (model factory, data, training, the
+Flower apps) receives the whole object and never re-parses strings.  Flower's run
+config uses flattened keys such as ``train.lr`` or ``adapter.rank``; the same mapping
+applies through :func:`apply_overrides`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+import yaml
+
+from nearl_core.errors import ConfigError
+
+CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+TEXT_CONDITIONING = ("per-image", "shared")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which open_clip CLIP to adapt and where its weights come from."""
+
+    name: str = "nearl-tiny"
+    # None/"none": random init; an open_clip tag such as "openai"; or a local file path.
+    pretrained: str | None = None
+
+
+@dataclass(frozen=True)
+class AdapterConfig:
+    """NEARL adapter dimensions (DESIGN.md §3); the defaults give ~1.46M on ViT-B-16."""
+
+    queries: int = 16  # M learnable synergy query tokens
+    width: int = 32  # d, width of the USEformer
+    rank: int = 24  # r, OCA bottleneck
+    heads: int = 4  # attention heads in the USEformer and in every OCA
+    mlp_ratio: float = 2.0  # USEformer MLP hidden = mlp_ratio * d
+    text_conditioning: str = "per-image"  # or "shared"
+    ortho_lambda: float = 0.0  # weight of the orthogonal regulariser
+    eps: float = 1e-6  # Gram-Schmidt denominator guard
+
+
+@dataclass(frozen=True)
+class TaskConfig:
+    """Class names and prompt templates; classes may come from the data folder."""
+
+    classes: tuple[str, ...] = ()
+    templates: tuple[str, ...] = ("a {modality} image showing {class}.",)
+    modality: str = "medical"
+
+    def prompts(self, classes: tuple[str, ...] | None = None) -> list[list[str]]:
+        """Prompts per class: ``result[c][p]`` is template p filled with class c."""
+        names = classes if classes is not None else self.classes
+        return [
+            [t.replace("{class}", c.replace("_", " ")).replace("{modality}", self.modality) for t in self.templates]
+            for c in names
+        ]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Local optimisation: used by ``nearl train`` and by every site each round."""
+
+    epochs: int = 3
+    batch_size: int = 16
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    warmup_frac: float = 0.1
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda | mps
+    num_workers: int = 0  # 0 on CPU; the loader uses workers + pinned memory on CUDA
+    amp: bool = True  # bf16 autocast on CUDA only
+
+
+@dataclass(frozen=True)
+class NearlConfig:
+    """The whole job: passed as one object to every layer."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        """Kebab-case nested dict, the same shape as the YAML file."""
+        out: dict[str, dict[str, Any]] = {}
+        for section in fields(self):
+            values = dataclasses.asdict(getattr(self, section.name))
+            out[section.name] = {k.replace("_", "-"): (list(v) if isinstance(v, tuple) else v) for k, v in values.items()}
+        return out
+
+    def flat(self) -> dict[str, Any]:
+        """``section.key`` -> value, e.g. for MLflow params or Flower run config."""
+        return {f"{s}.{k}": v for s, vals in self.to_dict().items() for k, v in vals.items()}
+
+    def with_classes(self, classes: tuple[str, ...]) -> "NearlConfig":
+        return replace(self, task=replace(self.task, classes=tuple(classes)))
+
+
+def resolve_config_path(name_or_path: str | Path) -> Path:
+    """A file path, or the name of a shipped config such as ``demo`` or ``vit-b16``."""
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    shipped = CONFIG_DIR / f"{name_or_path}.yaml"
+    if shipped.is_file():
+        return shipped
+    known = ", ".join(sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")))
+    raise ConfigError(f"config '{name_or_path}' not found: give a YAML file path or one of: {known}")
+
+
+def load_config(name_or_path: str | Path = "demo", overrides: Mapping[str, Any] | None = None) -> NearlConfig:
+    """Read a YAML config (path or shipped name), apply ``section.key`` overrides, validate."""
+    path = resolve_config_path(name_or_path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        first = str(err).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML ({first}); fix the file") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path}: expected sections model/adapter/task/train at top level")
+    cfg = from_dict(raw, source=str(path))
+    return apply_overrides(cfg, overrides or {})
+
+
+def from_dict(raw: Mapping[str, Any], source: str = "config") -> NearlConfig:
+    """Build and validate a config from a nested kebab-case mapping."""
+    sections = {f.name: f.type for f in fields(NearlConfig)}
+    unknown = set(raw) - set(sections)
+    if unknown:
+        raise ConfigError(f"{source}: unknown section(s) {sorted(unknown)}; allowed: {sorted(sections)}")
+    built = {}
+    for f in fields(NearlConfig):
+        cls = f.default_factory().__class__  # type: ignore[misc]
+        built[f.name] = _section(cls, raw.get(f.name) or {}, f"{source}: {f.name}")
+    cfg = NearlConfig(**built)
+    validate(cfg, source)
+    return cfg
+
+
+def apply_overrides(cfg: NearlConfig, overrides: Mapping[str, Any]) -> NearlConfig:
+    """Apply flattened ``section.key=value`` overrides (kebab or snake case)."""
+    if not overrides:
+        return cfg
+    nested = cfg.to_dict()
+    for key, value in overrides.items():
+        section, _, name = key.partition(".")
+        name = name.replace("_", "-")
+        if section not in nested or name not in nested[section]:
+            raise ConfigError(f"unknown config key '{key}'; keys look like 'train.lr' or 'adapter.rank'")
+        nested[section][name] = value
+    return from_dict(nested, source="overrides")
+
+
+def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
+    if not isinstance(values, Mapping):
+        raise ConfigError(f"{where}: expected a mapping of keys, got {type(values).__name__}")
+    names = {f.name: f for f in fields(cls)}
+    kwargs = {}
+    for key, value in values.items():
+        attr = str(key).replace("-", "_")
+        if attr not in names:
+            allowed = ", ".join(n.replace("_", "-") for n in names)
+            raise ConfigError(f"{where}: unknown key '{key}'; allowed: {allowed}")
+        kwargs[attr] = _coerce(value, names[attr], f"{where}.{key}")
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
+    if isinstance(default, tuple):
+        if isinstance(value, str):
+            value = [value]
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return tuple(str(v) for v in value)
+    if f.name == "pretrained":
+        return None if value in (None, "", "none", "None") else str(value)
+    if isinstance(default, bool):
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+        if not isinstance(value, bool):
+            raise ConfigError(f"{where}: expected true or false, got {value!r}")
+        return value
+    try:
+        if isinstance(default, int):
+            if isinstance(value, float) and not value.is_integer():
+                raise ValueError
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: expected a {type(default).__name__}, got {value!r}") from None
+    return str(value)
+
+
+def validate(cfg: NearlConfig, source: str = "config") -> None:
+    """Cross-field checks that a type alone cannot express."""
+    a, t = cfg.adapter, cfg.train
+    checks = [
+        (a.text_conditioning in TEXT_CONDITIONING, f"adapter.text-conditioning must be one of {TEXT_CONDITIONING}"),
+        (a.queries >= 1 and a.width >= 1 and a.rank >= 1, "adapter.queries, width and rank must be >= 1"),
+        (a.heads >= 1 and a.width % a.heads == 0 and a.rank % a.heads == 0,
+         f"adapter.heads ({a.heads}) must divide adapter.width ({a.width}) and adapter.rank ({a.rank})"),
+        (a.ortho_lambda >= 0, "adapter.ortho-lambda must be >= 0"),
+        (t.epochs >= 0 and t.batch_size >= 1, "train.epochs must be >= 0 and train.batch-size >= 1"),
+        (t.lr > 0, "train.lr must be > 0"),
+        (0 <= t.warmup_frac < 1, "train.warmup-frac must be in [0, 1)"),
+        (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),
+         "train.device must be auto, cpu, cuda, cuda:N or mps"),
+        (len(cfg.task.templates) >= 1 and all("{class}" in x for x in cfg.task.templates),
+         "every task.templates entry must contain '{class}'"),
+        (len(set(cfg.task.classes)) == len(cfg.task.classes), "task.classes has duplicates"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(f"{source}: {message}")

@@ -1,0 +1,185 @@
+"""The local jobs behind the ``nearl`` commands, as plain functions.
+
+Each takes the config object and paths, prints progress, and raises ``NearlError`` for
+anything the user can fix.  The CLI only parses arguments; tests call these directly.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+
+from nearl_core.adapter_io import load_adapters, read_adapters, save_adapters
+from nearl_core.config import NearlConfig, from_dict, load_config
+from nearl_core.data import SiteData, format_counts, infer_classes, load_image, scan_site
+from nearl_core.demo_data import generate_demo_data
+from nearl_core.errors import AdapterFileError, ConfigError, NearlError
+from nearl_core.metrics import METRIC_NAMES
+from nearl_core.model import NearlCLIP, build_model
+from nearl_core.params import format_report, parameter_report
+from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
+
+format_params = format_report
+
+
+def config_from_args(args: Any) -> NearlConfig:
+    """--config, then --set overrides, then the dedicated flags (--pretrained, --epochs, ...)."""
+    overrides: dict[str, Any] = {}
+    for item in getattr(args, "overrides", []) or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
+        overrides[key.strip()] = value.strip()
+    for flag, key in (("pretrained", "model.pretrained"), ("epochs", "train.epochs"),
+                      ("seed", "train.seed"), ("device", "train.device")):
+        if getattr(args, flag, None) is not None:
+            overrides[key] = getattr(args, flag)
+    return load_config(args.config, overrides)
+
+
+def with_site_classes(cfg: NearlConfig, data: Path, log=print) -> NearlConfig:
+    """Classes from the config, or (when it names none) from the site's train folders."""
+    if cfg.task.classes:
+        return cfg
+    classes = infer_classes(data)
+    log(f"classes from {data / 'train'} (sorted folder names): {', '.join(classes)}")
+    return cfg.with_classes(classes)
+
+
+def load_site(cfg: NearlConfig, data: Path, log=print) -> SiteData:
+    site = scan_site(data, cfg.task.classes, verify=True)
+    missing = site.missing_classes("train")
+    if missing:
+        log(f"note: site {data} has no training images of {', '.join(missing)} (valid for non-IID federations)")
+    return site
+
+
+def demo_data(out: Path, sites: int, *, seed: int = 0, train_per_site: int = 96, overwrite: bool = False) -> list[Path]:
+    if sites < 1:
+        raise ConfigError(f"--sites {sites}: need at least 1 site")
+    paths = generate_demo_data(out, sites, seed=seed, train_per_site=train_per_site, overwrite=overwrite)
+    print(f"wrote {len(paths)} synthetic sites under {out} (see {Path(out) / 'README.md'}):")
+    for p in paths:
+        site = scan_site(p, verify=False)
+        counts = site.counts()["train"]
+        print(f"  {p.name}: train " + ", ".join(f"{c}={n}" for c, n in counts.items()))
+    return paths
+
+
+def check_data(data: Path, cfg: NearlConfig) -> SiteData:
+    cfg = with_site_classes(cfg, data)
+    site = load_site(cfg, data)
+    print(f"site {data}: OK ({sum(len(s) for s in site.splits.values())} images, classes {', '.join(site.classes)})")
+    print(format_counts(site))
+    return site
+
+
+def params(cfg: NearlConfig) -> dict:
+    """Counts do not depend on weights, so the backbone is built with random init (offline)."""
+    cfg = from_dict({**cfg.to_dict(), "model": {**cfg.to_dict()["model"], "pretrained": None}})
+    classes = cfg.task.classes or ("class-a", "class-b")
+    return parameter_report(build_model(cfg, classes))
+
+
+def train(data: Path, out: Path, cfg: NearlConfig, *, overwrite: bool = False) -> dict[str, dict[str, float]]:
+    """Train adapters on one site folder; save them with metrics; print a final table."""
+    if (out / "adapters.safetensors").exists() and not overwrite:
+        raise AdapterFileError(f"{out} already holds adapters; choose another --out or pass --overwrite")
+    cfg = with_site_classes(cfg, data)
+    site = load_site(cfg, data)
+    seed_everything(cfg.train.seed)
+    device = select_device(cfg.train.device)
+    model = build_model(cfg).to(device)
+    print(f"model {cfg.model.name} ({model.backbone_source}), "
+          f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, device {device}")
+    loaders = {s: make_loader(site.samples(s), model.preprocess, cfg.train, device, shuffle=(s == "train"),
+                              seed=cfg.train.seed) for s in site.splits}
+    report_split = "test" if "test" in loaders else "val"
+    zero_shot = evaluate(model, loaders[report_split], device, amp=cfg.train.amp)
+    start = time.perf_counter()
+    history = fit(model, loaders["train"], cfg, device, val_loader=loaders["val"])
+    final = evaluate(model, loaders[report_split], device, amp=cfg.train.amp)
+    results = {"zero-shot": zero_shot, "NEARL": final}
+    save_adapters(model, out, {"trained_on": str(data), "epochs": cfg.train.epochs}, overwrite=overwrite)
+    _write_history(out / "history.csv", history)
+    (out / "metrics.json").write_text(json.dumps({"split": report_split, **results}, indent=2))
+    print(f"\n{report_split} metrics after {cfg.train.epochs} epochs ({time.perf_counter() - start:.1f}s):")
+    print(format_metrics(results))
+    print(f"\nadapters saved to {out}")
+    return results
+
+
+def model_from_adapters(adapters: Path, pretrained: str | None = None) -> NearlCLIP:
+    """Rebuild the exact model an adapter folder was trained with, then load it (checked)."""
+    _, meta = read_adapters(adapters)
+    raw = meta.get("config")
+    if not isinstance(raw, dict):
+        raise AdapterFileError(f"{adapters}: metadata has no config; re-export the adapters with nearl train")
+    if pretrained is not None:
+        raw = {**raw, "model": {**raw["model"], "pretrained": pretrained}}
+    cfg = from_dict(raw, source=f"{adapters}/adapters.json")
+    model = build_model(cfg, tuple(meta["classes"]))
+    load_adapters(model, adapters)
+    return model
+
+
+def evaluate_folder(adapters: Path, data: Path, *, split: str | None = None, pretrained: str | None = None) -> dict:
+    model = model_from_adapters(adapters, pretrained)
+    site = load_site(model.cfg, data)
+    split = split or ("test" if "test" in site.splits else "val")
+    device = select_device(model.cfg.train.device)
+    model.to(device)
+    loader = make_loader(site.samples(split), model.preprocess, model.cfg.train, device, shuffle=False)
+    metrics = evaluate(model, loader, device, amp=model.cfg.train.amp)
+    print(f"{split} split of {data}: {metrics['examples']} images")
+    return metrics
+
+
+@torch.no_grad()
+def predict(adapters: Path, images: Sequence[Path], *, pretrained: str | None = None) -> list[dict]:
+    model = model_from_adapters(adapters, pretrained)
+    device = select_device(model.cfg.train.device)
+    model.to(device).eval()
+    rows = []
+    for path in images:
+        if not Path(path).is_file():
+            raise NearlError(f"image {path} not found; check the path")
+        x = model.preprocess(load_image(path)).unsqueeze(0).to(device)
+        probs = torch.softmax(model(x).logits.float(), dim=-1)[0].cpu()
+        rows.append({"image": str(path), "class": model.classes[int(probs.argmax())],
+                     "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, probs)}})
+    return rows
+
+
+def format_metrics(columns: dict[str, dict[str, float]]) -> str:
+    """Rows = metrics (+ per-class recall), one column per model."""
+    names = list(columns)
+    keys = list(METRIC_NAMES) + sorted(k for k in next(iter(columns.values())) if k.startswith("recall/"))
+    fmt = lambda v: "   n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:6.3f}"
+    lines = [f"{'metric':<24}" + "".join(f"{n:>12}" for n in names)]
+    lines.append("-" * len(lines[0]))
+    for k in keys:
+        lines.append(f"{k:<24}" + "".join(f"{fmt(columns[n].get(k)):>12}" for n in names))
+    return "\n".join(lines)
+
+
+def format_predictions(rows: list[dict]) -> str:
+    return "\n".join(
+        f"{r['image']}: {r['class']}  (" + ", ".join(f"{c} {p:.3f}" for c, p in r["probabilities"].items()) + ")"
+        for r in rows
+    )
+
+
+def _write_history(path: Path, history: list[dict]) -> None:
+    if not history:
+        return
+    with open(path, "w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(history[0]))
+        writer.writeheader()
+        writer.writerows(history)
