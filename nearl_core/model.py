@@ -94,6 +94,8 @@ class NearlCLIP(nn.Module):
         self._prompts = text.prepare(full)
         self._text_cache: tuple | None = None
         self._cache_enabled = False
+        # shared mode under DP-SGD: run the (sample-independent) text branch once per sample
+        self.per_sample_text = False
 
     # -- modes -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "NearlCLIP":
@@ -138,38 +140,46 @@ class NearlCLIP(nn.Module):
         if cached and self._text_cache is not None:
             class_emb, pooled_per_step, ortho = self._text_cache
         else:
-            class_emb, pooled_per_step, ortho = self._shared_text()
+            text_batch = images.shape[0] if self.per_sample_text else 1
+            class_emb, pooled_per_step, ortho = self._shared_text(text_batch)
             if cached:
                 self._text_cache = (class_emb, pooled_per_step, ortho)
         xv = self.vision.embed(images)  # (B, N_v, D_v)
+        b = xv.shape[0]
         z = self.adapters.queries(xv)
         for k, (i, _) in enumerate(self.schedule):
             if i is not None:
                 xv = self.vision.block(i, xv)
-            ctx = pooled_per_step[k].expand(xv.shape[0], -1, -1)  # (B, C, D_t), same for every image
+            ctx = pooled_per_step[k].expand(b, -1, -1)  # (B, C, D_t), the same for every image
             z = self.adapters.useformer[k](z, xv, ctx)
             if i is not None:
                 xv, o = self.adapters.oca_vision[i](xv, z)
                 ortho = ortho + o
         image_emb = F.normalize(self.vision.head(xv), dim=-1)  # (B, E)
-        logits = self._scale() * image_emb @ class_emb.t()  # (B, C)
+        logits = self._scale() * torch.einsum("be,bce->bc", image_emb, class_emb.expand(b, -1, -1))
         return NearlOutput(self._bias(logits), ortho / self._num_ocas())
 
-    def _shared_text(self) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
-        """Text stream conditioned on text-only queries: (C, E) class embeddings, per-step context, ortho sum."""
+    def _shared_text(self, batch: int = 1) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
+        """Text stream conditioned on text-only queries.
+
+        Returns (Bt, C, E) class embeddings, the per-step pooled class context and the
+        ortho sum.  ``batch`` = 1 computes it once; ``batch`` = B repeats the identical
+        computation per sample so that per-sample gradient hooks (DP-SGD) see the batch.
+        """
         p = self._prompts
-        xt = self.text.embed(p.tokens).unsqueeze(0)  # (1, S, T, D_t)
-        zt = self.adapters.queries(xt)  # (1, M, d)
+        xt0 = self.text.embed(p.tokens)  # (S, T, D_t)
+        xt = xt0.unsqueeze(0).expand(batch, *xt0.shape)  # (Bt, S, T, D_t)
+        zt = self.adapters.queries(xt)  # (Bt, M, d)
         pooled, ortho = [], xt.new_zeros(())
         for k, (_, j) in enumerate(self.schedule):
             if j is not None:
                 xt = self._text_block(j, xt)
-            pooled.append(self._pool_classes(xt))  # (1, C, D_t)
+            pooled.append(self._pool_classes(xt))  # (Bt, C, D_t)
             zt = self.adapters.useformer[k](zt, None, pooled[-1])
             if j is not None:
                 xt, o = self._text_oca(j, xt, zt)
                 ortho = ortho + o
-        return self._class_embeddings(xt)[0], pooled, ortho
+        return self._class_embeddings(xt), pooled, ortho
 
     def _lockstep(self, xv, xt, z, zt):
         """Run both towers block by block with the USEformer and OCAs between blocks."""
