@@ -54,10 +54,10 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     try:
         with _quiet_random_init(pretrained is None):
             clip, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
-    except RuntimeError as err:
+    except (RuntimeError, AssertionError, KeyError, ValueError) as err:
         if pretrained and Path(pretrained).is_file():
             raise BackboneError(
-                f"checkpoint {pretrained} does not fit model '{cfg.name}' ({str(err).splitlines()[0][:160]}); "
+                f"checkpoint {pretrained} does not fit model '{cfg.name}' ({(str(err).splitlines() or [type(err).__name__])[0][:160]}); "
                 "check model.name matches the file"
             ) from None
         raise

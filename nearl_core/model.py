@@ -41,11 +41,15 @@ def is_adapter_param(name: str) -> bool:
 
 
 def lockstep_schedule(vision_layers: int, text_layers: int) -> list[tuple[int | None, int | None]]:
-    """Pair layers by relative depth: step k runs vision block i and/or text block j (None = wait)."""
+    """Pair layers by relative depth: step k runs vision block i and/or text block j (None = wait).
+
+    Block i of a tower with L_x layers ends at relative depth (i+1)/L_x; it runs at the
+    first step k of L = max(L_v, L_t) with k/L >= (i+1)/L_x, so the last blocks meet.
+    """
     steps = max(vision_layers, text_layers)
     schedule, done_v, done_t = [], 0, 0
     for k in range(1, steps + 1):
-        want_v, want_t = -(-k * vision_layers // steps), -(-k * text_layers // steps)  # ceil
+        want_v, want_t = k * vision_layers // steps, k * text_layers // steps
         schedule.append((done_v if want_v > done_v else None, done_t if want_t > done_t else None))
         done_v, done_t = want_v, want_t
     return schedule

@@ -1,0 +1,80 @@
+"""The ``nearl`` command line: what a hospital engineer types, and what they see."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from nearl_core.cli import main
+
+
+def run(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_params_json_on_vit_b16_offline(capsys):
+    code, out, _ = run(capsys, "params", "--config", "vit-b16", "--json")
+    assert code == 0
+    report = json.loads(out)
+    assert {"total", "trainable", "payload_bytes", "components"} <= set(report)
+    assert abs(report["trainable"] - 1.46e6) / 1.46e6 < 0.05
+
+
+def test_params_table(capsys):
+    code, out, _ = run(capsys, "params", "--config", "demo")
+    assert code == 0 and "USEformer" in out and "OCA, text tower" in out and "payload" in out
+
+
+def test_check_data_prints_counts(capsys, demo_root):
+    code, out, _ = run(capsys, "check-data", "--data", str(demo_root / "site1"))
+    assert code == 0
+    assert "OK" in out and "normal" in out and "total" in out
+
+
+@pytest.mark.parametrize("case, message", [("missing", "does not exist"), ("unknown-class", "unknown class 'cat'")])
+def test_bad_site_folder_is_one_line_exit_2(capsys, demo_root, tmp_path, case, message):
+    site = tmp_path / "site"
+    if case == "unknown-class":  # a real site plus a class folder the demo config does not declare
+        shutil.copytree(demo_root / "site1", site)
+        (site / "train" / "cat").mkdir()
+        shutil.copy(next((site / "train" / "normal").iterdir()), site / "train" / "cat" / "x.png")
+    code, _, err = run(capsys, "check-data", "--data", str(site))
+    assert code == 2
+    assert message in err and err.count("\n") == 1 and err.startswith("nearl check-data: error:")
+
+
+def test_bad_set_override_is_reported(capsys, demo_root):
+    code, _, err = run(capsys, "check-data", "--data", str(demo_root / "site1"), "--set", "train.lr")
+    assert code == 2 and "expected SECTION.KEY=VALUE" in err
+
+
+def test_train_evaluate_predict_round_trip(capsys, tmp_path, demo_root):
+    out_dir = tmp_path / "adapters"
+    site = str(demo_root / "site1")
+    code, out, _ = run(capsys, "train", "--data", site, "--out", str(out_dir), "--epochs", "1")
+    assert code == 0 and "zero-shot" in out and "adapters saved" in out
+    assert (out_dir / "adapters.safetensors").is_file() and (out_dir / "metrics.json").is_file()
+
+    code, _, err = run(capsys, "train", "--data", site, "--out", str(out_dir), "--epochs", "1")
+    assert code == 2 and "--overwrite" in err  # nothing is overwritten silently
+
+    code, out, _ = run(capsys, "evaluate", "--adapters", str(out_dir), "--data", site, "--json")
+    metrics = json.loads(out[out.index("{"):])
+    saved = json.loads((out_dir / "metrics.json").read_text())["NEARL"]
+    assert code == 0 and metrics["accuracy"] == pytest.approx(saved["accuracy"])
+
+    image = next((demo_root / "site1" / "test" / "nodule").iterdir())
+    code, out, _ = run(capsys, "predict", "--adapters", str(out_dir), str(image), "--json")
+    rows = json.loads(out)
+    assert code == 0 and rows[0]["class"] in ("normal", "nodule", "opacity")
+    assert sum(rows[0]["probabilities"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_demo_data_refuses_to_overwrite(capsys, tmp_path):
+    assert run(capsys, "demo-data", "--out", str(tmp_path), "--sites", "1")[0] == 0
+    code, _, err = run(capsys, "demo-data", "--out", str(tmp_path), "--sites", "1")
+    assert code == 2 and "--overwrite" in err
