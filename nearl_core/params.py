@@ -48,7 +48,13 @@ def format_report(report: dict) -> str:
         ("frozen CLIP backbone", c["backbone_frozen"]),
         ("total", report["total"]),
     ]
-    lines = [f"NEARL on {report['backbone']}  (dims: {report['dimensions']})", ""]
+    d = report["dimensions"]
+    lines = [
+        f"NEARL on {report['backbone']}: M={d['queries']} queries, d={d['width']}, r={d['rank']}, "
+        f"{d['heads']} heads; layers vision/text {d['vision_layers']}/{d['text_layers']}, "
+        f"widths {d['vision_width']}/{d['text_width']}",
+        "",
+    ]
     lines += [f"  {name:<32}{n:>14,}" for name, n in rows]
     lines += [
         "",
