@@ -1,0 +1,25 @@
+"""NEARL ClientApp: the code each hospital runs for every message of the federation.
+
+``train``: load the global adapters from the message, evaluate them on the site's val
+split first (when the server asks; it saves a process start per round), train locally
+for the configured epochs, reply with the adapter tensors and scalar metrics.
+``evaluate``: val/test metrics of the global adapters.  Both replies pass the egress
+check (:mod:`client.egress`).  The work itself lives in :mod:`client.task`.
+"""
+
+from flwr.app import Context, Message
+from flwr.clientapp import ClientApp
+
+from client.task import evaluate_reply, train_reply
+
+app = ClientApp()
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    return train_reply(msg, context)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    return evaluate_reply(msg, context)

@@ -1,0 +1,107 @@
+"""``nearl-client``: join a hospital site to a NEARL federation.
+
+    nearl-client --site siteA --data /path/to/site [--server host:port] [--certs DIR | --insecure]
+                 [--auth-key KEY] [--config X] [--port P] [--device auto|cpu|cuda]
+
+First the site folder is checked exactly like ``nearl check-data`` (layout, class
+folders, every image decodes); a folder that fails never joins.  Then this process
+becomes a Flower SuperNode (``exec``) with the site passed as node config.  Images stay
+on this machine: the ClientApp sends only adapter tensors and scalar metrics, and its
+egress check refuses anything else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from nearl_core.errors import NearlError
+
+PROG = "nearl-client"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Join a NEARL federation as a hospital site (Flower SuperNode).")
+    p.add_argument("--site", required=True, help="short site name (letters, digits, _ . -), shown in MLflow")
+    p.add_argument("--data", required=True, type=Path, help="the site's image folder (train/val[/test] or manifest.csv)")
+    p.add_argument("--server", default="127.0.0.1:9092", help="coordinator address host:port (default 127.0.0.1:9092)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--certs", type=Path, help="folder holding the federation's ca.crt (from the coordinator)")
+    tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    p.add_argument("--auth-key", type=Path, default=None,
+                   help="this site's private key (deploy/make-site-key.sh); its .pub must be registered at the server")
+    p.add_argument("--config", default="demo",
+                   help="the federation's NEARL config (for the class list checked here; default demo)")
+    p.add_argument("--port", type=int, default=None,
+                   help="local port of this node's app runtime (default: a free port)")
+    p.add_argument("--device", default=None, help="auto (default: GPU when available), cpu, cuda, cuda:N, mps")
+    p.add_argument("--pretrained", default=None, help="local path of the backbone weights, if the config uses a file")
+    p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        cmd, env = prepare(args)
+    except NearlError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    if args.check_only:
+        return 0
+    print(f"{PROG}: site {args.site} joining {args.server} ({'INSECURE, no TLS' if args.insecure else 'TLS'}"
+          f"{', authenticated' if args.auth_key else ''})", flush=True)
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)  # this process becomes the SuperNode
+    return 0  # pragma: no cover
+
+
+def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """Validate everything, return the SuperNode command and environment."""
+    from client.egress import valid_site_name
+    from nearl_core.config import load_config
+    from nearl_core.workflows import check_data
+    from server import flower
+
+    if not valid_site_name(args.site):
+        raise NearlError(f"--site {args.site!r}: use 1-64 letters, digits, '_', '.' or '-' (e.g. siteA)")
+    host, sep, port = args.server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise NearlError(f"--server {args.server!r}: expected host:port, e.g. fl.hospital.org:9092")
+    data = args.data.expanduser().resolve()
+    overrides = {"model.pretrained": args.pretrained} if args.pretrained else {}
+    cfg = load_config(args.config, overrides)
+    if not cfg.task.classes:
+        raise NearlError(f"config {args.config}: names no task.classes; use the federation's config file")
+    check_data(data, cfg)  # same checks as `nearl check-data`; raises DataError for a bad folder
+    certs = None
+    if not args.insecure:
+        certs = flower.Certs((args.certs or Path("deploy/secrets/certs")).expanduser().resolve())
+        try:
+            certs.check(server=False)
+        except flower.FlowerError as err:
+            raise NearlError(str(err)) from None
+    auth_key = None
+    if args.auth_key is not None:
+        auth_key = args.auth_key.expanduser().resolve()
+        if not auth_key.is_file():
+            raise NearlError(f"--auth-key {auth_key} not found; make one with deploy/make-site-key.sh {args.site}")
+        if certs is None:
+            raise NearlError("--auth-key needs TLS: drop --insecure and pass --certs DIR")
+    node_config = {"site": args.site, "data-path": str(data)}
+    if args.device:
+        node_config["device"] = args.device
+    if args.pretrained:
+        node_config["pretrained"] = str(Path(args.pretrained).expanduser().resolve())
+    cmd = flower.supernode_command(superlink=args.server, port=args.port or flower.free_port(),
+                                   node_config=node_config, certs=certs, auth_key=auth_key)
+    home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site))
+    env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")
+    Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
+    return cmd, env
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

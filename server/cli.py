@@ -1,0 +1,320 @@
+"""``nearl-server``: run a NEARL federation as its coordinator.
+
+    nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--certs DIR | --insecure]
+                 [--auth-keys DIR] [--mlflow-uri U] [--checkpoint-dir D] [--resume D]
+
+Starts a Flower SuperLink (runtime dependency installation disabled: the app runs in
+this environment), submits the NEARL app with ``flwr run . nearl --format json``, streams
+the per-round progress the ServerApp writes, and exits 0 when the last round is done.
+A run that fails (too few sites before the timeout, a crash) ends with a one-line
+message and exit code 1; a wrong argument or file with exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from nearl_core.errors import NearlError
+from server import flower
+from server.flower import Certs, FlowerError
+
+PROG = "nearl-server"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description="Coordinate a NEARL federation (Flower SuperLink + ServerApp).")
+    p.add_argument("--rounds", type=int, default=3, help="global rounds (default 3)")
+    p.add_argument("--config", default="demo", help="NEARL config: shipped name (demo, vit-b16) or YAML file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
+                   help="override a NEARL config value, e.g. --set train.lr=0.001 (repeatable)")
+    p.add_argument("--strategy", default="fedavg",
+                   help="fedavg (default), fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--min-sites", type=int, default=2, help="sites required to start each round (default 2)")
+    p.add_argument("--fraction-train", type=float, default=1.0, help="fraction of connected sites per round")
+    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per site per round (default 1)")
+    p.add_argument("--round-timeout", type=float, default=3600.0,
+                   help="seconds a round waits for replies before going on without a site (default 3600)")
+    p.add_argument("--wait-timeout", type=float, default=600.0,
+                   help="seconds to wait for --min-sites sites to connect before failing (default 600)")
+    p.add_argument("--no-eval-in-train", action="store_true",
+                   help="evaluate in a separate message every round (slower; default: inside the train message)")
+    p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 = local only)")
+    p.add_argument("--port", type=int, default=9092, help="port sites connect to (default 9092)")
+    tls = p.add_mutually_exclusive_group()
+    tls.add_argument("--certs", type=Path, help="folder with ca.crt, server.pem, server.key (deploy/make-certs.sh)")
+    tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
+    p.add_argument("--auth-keys", type=Path, default=None,
+                   help="folder of site public keys (*.pub): enables SuperNode authentication; only these sites join")
+    p.add_argument("--mlflow-uri", default="sqlite:///mlflow.db",
+                   help="MLflow tracking URI (default sqlite:///mlflow.db in this folder; http://host:5000 for a server)")
+    p.add_argument("--experiment", default="nearl-federated", help="MLflow experiment name")
+    p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="where rounds are checkpointed")
+    p.add_argument("--keep-checkpoints", type=int, default=3, help="most recent rounds kept (0 = all)")
+    p.add_argument("--resume", type=Path, default=None, metavar="DIR",
+                   help="continue the run checkpointed in DIR from its last complete round (same MLflow run)")
+    p.add_argument("--quiet", action="store_true", help="only the final summary")
+    return p
+
+
+class Interrupted(Exception):
+    pass
+
+
+def _on_signal(signum, frame):  # noqa: ARG001
+    raise Interrupted(signal.Signals(signum).name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    state_dir = Path(tempfile.mkdtemp(prefix="nearl-server-"))
+    server = Server(args, state_dir)
+    previous = {s: signal.signal(s, _on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
+    code = 1
+    try:
+        code = server.run()
+    except (NearlError, FlowerError, ValueError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        code = 2 if server.phase == "setup" else 1
+    except Interrupted as sig:
+        print(f"{PROG}: interrupted ({sig}); stopping the run. Continue it with: {PROG} --resume "
+              f"{server.checkpoint_dir}", file=sys.stderr)
+        code = 130
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+        server.shutdown()
+        if code == 0:
+            shutil.rmtree(state_dir, ignore_errors=True)
+        elif server.phase != "setup":
+            print(f"{PROG}: logs kept in {state_dir}", file=sys.stderr)
+    return code
+
+
+class Server:
+    def __init__(self, args: argparse.Namespace, state_dir: Path):
+        self.args, self.state_dir = args, state_dir
+        self.phase = "setup"
+        self.superlink = None
+        self.run_id: str | None = None
+        self.cli_env: dict[str, str] = {}
+        self.checkpoint_dir = (args.resume or args.checkpoint_dir).expanduser().resolve()
+        self.superlink_log = state_dir / "superlink.log"
+
+    # -- setup checks: everything a user can get wrong fails here, before any process starts -------
+    def validate(self) -> tuple[dict[str, Any], Certs | None]:
+        from nearl_core.config import load_config, resolve_config_path
+        from server.checkpoint import complete_rounds, load_latest
+        from server.settings import FederationSettings
+
+        a = self.args
+        if not (flower.APP_DIR / "pyproject.toml").is_file():
+            raise NearlError(f"{flower.APP_DIR} has no pyproject.toml: run nearl-server from a NEARL source install")
+        overrides: dict[str, Any] = {}
+        for item in a.overrides:
+            key, sep, value = item.partition("=")
+            if not sep:
+                raise NearlError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
+            overrides[key.strip()] = value.strip()
+        config_path = resolve_config_path(a.config)
+        load_config(config_path, overrides)  # readable error now rather than inside the ServerApp
+        certs = None if a.insecure else Certs((a.certs or Path("deploy/secrets/certs")).expanduser().resolve())
+        if certs is not None:
+            try:
+                certs.check(server=True)
+            except FlowerError as err:
+                raise NearlError(str(err)) from None
+        if a.auth_keys is not None:
+            if certs is None:
+                raise NearlError("--auth-keys needs TLS: drop --insecure and pass --certs DIR")
+            if not sorted(a.auth_keys.glob("*.pub")):
+                raise NearlError(f"--auth-keys {a.auth_keys}: no *.pub site keys found (deploy/make-site-key.sh SITE)")
+        if a.resume is not None:
+            ckpt = load_latest(self.checkpoint_dir)
+            if ckpt.round >= a.rounds:
+                print(f"{PROG}: {self.checkpoint_dir} is already at round {ckpt.round} of {a.rounds}; "
+                      "finishing (final adapters and MLflow artifact)")
+        elif complete_rounds(self.checkpoint_dir):
+            raise NearlError(f"{self.checkpoint_dir} already holds checkpoints of an earlier run; continue it with "
+                             f"--resume {self.checkpoint_dir} or choose another --checkpoint-dir")
+        run_config = {
+            "num-server-rounds": a.rounds, "config": str(config_path), "strategy": a.strategy,
+            "min-nodes": a.min_sites, "fraction-train": a.fraction_train, "round-timeout": a.round_timeout,
+            "wait-timeout": a.wait_timeout, "local-epochs": a.local_epochs,
+            "evaluate-in-train": not a.no_eval_in_train, "mlflow-uri": self._mlflow_uri(),
+            "mlflow-experiment": a.experiment, "checkpoint-dir": str(self.checkpoint_dir),
+            "keep-checkpoints": a.keep_checkpoints, "resume": a.resume is not None,
+            "progress-file": str(self.state_dir / "progress.jsonl"), **overrides,
+        }
+        FederationSettings.from_run_config(run_config).nearl_config()
+        return run_config, certs
+
+    def _mlflow_uri(self) -> str:
+        from server.tracking import resolve_tracking_uri
+
+        return resolve_tracking_uri(self.args.mlflow_uri, os.getcwd())
+
+    # -- the run -----------------------------------------------------------------------------------
+    def run(self) -> int:
+        a = self.args
+        run_config, certs = self.validate()
+        self.phase = "start"
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        connect_host = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host
+        cmd = flower.superlink_command(host=a.host, port=a.port, certs=certs,
+                                       database=self.checkpoint_dir / "superlink.db",
+                                       supernode_auth=a.auth_keys is not None)
+        if flower.port_open(connect_host, a.port):
+            raise FlowerError(f"port {a.port} on {connect_host} is already in use; pick another --port")
+        self.superlink = flower.start_process(cmd, env=flower.flower_env(self.state_dir / "superlink-home"),
+                                              log_file=self.superlink_log, cwd=os.getcwd())
+        flower.wait_for_port(connect_host, a.port, self.superlink, self.superlink_log, "the SuperLink")
+        home = self.state_dir / "cli-home"
+        flower.write_connection(home, f"{connect_host}:{a.port}", certs)
+        self.cli_env = flower.flower_env(home)
+        if a.auth_keys is not None:
+            self.register_sites(a.auth_keys)
+        run_file = flower.write_run_config(self.state_dir / "run-config.toml", run_config)
+        print(f"{PROG}: SuperLink listening on {a.host}:{a.port} ({'TLS' if certs else 'INSECURE, no TLS'}"
+              f"{', SuperNode authentication on' if a.auth_keys else ''}); sites join with: "
+              f"nearl-client --site NAME --data DIR --server <this-host>:{a.port}"
+              f"{' --insecure' if certs is None else ' --certs DIR'}", flush=True)
+        submitted = flower.flwr_json(["run", str(flower.APP_DIR), flower.CONNECTION, "--run-config", str(run_file)],
+                                     env=self.cli_env, timeout=300)
+        self.run_id = str(submitted["run-id"])
+        self.phase = "run"
+        print(f"{PROG}: run {self.run_id} submitted ({a.rounds} rounds, strategy {a.strategy}, "
+              f"at least {a.min_sites} sites); waiting for sites...", flush=True)
+        return self.follow(Path(run_config["progress-file"]))
+
+    def register_sites(self, folder: Path) -> None:
+        for key in sorted(folder.glob("*.pub")):
+            try:
+                flower.flwr_json(["supernode", "register", str(key), flower.CONNECTION], env=self.cli_env, timeout=60)
+                print(f"{PROG}: registered site key {key.name}")
+            except FlowerError as err:
+                if "already" in str(err).lower():
+                    continue
+                raise
+
+    def follow(self, progress_file: Path) -> int:
+        """Stream progress lines; poll the run status; decide the exit code."""
+        offset, events, last_poll, status = 0, [], 0.0, ""
+        while True:
+            if progress_file.exists():
+                with open(progress_file) as fh:
+                    fh.seek(offset)
+                    chunk = fh.read()
+                    complete = chunk[: chunk.rfind("\n") + 1]
+                    offset += len(complete)
+                for line in complete.splitlines():
+                    try:
+                        event = json.loads(line)
+                    except json.JSONDecodeError:
+                        continue
+                    events.append(event)
+                    text = format_event(event)
+                    if text and (not self.args.quiet or event["event"] in ("done", "error")):
+                        print(text, flush=True)
+            if status.startswith("finished"):
+                break
+            if self.superlink is not None and self.superlink.poll() is not None:
+                raise FlowerError(f"the SuperLink stopped (exit {self.superlink.returncode}): "
+                                  f"{flower.tail(self.superlink_log, 1)}")
+            if time.monotonic() - last_poll > 3.0:
+                status, details = flower.run_status(self.run_id, env=self.cli_env)
+                last_poll = time.monotonic()
+                if status.startswith("finished"):
+                    continue  # one more pass to drain the progress file
+            time.sleep(1.0)
+        errors = [e for e in events if e["event"] == "error"]
+        done = [e for e in events if e["event"] == "done"]
+        if status.endswith("completed") and done and not errors:
+            print(format_summary(events), flush=True)
+            return 0
+        if errors:
+            message = errors[-1]["message"]
+        elif status.endswith("stopped"):
+            message = "the run was stopped"
+        else:
+            logs = flower.run_logs(self.run_id, env=self.cli_env, lines=5).splitlines()
+            message = f"run ended {status} before the last round" + (f": {logs[-1]}" if logs else "")
+        print(f"{PROG}: error: federation failed: {message}", file=sys.stderr)
+        return 1
+
+    def shutdown(self) -> None:
+        if self.superlink is None:
+            return
+        if self.run_id and self.superlink.poll() is None and self.phase == "run":
+            try:
+                status, _ = flower.run_status(self.run_id, env=self.cli_env)
+                if not status.startswith("finished"):
+                    flower.flwr_json(["stop", self.run_id, flower.CONNECTION], env=self.cli_env, timeout=30)
+            except FlowerError:
+                pass
+        flower.stop_process(self.superlink)
+        self.superlink = None
+
+
+# -- output -------------------------------------------------------------------------------------------
+def _fmt(v: Any, digits: int = 3) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+def format_event(e: dict[str, Any]) -> str:
+    kind = e["event"]
+    if kind == "start":
+        what = "resuming at" if e.get("resumed") else "starting"
+        return (f"{what} round {e['start_round']}/{e['rounds']}: strategy {e['strategy']}, at least "
+                f"{e['min_nodes']} sites, {e['trainable_parameters']:,} adapter parameters "
+                f"({e['payload_bytes'] / 1e6:.2f} MB per site per round), MLflow run {e.get('run_id')}")
+    if kind == "round":
+        ev = e.get("eval") or {}
+        parts = [f"round {e['round']}/{e['rounds']}", f"sites {len(e['answered'])}/{e['sampled']}",
+                 f"train_loss {_fmt((e.get('train') or {}).get('train_loss'))}"]
+        if e.get("eval_step") is not None:
+            parts.append(f"eval@{e['eval_step']} acc {_fmt(ev.get('eval_accuracy'))} "
+                         f"bal_acc {_fmt(ev.get('eval_balanced_accuracy'))} loss {_fmt(ev.get('eval_loss'))}")
+        parts.append(f"{e['seconds']:.1f}s")
+        parts.append(f"sent {e['bytes_sent'] / 1e6:.2f} MB recv {e['bytes_received'] / 1e6:.2f} MB")
+        line = "  ".join(parts)
+        if e.get("missing"):
+            line += f"  missing: {', '.join(e['missing'])}"
+        for site, reason in (e.get("rejected") or {}).items():
+            line += f"\n    rejected {site}: {reason}"
+        if not e.get("aggregated", True):
+            line += "\n    no update accepted this round: global adapters unchanged"
+        return line
+    if kind == "eval":
+        return ""  if e["step"] > 0 else (f"zero-shot (round 0) eval acc {_fmt(e['metrics'].get('eval_accuracy'))} "
+                                           f"bal_acc {_fmt(e['metrics'].get('eval_balanced_accuracy'))}")
+    if kind == "done":
+        return f"done: final adapters in {e['adapters']} (MLflow run {e.get('run_id')})"
+    if kind == "error":
+        return f"ServerApp error: {e['message']}"
+    return json.dumps(e)
+
+
+def format_summary(events: list[dict[str, Any]]) -> str:
+    evals = {e["step"]: e for e in events if e["event"] == "eval"}
+    if not evals:
+        return ""
+    keys = ["eval_loss", "eval_accuracy", "eval_balanced_accuracy", "eval_macro_f1", "eval_auroc"]
+    first, last = evals[min(evals)], evals[max(evals)]
+    lines = [f"{'metric':<26}{'round ' + str(first['step']):>12}{'round ' + str(last['step']):>12}", "-" * 50]
+    for k in keys:
+        lines.append(f"{k:<26}{_fmt(first['metrics'].get(k)):>12}{_fmt(last['metrics'].get(k)):>12}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""The ServerApp's work: build the initial adapters, run the strategy, log, checkpoint, resume.
+
+:func:`run_federation` is what ``server.app``'s ``@app.main()`` calls.  Per round the
+:class:`RoundLog` listener logs the round to MLflow, writes a checkpoint and appends a
+JSON line to the progress file that ``nearl-server`` streams to the terminal.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.serverapp import Grid
+
+from nearl_core.adapter_io import adapter_schema, get_adapter_state, save_adapters, set_adapter_state
+from nearl_core.errors import NearlError
+from nearl_core.model import NearlCLIP, build_model
+from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
+from server.settings import FederationSettings
+from server.strategy import NearlStrategyMixin, RoundReport, make_strategy
+from server.tracking import Tracker, metric_key, resolve_tracking_uri
+
+log = logging.getLogger("nearl.federation")
+REGISTERED_MODEL = "nearl-adapters"
+CLIENT_CONFIG_KEY = "nearl-config"
+
+
+class Progress:
+    """JSON lines for nearl-server (one event per line, flushed; a no-op without a path)."""
+
+    def __init__(self, path: str | Path | None):
+        self.path = Path(path) if path else None
+
+    def emit(self, event: str, **data: Any) -> None:
+        line = json.dumps({"event": event, "time": time.time(), **data}, default=_jsonable)
+        log.info("%s", line)
+        if self.path is not None:
+            with open(self.path, "a") as fh:
+                fh.write(line + "\n")
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, (np.floating, np.integer)):
+        return value.item()
+    return str(value)
+
+
+def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
+    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
+
+
+def arrays_to_numpy(arrays: ArrayRecord, schema) -> dict[str, np.ndarray]:
+    return {k: arrays[k].numpy().astype(schema[k][1], copy=False) for k in schema}
+
+
+def numpy_to_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+
+
+class RoundLog:
+    """Listener of :class:`NearlStrategyMixin`: MLflow, checkpoints and progress after each round."""
+
+    def __init__(self, settings: FederationSettings, tracker: Tracker | None, progress: Progress, model: NearlCLIP,
+                 ckpt_meta: dict[str, Any]):
+        self.settings, self.tracker, self.progress, self.model = settings, tracker, progress, model
+        self.ckpt_meta = ckpt_meta
+        self.schema = adapter_schema(model)
+        self.last_eval: tuple[int, dict[str, float]] | None = None
+        self.final_arrays: ArrayRecord | None = None
+        self.seen_sites: set[str] = set()
+
+    def evaluated(self, step: int, metrics: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
+        flat = dict(metrics)
+        for site, values in per_site.items():
+            flat.update({f"{site}/{k}": v for k, v in values.items()})
+        if self.tracker is not None:
+            self.tracker.log_metrics(flat, step=step)
+        self.last_eval = (step, metrics)
+        self.progress.emit("eval", step=step, metrics=_clean(metrics),
+                           sites={s: _clean(v) for s, v in per_site.items()})
+
+    def round_finished(self, report: RoundReport, strategy: NearlStrategyMixin) -> None:
+        self.seen_sites.update(report.answered)
+        self.seen_sites.update(report.missing)
+        flat: dict[str, float] = dict(report.train_metrics)
+        flat.update(round_seconds=report.seconds, bytes_sent=report.bytes_sent,
+                    bytes_received=report.bytes_received, sites_answered=len(report.answered),
+                    sites_missing=len(report.missing), sites_rejected=len(report.rejected))
+        for site, values in report.per_site.items():
+            flat.update({f"{site}/{k}": v for k, v in values.items()})
+        for site in sorted(self.seen_sites):
+            flat[f"{site}/answered"] = 1.0 if site in report.answered else 0.0
+        if self.tracker is not None:
+            self.tracker.log_metrics(flat, step=report.round)
+            if report.round == self.settings_first_round:
+                self.tracker.log_params({"num_sites": report.sampled})
+            if report.missing or report.rejected:
+                self.tracker.set_tags({f"round_{report.round:04d}_missing": ",".join(report.missing) or "-",
+                                       f"round_{report.round:04d}_rejected":
+                                           "; ".join(f"{s}: {r}" for s, r in report.rejected.items()) or "-"})
+        self.final_arrays = report.arrays
+        ckpt_path = None
+        root = self.settings.checkpoint_path()
+        if root is not None:
+            ckpt = Checkpoint(round=report.round, arrays=arrays_to_numpy(report.arrays, self.schema),
+                              strategy_state=strategy.strategy_state(), meta=self.ckpt_meta)
+            ckpt_path = str(save_checkpoint(root, ckpt, keep=self.settings.keep_checkpoints))
+        eval_step, eval_metrics = self.last_eval if self.last_eval else (None, {})
+        self.progress.emit(
+            "round", round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
+            missing=report.missing, rejected=report.rejected, sampled=report.sampled, aggregated=report.aggregated,
+            seconds=report.seconds, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
+            train=_clean(report.train_metrics), eval_step=eval_step, eval=_clean(eval_metrics), checkpoint=ckpt_path)
+
+    settings_first_round = 1
+
+
+def build_server_model(settings: FederationSettings) -> NearlCLIP:
+    cfg = settings.nearl_config()
+    return build_model(cfg, cfg.task.classes)
+
+
+def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path | None = None) -> dict[str, Any]:
+    """Run (or resume) a federation; returns a summary. Raises on failure after recording it."""
+    settings = FederationSettings.from_run_config(run_config)
+    progress = Progress(settings.progress_file or None)
+    tracker: Tracker | None = None
+    try:
+        model = build_server_model(settings)
+        cfg = model.cfg
+        schema = adapter_schema(model)
+        start_round, ckpt = 0, None
+        root = settings.checkpoint_path()
+        if settings.resume:
+            if root is None:
+                raise CheckpointError("resume needs a checkpoint directory")
+            ckpt = load_latest(root)
+            check_schema(ckpt.arrays, schema, str(ckpt.path))
+            if ckpt.meta.get("strategy") not in (None, settings.strategy):
+                raise CheckpointError(f"{ckpt.path} was written by strategy {ckpt.meta.get('strategy')}, "
+                                      f"not {settings.strategy}; resume with the same strategy")
+            start_round = ckpt.round
+            initial = numpy_to_arrays(ckpt.arrays)
+        else:
+            if root is not None and complete_rounds(root):
+                raise CheckpointError(f"{root} already holds checkpoints of an earlier run; resume it or choose "
+                                      "another checkpoint directory")
+            initial = ArrayRecord({k: v.contiguous() for k, v in get_adapter_state(model).items()})
+        uri = resolve_tracking_uri((ckpt.meta.get("mlflow_uri") if ckpt else None) or settings.mlflow_uri, workdir)
+        if uri:
+            tracker = Tracker(uri, settings.mlflow_experiment, run_id=ckpt.mlflow_run_id if ckpt else None,
+                              run_name=f"federation-{time.strftime('%Y%m%d-%H%M%S')}",
+                              tags={"nearl.strategy": settings.strategy, "nearl.backbone": cfg.model.name})
+            tracker.log_params({**cfg.flat(), **settings.params(), "backbone": cfg.model.name,
+                                "backbone_source": model.backbone_source, "strategy": settings.strategy,
+                                "trainable_parameters": sum(int(np.prod(s)) for s, _ in schema.values())})
+        payload = int(sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in schema.values()))
+        ckpt_meta = {"mlflow_run_id": tracker.run_id if tracker else None, "mlflow_uri": uri,
+                     "strategy": settings.strategy, "num_rounds": settings.num_rounds, "config": cfg.to_dict(),
+                     "schema": {k: [list(s), d] for k, (s, d) in schema.items()}}
+        listener = RoundLog(settings, tracker, progress, model, ckpt_meta)
+        listener.settings_first_round = start_round + 1
+        remaining = settings.num_rounds - start_round
+        progress.emit("start", rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
+                      min_nodes=settings.min_nodes, run_id=tracker.run_id if tracker else None, mlflow_uri=uri,
+                      payload_bytes=payload, trainable_parameters=sum(int(np.prod(s)) for s, _ in schema.values()),
+                      resumed=ckpt is not None)
+        strategy = make_strategy(
+            settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
+            listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
+            evaluate_in_train=settings.evaluate_in_train, wait_timeout=settings.wait_timeout,
+            options={**settings.strategy_options(), "client-lr": cfg.train.lr})
+        if ckpt is not None:
+            strategy.load_strategy_state(ckpt.strategy_state)
+        final = initial
+        if remaining > 0:
+            train_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
+                                         "local-epochs": settings.local_epochs})
+            eval_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict())})
+            result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
+                                    timeout=settings.round_timeout, train_config=train_config,
+                                    evaluate_config=eval_config)
+            final = listener.final_arrays or (result.arrays if len(result.arrays) else initial)
+        set_adapter_state(model, {k: np.array(v) for k, v in arrays_to_numpy(final, schema).items()})
+        out_dir = (root / "final") if root is not None else Path(workdir or os.getcwd()) / "final_adapters"
+        save_adapters(model, out_dir, {"federation_rounds": settings.num_rounds, "strategy": settings.strategy,
+                                       "mlflow_run_id": tracker.run_id if tracker else None}, overwrite=True)
+        version = None
+        if tracker is not None:
+            version = tracker.log_adapters(out_dir, "final_adapters", registered_name=REGISTERED_MODEL)
+            tracker.end("FINISHED")
+        progress.emit("done", round=settings.num_rounds, adapters=str(out_dir.resolve()),
+                      run_id=tracker.run_id if tracker else None, model_version=version)
+        return {"adapters": out_dir, "run_id": tracker.run_id if tracker else None, "rounds": settings.num_rounds}
+    except BaseException as err:
+        message = str(err).splitlines()[0] if str(err) else type(err).__name__
+        if not isinstance(err, NearlError) and type(err).__name__ != "NotEnoughSites":
+            message = f"{type(err).__name__}: {message}"
+            log.error("federation failed:\n%s", traceback.format_exc())
+        progress.emit("error", message=message)
+        if tracker is not None:
+            try:
+                tracker.set_tags({"error": message[:500]})
+                tracker.end("FAILED")
+            except Exception:  # noqa: BLE001 - the original error matters more
+                pass
+        raise

@@ -1,0 +1,158 @@
+"""Helpers for the federation tests: Flower messages without processes, and bounded real processes.
+
+Real-process helpers start everything in its own session on loopback with free ports,
+give each process its own FLWR_HOME, and :class:`Procs` stops every process it started
+(process group SIGTERM, then SIGKILL) in a ``finally``/fixture teardown.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+
+from server import flower
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+
+
+# -- messages without a SuperLink ---------------------------------------------------------------------
+def metadata(message_type: str = "train", *, src: int = 0, dst: int = 1, run_id: int = 1) -> Metadata:
+    return Metadata(run_id=run_id, message_id=f"m-{src}-{dst}-{time.monotonic_ns()}", src_node_id=src,
+                    dst_node_id=dst, reply_to_message_id="", group_id="", created_at=time.time(), ttl=3600.0,
+                    message_type=message_type)
+
+
+def instruction(content: RecordDict, message_type: str = "train", dst: int = 1) -> Message:
+    """A message as a ClientApp receives it from the server."""
+    return Message(content=content, metadata=metadata(message_type, src=0, dst=dst))
+
+
+def reply_from(node: int, content: RecordDict | None = None, *, error: str | None = None,
+               message_type: str = "train") -> Message:
+    """A reply as the ServerApp receives it from node ``node``."""
+    md = metadata(message_type, src=node, dst=0)
+    if error is not None:
+        return Message(error=Error(code=0, reason=error), metadata=md)
+    return Message(content=content, metadata=md)
+
+
+def train_reply_content(site: str, arrays: dict[str, np.ndarray], n: int = 10, **metrics: float) -> RecordDict:
+    m = {"num-examples": n, "train_loss": 1.0, "train_accuracy": 0.5, **metrics}
+    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
+                       "metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
+
+
+class FakeGrid:
+    """The part of flwr.serverapp.Grid the strategy's configure_* methods use."""
+
+    def __init__(self, node_ids: Iterable[int]):
+        self.node_ids = list(node_ids)
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.node_ids)
+
+
+# -- real processes -------------------------------------------------------------------------------------
+def env(flwr_home: Path | str, **extra: str) -> dict[str, str]:
+    return flower.flower_env(flwr_home, {k: str(v) for k, v in extra.items()})
+
+
+class Procs:
+    """Every process a test starts; ``stop_all`` ends each one by its own process group."""
+
+    def __init__(self, logdir: Path):
+        self.logdir = logdir
+        self.procs: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, cmd: list[str], *, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
+        proc = flower.start_process(cmd, env=env, log_file=self.log(name), cwd=cwd)
+        self.procs[name] = proc
+        return proc
+
+    def log(self, name: str) -> Path:
+        return self.logdir / f"{name}.log"
+
+    def text(self, name: str) -> str:
+        return self.log(name).read_text(errors="replace") if self.log(name).exists() else ""
+
+    def kill(self, name: str, sig: int = signal.SIGKILL) -> None:
+        proc = self.procs[name]
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+    def wait(self, name: str, timeout: float) -> int:
+        try:
+            return self.procs[name].wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise AssertionError(f"{name} still running after {timeout:.0f}s; log tail:\n"
+                                 f"{flower.tail(self.log(name), 40)}") from None
+
+    def stop_all(self) -> None:
+        for proc in self.procs.values():
+            flower.stop_process(proc, timeout=8)
+
+
+def nearl_client(procs: Procs, site: str, data: Path, port: int, tmp: Path, *extra: str) -> subprocess.Popen:
+    cmd = [str(BIN / "nearl-client"), "--site", site, "--data", str(data), "--server", f"127.0.0.1:{port}", *extra]
+    return procs.start(site, cmd, env=env(tmp / f"home-{site}"), cwd=tmp)
+
+
+def nearl_server(procs: Procs, port: int, tmp: Path, *extra: str, name: str = "server") -> subprocess.Popen:
+    cmd = [str(BIN / "nearl-server"), "--host", "127.0.0.1", "--port", str(port), *extra]
+    return procs.start(name, cmd, env=env(tmp / f"home-{name}"), cwd=tmp)
+
+
+def progress_events(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line.startswith("round ")]
+
+
+def mlflow_run(tracking_uri: str, run_id: str | None = None):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=tracking_uri)
+    if run_id is None:
+        exp = client.get_experiment_by_name("nearl-federated")
+        runs = client.search_runs([exp.experiment_id])
+        assert len(runs) == 1, f"expected one MLflow run, found {len(runs)}"
+        run_id = runs[0].info.run_id
+    return client, client.get_run(run_id)
+
+
+def history(client, run_id: str, key: str) -> dict[int, float]:
+    return {m.step: m.value for m in client.get_metric_history(run_id, key)}
+
+
+def dump(procs: Procs) -> str:
+    return "\n".join(f"--- {n} ---\n{flower.tail(procs.log(n), 30)}" for n in procs.procs)
+
+
+def read_json(path: Path) -> Any:
+    return json.loads(Path(path).read_text())
+
+
+def server_task_identity():
+    """Strategies build Messages, which read the process's task identity (set by Flower in a ServerApp)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    return saved
+
+
+def restore_task_identity(saved) -> None:
+    from flwr.supercore.task_identity import TaskIdentity
+
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved

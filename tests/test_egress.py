@@ -1,0 +1,118 @@
+"""What leaves a site: the egress check, and the reply records the real handlers produce."""
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
+
+from client.egress import EgressError, check_reply
+from client.task import evaluate_reply, train_reply
+from nearl_core.adapter_io import adapter_schema, get_adapter_state
+from nearl_core.config import load_config
+from nearl_core.demo_data import generate_demo_data
+from nearl_core.model import build_model
+from tests.fed_helpers import instruction
+
+SCHEMA = {"oca.w": ((2, 3), "float32"), "q.tokens": ((4,), "float32")}
+
+
+def good(**changes) -> RecordDict:
+    records = {
+        "arrays": ArrayRecord({k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()}),
+        "metrics": MetricRecord({"num-examples": 10, "train_loss": 0.5}),
+        "site": ConfigRecord({"name": "siteA"}),
+    }
+    records.update(changes)
+    return RecordDict({k: v for k, v in records.items() if v is not None})
+
+
+def test_sound_reply_passes():
+    check_reply(good(), SCHEMA, with_arrays=True)
+    check_reply(good(arrays=None), SCHEMA, with_arrays=False)
+
+
+@pytest.mark.parametrize("content, match", [
+    (lambda: good(extra=ConfigRecord({"note": "x"})), "differ from the allowed"),
+    (lambda: good(images=ArrayRecord({"x": Array(np.zeros((2, 3, 8, 8), np.float32))})), "differ from the allowed"),
+    (lambda: good(arrays=ArrayRecord({**{k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()},
+                                      "clip.visual.proj": Array(np.zeros((4, 4), np.float32))})), "not adapter"),
+    (lambda: good(arrays=ArrayRecord({"oca.w": Array(np.zeros((2, 3), np.float32))})), "missing"),
+    (lambda: good(arrays=ArrayRecord({"oca.w": Array(np.zeros((3, 2), np.float32)),
+                                      "q.tokens": Array(np.zeros(4, np.float32))})), "schema says"),
+    (lambda: good(arrays=ArrayRecord({"oca.w": Array(np.zeros((2, 3), np.float64)),
+                                      "q.tokens": Array(np.zeros(4, np.float32))})), "schema says"),
+    (lambda: good(metrics=MetricRecord({"num-examples": 10, "per_sample_logits": [0.1, 0.9, 0.3]})), "scalar"),
+    (lambda: good(metrics=ConfigRecord({"num-examples": 10, "note": "patient 17"})), "expected MetricRecord"),
+    (lambda: good(site=ConfigRecord({"name": "siteA", "path": "/data/siteA"})), "only 'name'"),
+    (lambda: good(site=ConfigRecord({"name": "site A; rm"})), "site name"),
+])
+def test_violations_abort_the_reply(content, match):
+    with pytest.raises(EgressError, match=match):
+        check_reply(content(), SCHEMA, with_arrays=True)
+
+
+def test_arrays_in_an_evaluate_reply_are_refused():
+    with pytest.raises(EgressError):
+        check_reply(good(), SCHEMA, with_arrays=False)
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    root = tmp_path_factory.mktemp("egress")
+    return generate_demo_data(root, 1, train_per_site=12, val_per_site=6, test_per_site=6)[0]
+
+
+def test_captured_replies_hold_only_adapter_tensors_and_scalar_metrics(site):
+    """Run the real ClientApp handlers in-process and inspect every record they return."""
+    cfg = load_config("demo")
+    model = build_model(cfg)
+    schema = adapter_schema(model)
+    state = get_adapter_state(model)
+    config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1,
+                           "evaluate-first": True})
+    msg = instruction(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in state.items()}),
+                                  "config": config}), "train")
+    ctx = Context(run_id=1, node_id=1, node_config={"site": "siteA", "data-path": str(site)}, state=RecordDict(),
+                  run_config={})
+    printed = []
+    reply = train_reply(msg, ctx, log=lambda *a, **k: printed.append(a))
+    content = reply.content
+    assert set(content.keys()) == {"arrays", "metrics", "site"}
+    assert dict(content["site"]) == {"name": "siteA"}
+    sent = content["arrays"]
+    assert set(sent.keys()) == set(schema)  # exactly the adapter tensors, no backbone weight
+    assert all(not k.startswith(("clip.", "backbone")) for k in sent.keys())
+    for k, (shape, dtype) in schema.items():
+        assert tuple(sent[k].shape) == shape and str(sent[k].dtype) == dtype
+    assert any(not np.array_equal(sent[k].numpy(), state[k].numpy()) for k in schema), "local training changed nothing"
+    metrics = dict(content["metrics"])
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
+    assert metrics["num-examples"] == 12 and "eval_accuracy" in metrics and "train_loss" in metrics
+    total = sum(len(a.data) for a in sent.values())
+    assert total < sum(int(np.prod(s)) * 4 for s, _ in schema.values()) + 200 * len(schema)
+
+    ev = evaluate_reply(instruction(RecordDict({"arrays": sent, "config": config}), "evaluate"), ctx,
+                        log=lambda *a, **k: None)
+    assert set(ev.content.keys()) == {"metrics", "site"}
+    em = dict(ev.content["metrics"])
+    assert em["num-examples"] == 6 and em["test_examples"] == 6
+    assert all(isinstance(v, (int, float)) for v in em.values())
+
+
+def test_a_handler_whose_reply_breaks_the_schema_fails(site, monkeypatch):
+    """If training ever put a non-adapter tensor into the reply, the egress check stops it."""
+    import client.task as task
+
+    cfg = load_config("demo")
+    model = build_model(cfg)
+    real = task.get_adapter_state
+    monkeypatch.setattr(task, "get_adapter_state",
+                        lambda m: {**real(m), "leak": __import__("torch").zeros(3)})
+    config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1})
+    msg = instruction(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in
+                                                         get_adapter_state(model).items()}), "config": config}))
+    ctx = Context(run_id=1, node_id=1, node_config={"site": "siteA", "data-path": str(site)}, state=RecordDict(),
+                  run_config={})
+    with pytest.raises(EgressError, match="not adapter tensors"):
+        train_reply(msg, ctx, log=lambda *a, **k: None)

@@ -1,0 +1,227 @@
+"""Federation logic without processes: checkpoints, run-config mapping, MLflow logging, CLI checks."""
+
+import os
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from nearl_core.config import NearlConfig, load_config
+from nearl_core.errors import ConfigError
+from server import flower
+from server.checkpoint import (
+    Checkpoint,
+    CheckpointError,
+    check_schema,
+    complete_rounds,
+    load_latest,
+    save_checkpoint,
+)
+from server.settings import FederationSettings
+from server.strategy import RoundReport
+from server.tracking import Tracker, finite_metrics, metric_key, resolve_tracking_uri
+
+ROOT = Path(__file__).resolve().parents[1]
+ARR = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones(4, np.float32)}
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+def test_checkpoint_round_trip_keeps_arrays_state_and_meta(tmp_path):
+    state = {"m_t": {"a": np.full((2, 3), 0.5)}, "v_t": {"a": np.full((2, 3), 0.25)}}
+    save_checkpoint(tmp_path, Checkpoint(1, ARR, state, {"mlflow_run_id": "abc", "strategy": "fedadam"}))
+    save_checkpoint(tmp_path, Checkpoint(2, {k: v + 1 for k, v in ARR.items()}, state, {"mlflow_run_id": "abc"}))
+    ck = load_latest(tmp_path)
+    assert ck.round == 2 and ck.mlflow_run_id == "abc"
+    np.testing.assert_array_equal(ck.arrays["a"], ARR["a"] + 1)
+    np.testing.assert_array_equal(ck.strategy_state["v_t"]["a"], 0.25)
+
+
+def test_half_written_checkpoints_are_never_loaded(tmp_path):
+    save_checkpoint(tmp_path, Checkpoint(1, ARR, {}, {"mlflow_run_id": "r1"}))
+    # a crash mid-write leaves a temporary directory ...
+    crashed = tmp_path / ".tmp-round-0002-xyz"
+    crashed.mkdir()
+    (crashed / "adapters.safetensors").write_bytes(b"\x00" * 10)
+    # ... or a round directory without its state file (not our writer, but never trust it)
+    partial = tmp_path / "round-0003"
+    partial.mkdir()
+    (partial / "adapters.safetensors").write_bytes(b"garbage")
+    assert complete_rounds(tmp_path) == [1]
+    assert load_latest(tmp_path).round == 1
+
+
+def test_a_corrupt_newest_round_falls_back_to_the_previous_one(tmp_path):
+    save_checkpoint(tmp_path, Checkpoint(1, ARR, {}, {}))
+    save_checkpoint(tmp_path, Checkpoint(2, ARR, {}, {}))
+    (tmp_path / "round-0002" / "adapters.safetensors").write_bytes(b"corrupt")
+    assert load_latest(tmp_path).round == 1
+
+
+def test_a_failing_write_leaves_no_trace(tmp_path, monkeypatch):
+    import server.checkpoint as ck
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(ck.os, "rename", boom)
+    with pytest.raises(OSError):
+        save_checkpoint(tmp_path, Checkpoint(1, ARR, {}, {}))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_only_the_newest_rounds_are_kept(tmp_path):
+    for r in range(1, 6):
+        save_checkpoint(tmp_path, Checkpoint(r, ARR, {}, {}), keep=2)
+    assert complete_rounds(tmp_path) == [4, 5]
+
+
+def test_resume_errors_are_readable(tmp_path):
+    with pytest.raises(CheckpointError, match="not found"):
+        load_latest(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="no complete checkpoint"):
+        load_latest(tmp_path)
+    with pytest.raises(CheckpointError, match="shape"):
+        check_schema(ARR, {"a": ((3, 2), "float32"), "b": ((4,), "float32")}, "ckpt")
+
+
+# -- run config -> settings + NEARL config ------------------------------------------------------------------
+def pyproject_run_config() -> dict:
+    from flwr.common.config import flatten_dict
+
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    return flatten_dict(data["tool"]["flwr"]["app"]["config"])
+
+
+def test_pyproject_declares_the_app_and_every_key_maps():
+    data = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = data["tool"]["flwr"]["app"]
+    assert app["components"] == {"serverapp": "server.app:app", "clientapp": "client.app:app"}
+    rc = pyproject_run_config()
+    s = FederationSettings.from_run_config(rc)
+    assert s.strategy == "fedavg" and s.min_nodes == 2 and s.overrides == ()
+    known = set(NearlConfig().flat())
+    nearl_keys = [k for k in rc if "." in k]
+    assert nearl_keys and all(k in known for k in nearl_keys), set(nearl_keys) - known
+
+
+def test_run_config_overrides_map_onto_the_nearl_config():
+    rc = {**pyproject_run_config(), "train.lr": 0.0005, "adapter.rank": 8, "train.batch-size": 4,
+          "num-server-rounds": 7, "strategy": "FedAdam", "evaluate-in-train": "false"}
+    s = FederationSettings.from_run_config(rc)
+    cfg = s.nearl_config()
+    assert (cfg.train.lr, cfg.adapter.rank, cfg.train.batch_size) == (0.0005, 8, 4)
+    assert cfg.adapter.width == load_config("demo").adapter.width  # "" keeps the config file's value
+    assert s.num_rounds == 7 and s.strategy == "fedadam" and s.evaluate_in_train is False
+
+
+@pytest.mark.parametrize("bad, match", [
+    ({"strategy": "fedsgd"}, "strategy must be one of"),
+    ({"min-nodes": 0}, "min-nodes"),
+    ({"fraction-train": 1.5}, "fraction-train"),
+    ({"train.lr": -1.0}, "train.lr"),
+    ({"adapter.nonsense": 3}, "unknown config key"),
+])
+def test_bad_run_config_is_a_readable_error(bad, match):
+    with pytest.raises(ConfigError, match=match):
+        FederationSettings.from_run_config({**pyproject_run_config(), **bad}).nearl_config()
+
+
+def test_run_config_file_round_trips_through_flowers_parser(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    values = {"num-server-rounds": 2, "config": "/x/y z.yaml", "evaluate-in-train": True, "train.lr": 0.001,
+              "progress-file": '/tmp/a"b.jsonl'}
+    path = flower.write_run_config(tmp_path / "rc.toml", values)
+    assert parse_config_args([str(path)]) == values
+
+
+def test_node_config_quoting():
+    cmd = flower.supernode_command(superlink="h:1", port=2, node_config={"site": "siteA", "data-path": "/d/x y"},
+                                   certs=None)
+    assert cmd[cmd.index("--node-config") + 1] == 'site="siteA" data-path="/d/x y"'
+    with pytest.raises(flower.FlowerError):
+        flower.quote_node_value('a"b')
+
+
+# -- MLflow logging ------------------------------------------------------------------------------------------
+def test_tracking_uri_and_keys():
+    assert resolve_tracking_uri("sqlite:///mlflow.db", "/w") == "sqlite:////w/mlflow.db"
+    assert resolve_tracking_uri("sqlite:////abs/m.db", "/w") == "sqlite:////abs/m.db"
+    assert resolve_tracking_uri("http://h:5000", "/w") == "http://h:5000"
+    assert metric_key("site A:1/eval_accuracy") == "site A_1/eval_accuracy"
+    assert finite_metrics({"a": 1, "b": float("nan"), "c": True, "d": "x"}) == {"a": 1.0}
+
+
+def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
+    """The listener's output for two rounds, against a real sqlite store in tmp_path."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.federation import Progress, RoundLog
+    from server.strategy import make_strategy
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    tracker = Tracker(uri, "nearl-federated", run_name="t")
+
+    class Model:  # what RoundLog needs of the NEARL model
+        pass
+
+    settings = FederationSettings.from_run_config({**pyproject_run_config(), "num-server-rounds": 2,
+                                                   "checkpoint-dir": str(tmp_path / "ck")})
+    import server.federation as fed
+
+    fed_schema = {"a": ((2, 3), "float32"), "b": ((4,), "float32")}
+    orig = fed.adapter_schema
+    fed.adapter_schema = lambda m: fed_schema
+    try:
+        listener = RoundLog(settings, tracker, Progress(tmp_path / "p.jsonl"), Model(), {"mlflow_run_id": tracker.run_id})
+    finally:
+        fed.adapter_schema = orig
+    strategy = make_strategy("fedavg", schema=fed_schema, min_nodes=1)
+    arrays = ArrayRecord({k: Array(v) for k, v in ARR.items()})
+    listener.evaluated(0, {"eval_accuracy": 0.3, "eval_loss": 1.2}, {"siteA": {"eval_accuracy": 0.3}})
+    for r in (1, 2):
+        report = RoundReport(round=r, arrays=arrays, train_metrics={"train_loss": 1.0 / r}, answered=["siteA"],
+                             missing=["siteB"] if r == 2 else [], sampled=2, bytes_sent=100, bytes_received=90,
+                             seconds=1.5, aggregated=True,
+                             per_site={"siteA": {"train_loss": 1.0 / r}})
+        listener.round_finished(report, strategy)
+    h = tracker.history
+    assert h("train_loss") == {1: 1.0, 2: 0.5}
+    assert h("eval_accuracy") == {0: 0.3} and h("siteA/eval_accuracy") == {0: 0.3}
+    assert h("sites_answered") == {1: 1.0, 2: 1.0} and h("sites_missing") == {1: 0.0, 2: 1.0}
+    assert h("siteB/answered") == {2: 0.0} and h("bytes_sent")[2] == 100 and h("round_seconds")[1] == 1.5
+    run = tracker.client.get_run(tracker.run_id)
+    assert run.data.tags["round_0002_missing"] == "siteB"
+    assert complete_rounds(tmp_path / "ck") == [1, 2]
+    assert load_latest(tmp_path / "ck").mlflow_run_id == tracker.run_id
+    resumed = Tracker(uri, run_id=tracker.run_id)
+    assert resumed.run_id == tracker.run_id
+
+
+def test_server_cli_refuses_a_reused_checkpoint_dir_and_bad_config(tmp_path, capsys):
+    from server.cli import main
+
+    save_checkpoint(tmp_path / "ck", Checkpoint(1, ARR, {}, {}))
+    assert main(["--insecure", "--checkpoint-dir", str(tmp_path / "ck"), "--rounds", "2"]) == 2
+    assert "--resume" in capsys.readouterr().err
+    assert main(["--insecure", "--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "not found" in capsys.readouterr().err
+    assert main(["--checkpoint-dir", str(tmp_path / "new"), "--certs", str(tmp_path)]) == 2
+    assert "make-certs.sh" in capsys.readouterr().err
+
+
+def test_client_cli_refuses_a_bad_site_folder_before_joining(tmp_path, capsys):
+    from client.cli import main
+
+    (tmp_path / "site" / "train" / "normal").mkdir(parents=True)
+    (tmp_path / "site" / "train" / "normal" / "x.png").write_bytes(b"not a png")
+    (tmp_path / "site" / "val" / "normal").mkdir(parents=True)
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(tmp_path / "site" / "val" / "normal" / "ok.png")
+    assert main(["--site", "siteA", "--data", str(tmp_path / "site"), "--insecure"]) == 2
+    err = capsys.readouterr().err
+    assert "nearl-client: error:" in err and "x.png" in err
+    assert main(["--site", "bad name", "--data", str(tmp_path), "--insecure"]) == 2
+    assert main(["--site", "a", "--data", str(tmp_path), "--server", "nohostport", "--insecure"]) == 2

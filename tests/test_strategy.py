@@ -1,0 +1,175 @@
+"""Strategy hooks without processes: reply screening, aggregation, round reports, state, dtype."""
+
+import math
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord
+
+from server.strategy import (
+    STRATEGIES,
+    NotEnoughSites,
+    aggregate_metrics,
+    check_update,
+    make_strategy,
+)
+from tests.fed_helpers import (
+    FakeGrid,
+    reply_from,
+    restore_task_identity,
+    server_task_identity,
+    train_reply_content,
+)
+
+SCHEMA = {"a.weight": ((2, 3), "float32"), "b.bias": ((4,), "float32")}
+
+
+@pytest.fixture(autouse=True)
+def task_identity():
+    saved = server_task_identity()
+    yield
+    restore_task_identity(saved)
+
+
+def arrays(value: float = 0.0) -> dict[str, np.ndarray]:
+    return {k: np.full(shape, value, dtype=dtype) for k, (shape, dtype) in SCHEMA.items()}
+
+
+class Recorder:
+    def __init__(self):
+        self.evals, self.rounds = [], []
+
+    def evaluated(self, step, metrics, per_site):
+        self.evals.append((step, metrics, per_site))
+
+    def round_finished(self, report, strategy):
+        self.rounds.append(report)
+
+
+def run_round(strategy, replies, grid=None, server_round=1):
+    grid = grid or FakeGrid([1, 2, 3])
+    initial = ArrayRecord({k: Array(v) for k, v in arrays(0.0).items()})
+    list(strategy.configure_train(server_round, initial, ConfigRecord(), grid))
+    agg, metrics = strategy.aggregate_train(server_round, replies)
+    list(strategy.configure_evaluate(server_round, agg or initial, ConfigRecord(), grid))
+    strategy.aggregate_evaluate(server_round, [])
+    return agg, metrics
+
+
+def test_check_update_accepts_sound_and_rejects_bad_updates():
+    assert check_update(train_reply_content("s", arrays(1.0)), SCHEMA) is None
+    bad_nan = arrays(1.0)
+    bad_nan["a.weight"][0, 0] = np.nan
+    assert "NaN or Inf" in check_update(train_reply_content("s", bad_nan), SCHEMA)
+    bad_inf = arrays(1.0)
+    bad_inf["b.bias"][1] = np.inf
+    assert "NaN or Inf" in check_update(train_reply_content("s", bad_inf), SCHEMA)
+    wrong_shape = arrays(1.0)
+    wrong_shape["a.weight"] = np.zeros((3, 2), np.float32)
+    assert "shape" in check_update(train_reply_content("s", wrong_shape), SCHEMA)
+    wrong_dtype = arrays(1.0)
+    wrong_dtype["b.bias"] = np.zeros(4, np.float64)
+    assert "dtype" in check_update(train_reply_content("s", wrong_dtype), SCHEMA)
+    extra = {**arrays(1.0), "clip.visual.proj": np.zeros(3, np.float32)}
+    assert "unexpected" in check_update(train_reply_content("s", extra), SCHEMA)
+    assert "num-examples" in check_update(train_reply_content("s", arrays(1.0), n=0), SCHEMA)
+
+
+def test_aggregation_rejects_bad_sites_and_logs_their_names(caplog):
+    rec = Recorder()
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=2)
+    bad = arrays(5.0)
+    bad["a.weight"][1, 1] = np.nan
+    replies = [
+        reply_from(1, train_reply_content("siteA", arrays(1.0), n=10)),
+        reply_from(2, train_reply_content("siteB", arrays(3.0), n=30)),
+        reply_from(3, train_reply_content("siteBad", bad, n=1000)),
+    ]
+    with caplog.at_level("WARNING"):
+        agg, metrics = run_round(strategy, replies)
+    # weighted by examples over the two sound sites only: (1*10 + 3*30) / 40 = 2.5
+    np.testing.assert_allclose(agg["a.weight"].numpy(), 2.5)
+    assert "siteBad" in caplog.text and "NaN" in caplog.text
+    report = rec.rounds[-1]
+    assert report.answered == ["siteA", "siteB"]
+    assert set(report.rejected) == {"siteBad"}
+    assert report.missing == ["siteBad"]
+    assert report.train_metrics["train_examples"] == 40
+    assert report.bytes_sent > 3 * 4 * 10 and report.bytes_received > 0
+
+
+def test_all_rejected_keeps_global_adapters_and_error_replies_count_as_missing():
+    rec = Recorder()
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=3)
+    replies = [reply_from(1, error="ClientApp raised EgressError: extra tensor"),
+               reply_from(2, train_reply_content("siteB", {"a.weight": np.zeros((2, 3), np.float32)}))]
+    agg, _ = run_round(strategy, replies)
+    assert agg is None
+    report = rec.rounds[-1]
+    assert not report.aggregated and report.answered == []
+    assert "EgressError" in report.rejected["node-1"] and "siteB" in report.rejected
+    # the next round remembers the site behind a node id
+    run_round(strategy, [reply_from(1, train_reply_content("siteA", arrays(1.0)))], server_round=2)
+    assert rec.rounds[-1].answered == ["siteA"]
+    assert "siteB" in rec.rounds[-1].missing
+
+
+def test_eval_inside_train_is_reported_for_the_previous_round():
+    rec = Recorder()
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=3, round_offset=4)
+    replies = [reply_from(1, train_reply_content("siteA", arrays(1.0), n=10, eval_examples=5, eval_accuracy=1.0,
+                                                 eval_auroc=math.nan)),
+               reply_from(2, train_reply_content("siteB", arrays(1.0), n=10, eval_examples=15, eval_accuracy=0.0,
+                                                 eval_auroc=0.8))]
+    run_round(strategy, replies)
+    step, metrics, per_site = rec.evals[-1]
+    assert step == 4  # round 5 (offset 4 + 1) evaluated the global adapters of round 4
+    assert metrics["eval_accuracy"] == pytest.approx(5 / 20)
+    assert metrics["eval_auroc"] == pytest.approx(0.8)  # NaN of one site ignored
+    assert per_site["siteA"]["eval_accuracy"] == 1.0
+    assert rec.rounds[-1].round == 5
+    assert "eval_accuracy" not in rec.rounds[-1].train_metrics
+
+
+def test_evaluate_phase_only_after_last_round_when_evaluating_in_train():
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, total_rounds=3)
+    arr = ArrayRecord({k: Array(v) for k, v in arrays().items()})
+    assert list(strategy.configure_evaluate(1, arr, ConfigRecord(), FakeGrid([1]))) == []
+    assert len(list(strategy.configure_evaluate(3, arr, ConfigRecord(), FakeGrid([1])))) == 1
+    separate = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, total_rounds=3, evaluate_in_train=False)
+    assert len(list(separate.configure_evaluate(1, arr, ConfigRecord(), FakeGrid([1])))) == 1
+
+
+def test_waiting_for_sites_is_bounded():
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=3, wait_timeout=1.0)
+    with pytest.raises(NotEnoughSites, match="only 1 of the 3"):
+        list(strategy.configure_train(1, ArrayRecord(), ConfigRecord(), FakeGrid([7])))
+
+
+def test_aggregate_metrics_weights_each_split_by_its_own_count_and_takes_max_epsilon():
+    rows = [{"num-examples": 10, "train_loss": 1.0, "eval_examples": 1, "eval_loss": 4.0, "epsilon": 2.0},
+            {"num-examples": 30, "train_loss": 3.0, "eval_examples": 3, "eval_loss": 0.0, "epsilon": 5.0}]
+    out = aggregate_metrics(rows)
+    assert out["train_loss"] == pytest.approx(2.5)
+    assert out["eval_loss"] == pytest.approx(1.0)
+    assert out["epsilon_max"] == 5.0 and out["train_examples"] == 40
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_every_strategy_aggregates_and_keeps_dtype(name):
+    strategy = make_strategy(name, schema=SCHEMA, min_nodes=1, total_rounds=2)
+    replies = [reply_from(i, train_reply_content(f"s{i}", arrays(float(i)), n=10)) for i in (1, 2, 3)]
+    agg, _ = run_round(strategy, replies)
+    assert agg is not None and set(agg) == set(SCHEMA)
+    assert all(str(agg[k].dtype) == "float32" for k in SCHEMA)
+    assert all(np.isfinite(agg[k].numpy()).all() for k in SCHEMA)
+
+
+def test_fedadam_state_round_trips_for_resume():
+    strategy = make_strategy("fedadam", schema=SCHEMA, min_nodes=1, total_rounds=3)
+    run_round(strategy, [reply_from(1, train_reply_content("s1", arrays(1.0)))])
+    state = strategy.strategy_state()
+    assert set(state) == {"m_t", "v_t"}
+    fresh = make_strategy("fedadam", schema=SCHEMA, min_nodes=1, total_rounds=3, round_offset=1)
+    fresh.load_strategy_state(state)
+    np.testing.assert_array_equal(fresh.m_t["a.weight"], state["m_t"]["a.weight"])
