@@ -20,6 +20,9 @@ from nearl_core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TEXT_CONDITIONING = ("per-image", "shared")
+ACCOUNTANTS = ("rdp", "prv")
+# Optional numbers: None (or "none" / "" in YAML and run config) means "not set".
+_OPTIONAL_FLOATS = ("target_epsilon", "noise_multiplier", "delta", "max_epsilon")
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,19 @@ class TrainConfig:
 
 
 @dataclass(frozen=True)
+class PrivacyConfig:
+    """Sample-level DP-SGD at one site (Opacus, adapters only); see docs/privacy.md."""
+
+    enabled: bool = False
+    target_epsilon: float | None = None  # plan the noise once for this epsilon over all planned steps
+    noise_multiplier: float | None = None  # or give the noise multiplier directly
+    max_grad_norm: float = 1.0  # per-sample clipping bound C
+    delta: float | None = None  # None: min(1e-5, 1 / (10 N)), N = the site's training images
+    accountant: str = "rdp"  # rdp | prv
+    max_epsilon: float | None = None  # the site's hard ceiling; None: target-epsilon (or no ceiling)
+
+
+@dataclass(frozen=True)
 class NearlConfig:
     """The whole job: passed as one object to every layer."""
 
@@ -85,6 +101,7 @@ class NearlConfig:
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Kebab-case nested dict, the same shape as the YAML file."""
@@ -123,7 +140,7 @@ def load_config(name_or_path: str | Path = "demo", overrides: Mapping[str, Any] 
         first = str(err).splitlines()[0]
         raise ConfigError(f"{path}: not valid YAML ({first}); fix the file") from None
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path}: expected sections model/adapter/task/train at top level")
+        raise ConfigError(f"{path}: expected sections model/adapter/task/train/privacy at top level")
     cfg = from_dict(raw, source=str(path))
     return apply_overrides(cfg, overrides or {})
 
@@ -181,6 +198,15 @@ def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
         return tuple(str(v) for v in value)
     if f.name == "pretrained":
         return None if value in (None, "", "none", "None") else str(value)
+    if f.name in _OPTIONAL_FLOATS:
+        if value is None or (isinstance(value, str) and value.strip().lower() in ("", "none", "null")):
+            return None
+        try:
+            if isinstance(value, bool):
+                raise ValueError
+            return float(value)
+        except (TypeError, ValueError):
+            raise ConfigError(f"{where}: expected a number or none, got {value!r}") from None
     if isinstance(default, bool):
         if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
             return value.lower() in ("true", "1", "yes")
@@ -216,7 +242,28 @@ def validate(cfg: NearlConfig, source: str = "config") -> None:
         (len(cfg.task.templates) >= 1 and all("{class}" in x for x in cfg.task.templates),
          "every task.templates entry must contain '{class}'"),
         (len(set(cfg.task.classes)) == len(cfg.task.classes), "task.classes has duplicates"),
+        *_privacy_checks(cfg.privacy),
     ]
     for ok, message in checks:
         if not ok:
             raise ConfigError(f"{source}: {message}")
+
+
+def _privacy_checks(p: PrivacyConfig) -> list[tuple[bool, str]]:
+    positive = lambda v: v is None or v > 0
+    checks = [
+        (p.accountant in ACCOUNTANTS, f"privacy.accountant must be one of {ACCOUNTANTS}"),
+        (p.max_grad_norm > 0, "privacy.max-grad-norm must be > 0"),
+        (p.delta is None or 0 < p.delta < 1, "privacy.delta must be in (0, 1), or none for the default rule"),
+        (positive(p.target_epsilon), "privacy.target-epsilon must be > 0"),
+        (positive(p.noise_multiplier), "privacy.noise-multiplier must be > 0"),
+        (positive(p.max_epsilon), "privacy.max-epsilon must be > 0"),
+        (p.target_epsilon is None or p.noise_multiplier is None,
+         "set privacy.target-epsilon or privacy.noise-multiplier, not both"),
+        (p.target_epsilon is None or p.max_epsilon is None or p.target_epsilon <= p.max_epsilon,
+         "privacy.target-epsilon must not exceed privacy.max-epsilon"),
+    ]
+    if p.enabled:
+        checks.append((p.target_epsilon is not None or p.noise_multiplier is not None,
+                       "privacy.enabled needs privacy.target-epsilon or privacy.noise-multiplier"))
+    return checks
