@@ -4,6 +4,7 @@
     nearl check-data --data SITE [--config X]     validate a site folder, print counts
     nearl params     [--config X] [--json]        parameter breakdown and payload size
     nearl train      --data SITE --out DIR        centralized / local-only baseline
+                     [--dp-epsilon E]             ... under sample-level DP (docs/privacy.md)
     nearl evaluate   --adapters DIR --data SITE   metrics of saved adapters on a split
     nearl predict    --adapters DIR IMAGE...      class + probabilities per image
 """
@@ -55,6 +56,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
     p.add_argument("--overwrite", action="store_true", help="replace adapters already in --out")
+    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                   help="train with DP-SGD (Opacus, adapters only) to epsilon E; the ledger is --out/privacy.json")
+    p.add_argument("--dp-delta", type=float, default=None, metavar="D",
+                   help="DP delta (default min(1e-5, 1/(10 N)) for N training images)")
+    p.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C",
+                   help="per-sample gradient clipping bound (default 1.0)")
     _add_config(p)
 
     p = sub.add_parser("evaluate", help="evaluate saved adapters on a site's split")

@@ -23,6 +23,7 @@ from nearl_core.errors import AdapterFileError, ConfigError, NearlError
 from nearl_core.metrics import METRIC_NAMES
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.params import format_report, parameter_report
+from nearl_core import privacy
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 
 format_params = format_report
@@ -37,9 +38,15 @@ def config_from_args(args: Any) -> NearlConfig:
             raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
         overrides[key.strip()] = value.strip()
     for flag, key in (("pretrained", "model.pretrained"), ("epochs", "train.epochs"),
-                      ("seed", "train.seed"), ("device", "train.device")):
+                      ("seed", "train.seed"), ("device", "train.device"),
+                      ("dp_epsilon", "privacy.target-epsilon"), ("dp_delta", "privacy.delta"),
+                      ("dp_max_grad_norm", "privacy.max-grad-norm")):
         if getattr(args, flag, None) is not None:
             overrides[key] = getattr(args, flag)
+    if any(k.startswith("privacy.") for k in overrides) and "privacy.enabled" not in overrides:
+        overrides["privacy.enabled"] = True  # a --dp-* flag turns DP on
+    if getattr(args, "dp_epsilon", None) is not None:
+        overrides["privacy.noise-multiplier"] = None  # --dp-epsilon plans the noise itself
     return load_config(args.config, overrides)
 
 
@@ -103,16 +110,35 @@ def train(data: Path, out: Path, cfg: NearlConfig, *, overwrite: bool = False) -
     report_split = "test" if "test" in loaders else "val"
     zero_shot = evaluate(model, loaders[report_split], device, amp=cfg.train.amp)
     start = time.perf_counter()
-    history = fit(model, loaders["train"], cfg, device, val_loader=loaders["val"])
+    extra: dict = {}
+    if cfg.privacy.enabled:  # DP-SGD; the ledger lives in --out/privacy.json (one local "round")
+        history, extra["privacy"] = _train_private(model, loaders, cfg, device, out)
+    else:
+        history = fit(model, loaders["train"], cfg, device, val_loader=loaders["val"])
     final = evaluate(model, loaders[report_split], device, amp=cfg.train.amp)
     results = {"zero-shot": zero_shot, "NEARL": final}
-    save_adapters(model, out, {"trained_on": str(data), "epochs": cfg.train.epochs}, overwrite=overwrite)
+    save_adapters(model, out, {"trained_on": str(data), "epochs": cfg.train.epochs, **extra}, overwrite=overwrite)
     _write_history(out / "history.csv", history)
-    (out / "metrics.json").write_text(json.dumps({"split": report_split, **results}, indent=2))
+    (out / "metrics.json").write_text(json.dumps({"split": report_split, **results, **extra}, indent=2))
     print(f"\n{report_split} metrics after {cfg.train.epochs} epochs ({time.perf_counter() - start:.1f}s):")
     print(format_metrics(results))
+    if extra:
+        p = extra["privacy"]
+        print(f"\ndifferential privacy: epsilon {p['epsilon']:.3f} at delta {p['dp-delta']:.2g} "
+              f"({p['dp-steps']} DP steps, sample rate {p['dp-sample-rate']:.4g}, "
+              f"noise multiplier {p['dp-noise-multiplier']:.4f}); ledger {out / privacy.STATE_FILE}")
     print(f"\nadapters saved to {out}")
     return results
+
+
+def _train_private(model: NearlCLIP, loaders: dict, cfg: NearlConfig, device: torch.device,
+                   out: Path) -> tuple[list[dict], dict]:
+    train_loader = loaders["train"]
+    state = privacy.open_privacy_state(out, cfg.privacy, n_train=len(train_loader.dataset),
+                                       batch_size=cfg.train.batch_size, epochs=cfg.train.epochs, rounds=1)
+    history = privacy.train_private_round(model, train_loader, cfg, device, state, val_loader=loaders["val"],
+                                          state_dir=out)
+    return history, state.report()
 
 
 def model_from_adapters(adapters: Path, pretrained: str | None = None) -> NearlCLIP:
