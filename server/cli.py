@@ -29,6 +29,7 @@ from server import flower
 from server.flower import Certs, FlowerError
 
 PROG = "nearl-server"
+POLL_SECONDS = 10.0  # `flwr ls` is a Python process per call; progress lines arrive through a file anyway
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -230,7 +231,8 @@ class Server:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FlowerError(f"the SuperLink stopped (exit {self.superlink.returncode}): "
                                   f"{flower.tail(self.superlink_log, 1)}")
-            if time.monotonic() - last_poll > 3.0:
+            ending = any(e["event"] in ("done", "error") for e in events[-2:])
+            if time.monotonic() - last_poll > (2.0 if ending else POLL_SECONDS):
                 status, details = flower.run_status(self.run_id, env=self.cli_env)
                 last_poll = time.monotonic()
                 if status.startswith("finished"):
