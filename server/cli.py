@@ -63,6 +63,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--keep-checkpoints", type=int, default=3, help="most recent rounds kept (0 = all)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR from its last complete round (same MLflow run)")
+    p.add_argument("--superlink-db", type=Path, default=None, metavar="FILE",
+                   help="keep the SuperLink's state in this sqlite file so connected sites survive a coordinator "
+                        "restart (default: in memory; sites then rejoin by restarting nearl-client)")
     p.add_argument("--quiet", action="store_true", help="only the final summary")
     return p
 
@@ -171,8 +174,7 @@ class Server:
         self.phase = "start"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         connect_host = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host
-        cmd = flower.superlink_command(host=a.host, port=a.port, certs=certs,
-                                       database=self.checkpoint_dir / "superlink.db",
+        cmd = flower.superlink_command(host=a.host, port=a.port, certs=certs, database=a.superlink_db,
                                        supernode_auth=a.auth_keys is not None)
         if flower.port_open(connect_host, a.port):
             raise FlowerError(f"port {a.port} on {connect_host} is already in use; pick another --port")
@@ -254,16 +256,10 @@ class Server:
         return 1
 
     def shutdown(self) -> None:
+        """Stop the SuperLink with its SuperExec and ServerApp (a run still going ends with them)."""
         if self.superlink is None:
             return
-        if self.run_id and self.superlink.poll() is None and self.phase == "run":
-            try:
-                status, _ = flower.run_status(self.run_id, env=self.cli_env)
-                if not status.startswith("finished"):
-                    flower.flwr_json(["stop", self.run_id, flower.CONNECTION], env=self.cli_env, timeout=30)
-            except FlowerError:
-                pass
-        flower.stop_process(self.superlink)
+        flower.stop_process(self.superlink, timeout=5)
         self.superlink = None
 
 

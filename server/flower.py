@@ -111,10 +111,38 @@ def start_process(cmd: Sequence[str], *, env: dict[str, str], log_file: Path, cw
         fh.close()
 
 
+def descendants(pid: int) -> list[int]:
+    """All descendant pids of ``pid`` (Linux /proc; empty elsewhere).
+
+    Flower's SuperLink starts its SuperExec in a new session, so stopping the SuperLink's
+    process group alone would leave the SuperExec and the ServerApp running.
+    """
+    children: dict[int, list[int]] = {}
+    proc_dir = Path("/proc")
+    if not proc_dir.is_dir():
+        return []
+    for entry in proc_dir.iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            ppid = int(stat[stat.rfind(")") + 2:].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+        children.setdefault(ppid, []).append(int(entry.name))
+    out, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            out.append(child)
+            todo.append(child)
+    return out
+
+
 def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
-    """SIGTERM the process group, then SIGKILL what is left after ``timeout``."""
+    """SIGTERM the process group and every descendant, then SIGKILL what is left after ``timeout``."""
     if proc is None:
         return
+    family = descendants(proc.pid)
     for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
         try:
             os.killpg(proc.pid, sig)
@@ -129,6 +157,28 @@ def stop_process(proc: subprocess.Popen | None, timeout: float = 10.0) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
     except (ProcessLookupError, PermissionError):
         pass
+    for pid in family:  # descendants in other sessions (SuperExec, ServerApp)
+        try:
+            os.kill(pid, signal.SIGTERM)
+        except (ProcessLookupError, PermissionError):
+            pass
+    deadline = time.monotonic() + 5.0
+    while family and time.monotonic() < deadline:
+        family = [p for p in family if _alive(p)]
+        time.sleep(0.2)
+    for pid in family:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+
+def _alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2] != "Z"
+    except OSError:
+        return False
 
 
 def superlink_command(*, host: str, port: int, certs: Certs | None, database: Path | None,

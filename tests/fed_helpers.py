@@ -101,13 +101,14 @@ class Procs:
                                  f"{flower.tail(self.log(name), 40)}") from None
 
     def stop_all(self) -> None:
-        for proc in self.procs.values():
-            flower.stop_process(proc, timeout=8)
+        for name, proc in self.procs.items():  # servers first: they stop their SuperLink themselves
+            flower.stop_process(proc, timeout=30 if "server" in name or name == "resumed" else 10)
 
 
-def nearl_client(procs: Procs, site: str, data: Path, port: int, tmp: Path, *extra: str) -> subprocess.Popen:
+def nearl_client(procs: Procs, site: str, data: Path, port: int, tmp: Path, *extra: str,
+                 name: str | None = None) -> subprocess.Popen:
     cmd = [str(BIN / "nearl-client"), "--site", site, "--data", str(data), "--server", f"127.0.0.1:{port}", *extra]
-    return procs.start(site, cmd, env=env(tmp / f"home-{site}"), cwd=tmp)
+    return procs.start(name or site, cmd, env=env(tmp / f"home-{name or site}"), cwd=tmp)
 
 
 def nearl_server(procs: Procs, port: int, tmp: Path, *extra: str, name: str = "server") -> subprocess.Popen:
