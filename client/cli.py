@@ -90,14 +90,14 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             raise NearlError(f"--auth-key {auth_key} not found; make one with deploy/make-site-key.sh {args.site}")
         if certs is None:
             raise NearlError("--auth-key needs TLS: drop --insecure and pass --certs DIR")
-    node_config = {"site": args.site, "data-path": str(data)}
+    home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site)).expanduser()
+    node_config = {"site": args.site, "data-path": str(data), "state-dir": str((home / "state").resolve())}
     if args.device:
         node_config["device"] = args.device
     if args.pretrained:
         node_config["pretrained"] = str(Path(args.pretrained).expanduser().resolve())
     cmd = flower.supernode_command(superlink=args.server, port=args.port or flower.free_port(),
                                    node_config=node_config, certs=certs, auth_key=auth_key)
-    home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site))
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env

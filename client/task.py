@@ -40,10 +40,22 @@ class SiteBinding:
     data: Path
     device: str | None = None
     pretrained: str | None = None
+    state_dir: Path | None = None  # site-local state (the DP accountant's ledger)
+
+    def privacy_dir(self) -> Path:
+        return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
 
 
-def site_binding(node_config: Mapping[str, Any]) -> SiteBinding:
-    """The SuperNode's ``--node-config 'site="siteA" data-path="/data/siteA"'``."""
+def site_binding(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> SiteBinding:
+    """The SuperNode's ``--node-config 'site="siteA" data-path="/data/siteA"'``.
+
+    On the Simulation Engine a virtual node only has a ``partition-id``; the simulation
+    launcher passes ``sim-data-root`` in the run config and partition k is ``site{k+1}``.
+    """
+    sim_root = str((run_config or {}).get("sim-data-root", "")).strip()
+    if "site" not in node_config and "partition-id" in node_config and sim_root:
+        name = f"site{int(node_config['partition-id']) + 1}"
+        return SiteBinding(name, Path(sim_root) / name)
     site = str(node_config.get("site", "")).strip()
     data = str(node_config.get("data-path", "")).strip()
     if not valid_site_name(site):
@@ -52,7 +64,8 @@ def site_binding(node_config: Mapping[str, Any]) -> SiteBinding:
         raise ConfigError(f"site {site}: node config has no data-path; start the node with nearl-client --data DIR")
     device = str(node_config.get("device", "")).strip() or None
     pretrained = str(node_config.get("pretrained", "")).strip() or None
-    return SiteBinding(site, Path(data), device, pretrained)
+    state_dir = str(node_config.get("state-dir", "")).strip() or None
+    return SiteBinding(site, Path(data), device, pretrained, Path(state_dir) if state_dir else None)
 
 
 def config_from_message(msg: Message, binding: SiteBinding | None = None) -> NearlConfig:
@@ -123,10 +136,27 @@ def _proximal_hooks(model: NearlCLIP, mu: float) -> list:
     return handles
 
 
+def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.device, binding: SiteBinding,
+                   epochs: int, total_rounds: int, log) -> tuple[list[dict], float]:
+    """DP-SGD for this round; the site's accountant lives on the site's disk across rounds and restarts.
+
+    A round that would pass the site's max-epsilon raises PrivacyBudgetExceeded: the site
+    declines (the server records it as rejected) instead of silently over-spending.
+    FedProx's proximal term is not applied under DP (it would bypass per-sample clipping).
+    """
+    from nearl_core.privacy import open_privacy_state, train_private_round
+
+    state_dir = binding.privacy_dir()
+    state = open_privacy_state(state_dir, cfg.privacy, n_train=len(loader.dataset), batch_size=cfg.train.batch_size,
+                               epochs=epochs, rounds=total_rounds, log=log)
+    history = train_private_round(model, loader, cfg, device, state, epochs=epochs, state_dir=state_dir, log=log)
+    return history, state.epsilon
+
+
 def train_reply(msg: Message, context: Context, log=print) -> Message:
     """Evaluate the incoming global adapters (optional), train locally, reply adapters + metrics."""
     t0 = time.perf_counter()
-    binding = site_binding(context.node_config)
+    binding = site_binding(context.node_config, context.run_config)
     cfg = config_from_message(msg, binding)
     config = msg.content.config_records.get("config") or ConfigRecord()
     server_round = int(config.get("server-round", 0))
@@ -140,14 +170,20 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
                                           amp=cfg.train.amp), "eval"))
     seed = cfg.train.seed + 1000 * server_round + zlib.crc32(binding.site.encode()) % 1000
     seed_everything(seed)
-    mu = float(config.get("proximal-mu", 0.0))
-    handles = _proximal_hooks(model, mu) if mu > 0 else []
-    try:
-        history = fit(model, _loader(site, "train", model, cfg, device, seed=seed), cfg, device, epochs=epochs,
-                      log=lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True))
-    finally:
-        for h in handles:
-            h.remove()
+    site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
+    loader = _loader(site, "train", model, cfg, device, seed=seed)
+    epsilon = None
+    if cfg.privacy.enabled:
+        history, epsilon = _private_round(model, loader, cfg, device, binding, epochs,
+                                          int(config.get("total-rounds", 1)), site_log)
+    else:
+        mu = float(config.get("proximal-mu", 0.0))
+        handles = _proximal_hooks(model, mu) if mu > 0 else []
+        try:
+            history = fit(model, loader, cfg, device, epochs=epochs, log=site_log)
+        finally:
+            for h in handles:
+                h.remove()
     last = history[-1] if history else {"train_loss": math.nan, "train_accuracy": math.nan}
     metrics.update({
         "num-examples": len(site.samples("train")),
@@ -155,6 +191,8 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
         "train_accuracy": float(last["train_accuracy"]),
         "train_seconds": time.perf_counter() - t0,
     })
+    if epsilon is not None:
+        metrics["epsilon"] = float(epsilon)
     reply = _reply(msg, binding, metrics, model)
     log(f"[{binding.site}] round {server_round}: sent {len(metrics)} metrics and "
         f"{sum(a.numpy().nbytes for a in reply.content['arrays'].values())} adapter bytes", flush=True)
@@ -163,7 +201,7 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
 
 def evaluate_reply(msg: Message, context: Context, log=print) -> Message:
     """Val (and test, when the site has one) metrics of the global adapters in the message."""
-    binding = site_binding(context.node_config)
+    binding = site_binding(context.node_config, context.run_config)
     cfg = config_from_message(msg, binding)
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)

@@ -185,7 +185,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         final = initial
         if remaining > 0:
             train_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
-                                         "local-epochs": settings.local_epochs})
+                                         "local-epochs": settings.local_epochs, "total-rounds": settings.num_rounds})
             eval_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict())})
             result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                                     timeout=settings.round_timeout, train_config=train_config,

@@ -116,3 +116,25 @@ def test_a_handler_whose_reply_breaks_the_schema_fails(site, monkeypatch):
                   run_config={})
     with pytest.raises(EgressError, match="not adapter tensors"):
         train_reply(msg, ctx, log=lambda *a, **k: None)
+
+
+def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_path):
+    """With privacy on, the reply adds one scalar (epsilon); the accountant persists across messages."""
+    from dataclasses import replace
+
+    cfg = load_config("demo")
+    cfg = replace(cfg, privacy=replace(cfg.privacy, enabled=True, noise_multiplier=1.0, max_grad_norm=1.0))
+    model = build_model(cfg)
+    state = {k: v.contiguous() for k, v in get_adapter_state(model).items()}
+    config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1,
+                           "total-rounds": 2})
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                  node_config={"site": "siteA", "data-path": str(site), "state-dir": str(tmp_path / "state")})
+    eps = []
+    for _ in range(2):
+        msg = instruction(RecordDict({"arrays": ArrayRecord(state), "config": config}))
+        reply = train_reply(msg, ctx, log=lambda *a, **k: None)
+        assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
+        eps.append(dict(reply.content["metrics"])["epsilon"])
+    assert 0 < eps[0] < eps[1]  # the second round continues the same accountant
+    assert (tmp_path / "state").is_dir() and any((tmp_path / "state").iterdir())
