@@ -1,0 +1,98 @@
+"""Run the federation's own ServerApp and ClientApp on Flower's Simulation Engine.
+
+The launcher starts and owns a SuperLink in simulation mode on a private loopback port
+(so nothing outlives the command), submits the app in this repository with
+``flwr run``, follows the ServerApp's progress file, and stops the SuperLink at the end.
+Flower reports client failures only through the results, so the caller counts sites.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from server.flower import (CONNECTION, FlowerError, flower_env, flwr_json, free_port, run_logs, run_status,
+                           start_process, stop_process, superlink_command, wait_for_port, write_connection,
+                           write_run_config)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@dataclass
+class SimulationResult:
+    events: list[dict[str, Any]] = field(default_factory=list)
+    adapters: Path | None = None
+    run_id: str | None = None  # MLflow run id
+    status: str = ""
+    seconds: float = 0.0
+
+    def rounds(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == "round"]
+
+    def evals(self) -> list[dict[str, Any]]:
+        return [e for e in self.events if e.get("event") == "eval"]
+
+
+def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpus_per_site: float = 1.0,
+                   timeout: float = 1800.0, on_event: Callable[[dict[str, Any]], None] | None = None
+                   ) -> SimulationResult:
+    """Start a private simulation SuperLink, run the app with ``sites`` virtual SuperNodes, wait."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    flwr_home = workdir / ".flwr"
+    progress = workdir / "progress.jsonl"
+    progress.unlink(missing_ok=True)
+    env = flower_env(flwr_home, {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
+    port = free_port()
+    command = superlink_command(host="127.0.0.1", port=port, certs=None, database=None) + ["--simulation"]
+    link = start_process(command, env=env, log_file=workdir / "superlink.log", cwd=workdir)
+    result, start = SimulationResult(), time.perf_counter()
+    try:
+        wait_for_port("127.0.0.1", port, link, workdir / "superlink.log", "simulation SuperLink")
+        write_connection(flwr_home, f"127.0.0.1:{port}", None)
+        config_file = write_run_config(workdir / "run-config.toml", {**run_config, "progress-file": str(progress)})
+        federation = f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site:g}"
+        submitted = flwr_json(["run", str(ROOT), CONNECTION, "--federation-config", federation,
+                               "--run-config", str(config_file)], env=env, cwd=ROOT)
+        flwr_run = str(submitted.get("run-id") or submitted.get("run_id"))
+        seen = 0
+        while True:
+            seen = _follow(progress, result, seen, on_event)
+            status, _ = run_status(flwr_run, env=env)
+            if status.startswith("finished"):
+                seen = _follow(progress, result, seen, on_event)
+                result.status = status
+                break
+            if time.perf_counter() - start > timeout:
+                raise FlowerError(f"simulation did not finish within {timeout:.0f}s; see {workdir}/superlink.log")
+            time.sleep(1.0)
+        if result.status != "finished:completed" or result.adapters is None:
+            errors = [e.get("message") for e in result.events if e.get("event") == "error"]
+            detail = errors[0] if errors else run_logs(flwr_run, env=env)
+            raise FlowerError(f"simulation run {flwr_run} ended {result.status}: {detail}")
+        return result
+    finally:
+        result.seconds = time.perf_counter() - start
+        stop_process(link)
+
+
+def _follow(progress: Path, result: SimulationResult, seen: int, on_event) -> int:
+    """Read new JSON lines of the ServerApp's progress file."""
+    if not progress.exists():
+        return seen
+    lines = progress.read_text().splitlines()
+    for line in lines[seen:]:
+        try:
+            event = json.loads(line)
+        except json.JSONDecodeError:  # a line still being written
+            return seen
+        result.events.append(event)
+        if event.get("event") == "done":
+            result.adapters = Path(event["adapters"])
+            result.run_id = event.get("run_id")
+        if on_event:
+            on_event(event)
+        seen += 1
+    return seen

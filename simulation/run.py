@@ -1,0 +1,197 @@
+"""Local simulation: many virtual hospitals on one machine, with the baselines to compare.
+
+    python simulation/run.py                       # embedded default: 4 sites, Dirichlet 0.5, tiny CLIP
+    python simulation/run.py --sites 50 --rounds 2
+    python simulation/run.py --compare             # + centralized and local-only arms, results.md, curves.png
+    python simulation/run.py --data pneumoniamnist.npz --config vit-b16 --pretrained /models/vit-b16.bin
+
+The federation runs the project's own ServerApp and ClientApp on Flower's Simulation
+Engine; each virtual site is a ``manifest.csv`` over the pooled images, read by the same
+code as a real hospital's folder.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK": "1", "RAY_USAGE_STATS_ENABLED": "0",
+                     "MLFLOW_DISABLE_TELEMETRY": "true", "HF_HUB_DISABLE_TELEMETRY": "1"}.items():
+    os.environ.setdefault(_key, _value)
+
+if __package__ in (None, ""):  # `python simulation/run.py`: make the repository importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from nearl_core.config import load_config  # noqa: E402
+from nearl_core.data import scan_site  # noqa: E402
+from nearl_core.demo_data import generate_demo_data  # noqa: E402
+from nearl_core.errors import NearlError  # noqa: E402
+from server.flower import FlowerError  # noqa: E402
+from simulation import compare  # noqa: E402
+from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="simulation/run.py", description=__doc__.splitlines()[0])
+    p.add_argument("--sites", type=int, default=4, help="number of virtual hospitals (default 4)")
+    p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
+    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per site per round (default 2)")
+    p.add_argument("--alpha", default="0.5", help="Dirichlet label skew (default 0.5), 'iid' or 'pathological:K'")
+    p.add_argument("--data", type=Path, default=None,
+                   help="data to partition: ImageFolder root, folder of site folders, or MedMNIST .npz "
+                        "(default: the synthetic demo data, generated when missing)")
+    p.add_argument("--config", default="demo", help="nearl config file or shipped name (default demo)")
+    p.add_argument("--pretrained", default=None, help="override model.pretrained (tag or local file)")
+    p.add_argument("--strategy", default="fedavg",
+                   help="fedavg (default), fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--seed", type=int, default=0, help="partitioning and training seed (default 0)")
+    p.add_argument("--out", type=Path, default=None, help="output folder (default runs/sim-<time>)")
+    p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
+    p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
+    p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per virtual site (default 1)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        summary = run(args)
+    except (NearlError, FlowerError) as err:
+        print(f"simulation: error: {err}", file=sys.stderr)
+        return 2
+    print(f"\nresults in {summary['out']}")
+    return 0
+
+
+def run(args: argparse.Namespace) -> dict:
+    from simulation.launch import run_simulation  # Flower is only needed for the federation itself
+
+    start = time.perf_counter()
+    out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
+    if (out / "results.csv").exists():
+        raise NearlError(f"{out} already holds results; choose another --out")
+    cfg = load_config(args.config, {"model.pretrained": args.pretrained} if args.pretrained else None)
+    if args.sites < 1 or args.rounds < 1 or args.local_epochs < 1:
+        raise NearlError("--sites, --rounds and --local-epochs must be >= 1")
+
+    pool = pool_images(args.data or demo_pool(args.sites, args.seed), cfg.task.classes or None)
+    cfg = cfg if cfg.task.classes else cfg.with_classes(pool.classes)
+    parts = partition(pool, args.sites, args.alpha, args.seed)
+    site_roots = write_virtual_sites(pool, parts, out / "sites", args.seed)
+    rows = summary_table(pool, parts)
+    (out / "partition.json").write_text(json.dumps({"alpha": args.alpha, "seed": args.seed, "sites": rows}, indent=2))
+    print(f"{len(pool.paths)} images, {args.sites} virtual sites, alpha={args.alpha}, seed={args.seed}:")
+    print(format_summary(pool, rows))
+
+    run_config = federation_config(args, cfg, out)
+    print(f"\nfederation: {args.rounds} rounds x {args.local_epochs} local epochs, strategy {args.strategy}, "
+          f"Simulation Engine ({args.sites} virtual SuperNodes)")
+    print(f"{'round':>5}  {'sites':>5}  {'train_loss':>10}  {'eval_acc':>8}  {'eval_bal_acc':>12}  {'seconds':>7}")
+    sim = run_simulation(sites=args.sites, run_config=run_config, workdir=out / "flower",
+                         cpus_per_site=args.cpus_per_site, on_event=print_round)
+    answered = [len(r.get("answered", [])) for r in sim.rounds()]
+    if any(n < args.sites for n in answered):
+        print(f"warning: some sites did not answer (answered per round: {answered}); see {out}/flower")
+
+    results = run_arms(args, cfg, site_roots, sim.adapters)
+    rows_out = compare.result_rows(results)
+    title = f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {args.rounds} rounds x {args.local_epochs} epochs"
+    csv_path, md_path = compare.write_results(rows_out, out, title)
+    curves = compare.plot_curves(eval_curve(sim), {r["arm"]: r["accuracy"] for r in rows_out
+                                                   if r["site"] == "mean" and r["arm"] != "federated"}, out)
+    log_to_mlflow(run_config["mlflow-uri"], sim.run_id, rows_out, [csv_path, md_path, curves, out / "partition.json"])
+    print("\n" + md_path.read_text().split("\nPer site:")[0])
+    print(f"simulation wall time {time.perf_counter() - start:.1f}s (federation {sim.seconds:.1f}s)")
+    return {"out": out, "results": rows_out, "simulation": sim}
+
+
+def demo_pool(sites: int, seed: int) -> Path:
+    """The synthetic demo data (4 acquisition sites), large enough for ``sites`` virtual sites."""
+    per_site = max(96, 8 * sites)
+    root = Path("demo-data") if per_site == 96 and seed == 0 else Path(f"demo-data-{per_site}-s{seed}")
+    if not (root / "site1").is_dir():
+        print(f"generating synthetic demo data in {root} ...")
+        generate_demo_data(root, 4, train_per_site=per_site, seed=seed)
+    return root
+
+
+def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
+    config_file = out / "nearl-config.yaml"
+    import yaml
+
+    config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    return {
+        "num-server-rounds": args.rounds,
+        "config": str(config_file),
+        "strategy": args.strategy,
+        "min-nodes": args.sites,
+        "fraction-train": 1.0,
+        "local-epochs": args.local_epochs,
+        "mlflow-uri": args.mlflow_uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}",
+        "checkpoint-dir": str(out / "checkpoints"),
+        "sim-data-root": str(out / "sites"),
+        "train.seed": args.seed,
+    }
+
+
+def print_round(event: dict) -> None:
+    if event.get("event") != "round":
+        return
+    fmt = lambda v, w: f"{v:>{w}.4f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
+    train, ev = event.get("train") or {}, event.get("eval") or {}
+    print(f"{event['round']:>5}  {len(event.get('answered', [])):>5}  {fmt(train.get('train_loss'), 10)}  "
+          f"{fmt(ev.get('eval_accuracy'), 8)}  {fmt(ev.get('eval_balanced_accuracy'), 12)}  "
+          f"{event.get('seconds', 0):>7.1f}", flush=True)
+
+
+def eval_curve(sim) -> list[dict]:
+    """Accuracy per evaluation step: weighted mean and per site."""
+    curve = []
+    for e in sim.evals():
+        metrics = e.get("metrics") or {}
+        sites = {s: v.get("eval_accuracy") for s, v in (e.get("sites") or {}).items()}
+        curve.append({"round": e["step"], "mean": metrics.get("eval_accuracy", math.nan),
+                      "sites": {s: (v if v is not None else math.nan) for s, v in sites.items()}})
+    return curve
+
+
+def run_arms(args, cfg, site_roots: list[Path], adapters: Path) -> dict:
+    from nearl_core.backbone import build_backbone
+    from nearl_core.train import select_device
+
+    sites = {root.name: scan_site(root, cfg.task.classes, verify=False) for root in site_roots}
+    backbone = build_backbone(cfg.model)
+    device = select_device(cfg.train.device)
+    epochs = args.rounds * args.local_epochs
+    results = {"zero-shot": compare.zero_shot(cfg, backbone, sites, device),
+               "federated": compare.federated(cfg, backbone, sites, device, adapters)}
+    if args.compare:
+        results["centralized"] = compare.centralized(cfg, backbone, sites, device, epochs)
+        results["local-only"] = compare.local_only(cfg, backbone, sites, device, epochs)
+    return results
+
+
+def log_to_mlflow(uri: str, run_id: str | None, rows: list[dict], files: list[Path]) -> None:
+    """The comparison goes into the federation's own MLflow run."""
+    if not run_id:
+        return
+    import mlflow
+
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    for r in rows:
+        prefix = f"compare/{r['arm']}/{r['site']}"
+        for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc"):
+            if not math.isnan(r[k]):
+                client.log_metric(run_id, f"{prefix}/{k}", r[k])
+    for f in files:
+        if f.exists():
+            client.log_artifact(run_id, str(f), artifact_path="simulation")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
