@@ -217,6 +217,7 @@ class NearlStrategyMixin:
         self._round: RoundReport | None = None
         self._round_start = 0.0
         self._sampled: list[int] = []
+        self._outgoing: list[Message] = []  # message ids are set when the Grid pushes them
 
     # -- helpers ---------------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -249,6 +250,7 @@ class NearlStrategyMixin:
         config["evaluate-first"] = bool(self.evaluate_in_train)
         messages = list(super().configure_train(r, arrays, config, grid))  # type: ignore[misc]
         self._sampled = [m.metadata.dst_node_id for m in messages]
+        self._outgoing = list(messages)
         self._round = RoundReport(round=r, arrays=arrays, sampled=len(messages),
                                   bytes_sent=sum(record_bytes(m.content) for m in messages))
         return messages
@@ -257,8 +259,11 @@ class NearlStrategyMixin:
                                                                                   dict[str, str]]:
         """Split replies into (accepted messages, their per-site data, rejected site -> reason)."""
         accepted, sites, rejected = [], [], {}
+        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
         for msg in replies:
-            node = msg.metadata.src_node_id
+            # an error the SuperLink writes for an unreachable node comes from the SuperLink itself:
+            # attribute it to the node the instruction went to
+            node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
             content = msg.content if msg.has_content() else None
             site = site_of(content, node, self.node_sites)
             self.node_sites[node] = site
@@ -331,6 +336,7 @@ class NearlStrategyMixin:
         messages = list(super().configure_evaluate(r, arrays, config, grid))  # type: ignore[misc]
         if self._round is not None:
             self._round.bytes_sent += sum(record_bytes(m.content) for m in messages)
+        self._outgoing = list(messages)
         return messages
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:

@@ -173,3 +173,25 @@ def test_fedadam_state_round_trips_for_resume():
     fresh = make_strategy("fedadam", schema=SCHEMA, min_nodes=1, total_rounds=3, round_offset=1)
     fresh.load_strategy_state(state)
     np.testing.assert_array_equal(fresh.m_t["a.weight"], state["m_t"]["a.weight"])
+
+
+def test_superlink_error_for_an_unreachable_node_names_that_site():
+    """Flower's SuperLink answers for a dead node (src = the SuperLink): name the site the message went to."""
+    from flwr.app import Error, Message
+
+    from tests.fed_helpers import metadata
+
+    rec = Recorder()
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=3)
+    run_round(strategy, [reply_from(7, train_reply_content("siteA", arrays(1.0))),
+                         reply_from(8, train_reply_content("siteB", arrays(1.0)))])
+    initial = ArrayRecord({k: Array(v) for k, v in arrays().items()})
+    messages = list(strategy.configure_train(2, initial, ConfigRecord(), FakeGrid([7, 8])))
+    for m in messages:  # what the Grid does when it pushes them
+        m.metadata.__dict__["_message_id"] = f"id-{m.metadata.dst_node_id}"
+    md = metadata("train", src=1, dst=0)
+    md.__dict__["_reply_to_message_id"] = "id-8"
+    unavailable = Message(error=Error(code=5, reason="Node Unavailable"), metadata=md)
+    strategy.aggregate_train(2, [reply_from(7, train_reply_content("siteA", arrays(2.0))), unavailable])
+    strategy.aggregate_evaluate(2, [])
+    assert rec.rounds[-1].missing == ["siteB"] and "Node Unavailable" in rec.rounds[-1].rejected["siteB"]
