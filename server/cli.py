@@ -29,6 +29,7 @@ from server import flower
 from server.flower import Certs, FlowerError
 
 PROG = "nearl-server"
+STATUS_OUTAGE_SECONDS = 900.0
 POLL_SECONDS = 10.0  # `flwr ls` is a Python process per call; progress lines arrive through a file anyway
 
 
@@ -212,6 +213,7 @@ class Server:
     def follow(self, progress_file: Path) -> int:
         """Stream progress lines; poll the run status; decide the exit code."""
         offset, events, last_poll, status = 0, [], 0.0, ""
+        failing_since: float | None = None
         while True:
             if progress_file.exists():
                 with open(progress_file) as fh:
@@ -235,7 +237,14 @@ class Server:
                                   f"{flower.tail(self.superlink_log, 1)}")
             ending = any(e["event"] in ("done", "error") for e in events[-2:])
             if time.monotonic() - last_poll > (2.0 if ending else POLL_SECONDS):
-                status, details = flower.run_status(self.run_id, env=self.cli_env)
+                try:
+                    status, _ = flower.run_status(self.run_id, env=self.cli_env)
+                    failing_since = None
+                except FlowerError as err:  # a busy machine: keep following, give up only after a long outage
+                    failing_since = failing_since or time.monotonic()
+                    if time.monotonic() - failing_since > STATUS_OUTAGE_SECONDS:
+                        raise FlowerError(f"no run status from the SuperLink for {STATUS_OUTAGE_SECONDS:.0f}s "
+                                          f"({err})") from None
                 last_poll = time.monotonic()
                 if status.startswith("finished"):
                     continue  # one more pass to drain the progress file

@@ -269,7 +269,7 @@ def flwr_json(args: Sequence[str], *, env: dict[str, str], timeout: float = 120.
 
 
 def run_status(run_id: str, *, env: dict[str, str]) -> tuple[str, str]:
-    data = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env=env, timeout=60)
+    data = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env=env, timeout=120)
     runs = data.get("runs") or [{}]
     return str(runs[0].get("status", "unknown")), str(runs[0].get("status-details", ""))
 

@@ -175,7 +175,7 @@ def test_resume_continues_in_the_same_mlflow_run(fed):
     wait_for(procs, "server", "submitted", 300)
     for i, site in enumerate(sites, 1):
         nearl_client(procs, f"site{i}", site, port, tmp, "--insecure")
-    wait_for(procs, "server", "round 1/2", 1200)
+    wait_for(procs, "server", "round 1/2  sites 2/2", 1200)
     procs.kill("server", signal.SIGTERM)  # the coordinator goes down after round 1
     assert procs.procs["server"].returncode == 130, dump(procs)
     assert complete_rounds(tmp / "ck")[-1] == 1
