@@ -21,9 +21,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -e ".[dev]"
 	touch $(STAMP)
 
+# The embedded default: 4 virtual hospitals on Flower's Simulation Engine, tiny CLIP,
+# synthetic demo data (generated into demo-data/ when missing), results in runs/sim-<time>/.
 demo: $(STAMP)
-	test -d demo-data/site1 || $(BIN)/nearl demo-data --out demo-data --sites 4
-	$(BIN)/nearl train --config demo --data demo-data/site1 --out runs/demo --overwrite
+	$(BIN)/python simulation/run.py
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
