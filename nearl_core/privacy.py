@@ -334,7 +334,7 @@ def check_private_model(model: NearlCLIP) -> list[torch.nn.Parameter]:
 
 
 class PrivateTraining:
-    """Opacus attached to one model for one round: hooks on the adapters, DP optimizer, Poisson loader.
+    """Opacus attached to one model for one round: per-sample hooks on the adapters, a DP optimizer.
 
     Use as a context manager; on exit the hooks and every Opacus attribute are removed,
     leaving the model exactly as it was (plus the trained adapter weights).
@@ -380,6 +380,9 @@ class PrivateTraining:
             loss.backward()
         for p in self.params:  # a parameter no sample reached has zero per-sample gradients
             if getattr(p, "grad_sample", None) is None:
+                if p.grad is not None and bool(p.grad.any()):
+                    raise NearlError(f"no per-sample gradient for an adapter parameter of shape {tuple(p.shape)} "
+                                     "that did get a gradient: a module is used in a way Opacus' hooks miss")
                 p.grad_sample = p.new_zeros((len(labels), *p.shape))
         return loss, logits
 
