@@ -27,7 +27,7 @@ demo: $(STAMP)
 	$(BIN)/python simulation/run.py
 
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf runs demo-data .pytest_cache
