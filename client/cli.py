@@ -38,6 +38,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local port of this node's app runtime (default: a free port)")
     p.add_argument("--device", default=None, help="auto (default: GPU when available), cpu, cuda, cuda:N, mps")
     p.add_argument("--pretrained", default=None, help="local path of the backbone weights, if the config uses a file")
+    p.add_argument("--max-epsilon", type=float, default=None,
+                   help="this site's own DP budget ceiling; the server's config can lower it, never raise it")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
     return p
 
@@ -96,6 +98,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         node_config["device"] = args.device
     if args.pretrained:
         node_config["pretrained"] = str(Path(args.pretrained).expanduser().resolve())
+    if args.max_epsilon is not None:
+        if args.max_epsilon <= 0:
+            raise NearlError(f"--max-epsilon {args.max_epsilon}: give a positive budget, e.g. --max-epsilon 3")
+        node_config["max-epsilon"] = float(args.max_epsilon)
     cmd = flower.supernode_command(superlink=args.server, port=args.port or flower.free_port(),
                                    node_config=node_config, certs=certs, auth_key=auth_key)
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")

@@ -41,6 +41,7 @@ class SiteBinding:
     device: str | None = None
     pretrained: str | None = None
     state_dir: Path | None = None  # site-local state (the DP accountant's ledger)
+    max_epsilon: float | None = None  # the site's own DP ceiling (nearl-client --max-epsilon)
 
     def privacy_dir(self) -> Path:
         return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
@@ -65,7 +66,9 @@ def site_binding(node_config: Mapping[str, Any], run_config: Mapping[str, Any] |
     device = str(node_config.get("device", "")).strip() or None
     pretrained = str(node_config.get("pretrained", "")).strip() or None
     state_dir = str(node_config.get("state-dir", "")).strip() or None
-    return SiteBinding(site, Path(data), device, pretrained, Path(state_dir) if state_dir else None)
+    max_eps = node_config.get("max-epsilon")
+    return SiteBinding(site, Path(data), device, pretrained, Path(state_dir) if state_dir else None,
+                       float(max_eps) if max_eps not in (None, "") else None)
 
 
 def config_from_message(msg: Message, binding: SiteBinding | None = None) -> NearlConfig:
@@ -144,12 +147,14 @@ def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.dev
     declines (the server records it as rejected) instead of silently over-spending.
     FedProx's proximal term is not applied under DP (it would bypass per-sample clipping).
     """
-    from nearl_core.privacy import open_privacy_state, train_private_round
+    from nearl_core.privacy import budget_ceiling, open_privacy_state, train_private_round
 
     state_dir = binding.privacy_dir()
     state = open_privacy_state(state_dir, cfg.privacy, n_train=len(loader.dataset), batch_size=cfg.train.batch_size,
                                epochs=epochs, rounds=total_rounds, log=log)
-    history = train_private_round(model, loader, cfg, device, state, epochs=epochs, state_dir=state_dir, log=log)
+    ceiling = budget_ceiling(cfg.privacy, site_max_epsilon=binding.max_epsilon)  # the server cannot raise it
+    history = train_private_round(model, loader, cfg, device, state, epochs=epochs, state_dir=state_dir,
+                                  max_epsilon=ceiling, log=log)
     return history, state.epsilon
 
 
