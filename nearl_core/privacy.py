@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from nearl_core.config import NearlConfig, PrivacyConfig
 from nearl_core.errors import ConfigError, NearlError
 from nearl_core.model import NearlCLIP, is_adapter_param
-from nearl_core.train import EpochStats, _epoch_line, evaluate, loss_fn, make_optimizer, warmup_cosine
+from nearl_core.train import EpochStats, _epoch_line, epoch_row, loss_fn, make_optimizer, warmup_cosine
 
 STATE_FILE = "privacy.json"
 STATE_VERSION = 1
@@ -448,13 +448,8 @@ def train_private_round(model: NearlCLIP, train_loader: DataLoader, cfg: NearlCo
             for epoch in range(1, epochs + 1):
                 stats = _private_epoch(dp, loader, scheduler, device, cfg.adapter.ortho_lambda)
                 state.sync(accountant)
-                row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-                       "examples": stats.examples, "seconds": stats.seconds}
-                if val_loader is not None:
-                    val = evaluate(model, val_loader, device, amp=t.amp)
-                    row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                                "val_balanced_accuracy": val["balanced_accuracy"]})
-                    model.train()
+                row = epoch_row(epoch, stats, model, val_loader, device, amp=t.amp)
+                model.train()  # evaluation switched the adapters to eval mode
                 row.update({"epsilon": state.epsilon, "dp_steps": state.steps})
                 history.append(row)
                 if log:

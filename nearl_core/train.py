@@ -130,16 +130,23 @@ def fit(model: NearlCLIP, train_loader: DataLoader, cfg: NearlConfig, device: to
     for epoch in range(1, epochs + 1):
         stats = run_epoch(model, train_loader, optimizer, scheduler, device,
                           ortho_lambda=cfg.adapter.ortho_lambda, amp=t.amp)
-        row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
-               "examples": stats.examples, "seconds": stats.seconds}
-        if val_loader is not None:
-            val = evaluate(model, val_loader, device, amp=t.amp)
-            row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"],
-                        "val_balanced_accuracy": val["balanced_accuracy"]})
+        row = epoch_row(epoch, stats, model, val_loader, device, amp=t.amp)
         history.append(row)
         if log:
             log(_epoch_line(row, epochs))
     return history
+
+
+def epoch_row(epoch: int, stats: EpochStats, model: NearlCLIP, val_loader: DataLoader | None,
+              device: torch.device, *, amp: bool = True) -> dict:
+    """One history row: the epoch's training stats plus validation metrics when a loader is given."""
+    row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
+           "examples": stats.examples, "seconds": stats.seconds}
+    if val_loader is not None:
+        val = evaluate(model, val_loader, device, amp=amp)
+        row.update({"val_loss": val["loss"], "val_accuracy": val["accuracy"],
+                    "val_balanced_accuracy": val["balanced_accuracy"]})
+    return row
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
