@@ -28,6 +28,10 @@ from nearl_core.errors import BackboneError
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HUB_HOST = ("huggingface.co", 443)
+# Random init is seeded: every process of a federation (server, each site, each Ray
+# worker) must build the *same* frozen backbone, or adapters trained at one site would
+# be meaningless at another.
+RANDOM_INIT_SEED = 0
 
 
 @dataclass
@@ -52,7 +56,8 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
     register_shipped_configs()
     pretrained, source = _resolve_weights(cfg)
     try:
-        with _quiet_random_init(pretrained is None):
+        with _quiet_random_init(pretrained is None), torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_INIT_SEED)  # weights not in a checkpoint are the same in every process
             clip, _, preprocess = open_clip.create_model_and_transforms(cfg.name, pretrained=pretrained)
     except (RuntimeError, AssertionError, KeyError, ValueError) as err:
         if pretrained and Path(pretrained).is_file():

@@ -58,3 +58,17 @@ def test_unknown_tag_missing_file_and_unknown_model_are_named():
         build_backbone(ModelConfig(name="ViT-B-16", pretrained="/no/such/file.pt"))
     with pytest.raises(BackboneError, match="unknown open_clip model 'ViT-Q-99'"):
         build_backbone(ModelConfig(name="ViT-Q-99"))
+
+
+def test_random_init_is_the_same_in_every_process_and_keeps_the_callers_rng():
+    """Server, sites and Ray workers each build the backbone: random init must agree."""
+    torch.manual_seed(1)
+    a = build_backbone(ModelConfig(name="nearl-tiny")).clip.state_dict()
+    after_first = torch.rand(1)
+    torch.manual_seed(2)
+    b = build_backbone(ModelConfig(name="nearl-tiny")).clip.state_dict()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
+    torch.manual_seed(1)
+    build_backbone(ModelConfig(name="nearl-tiny"))
+    assert torch.equal(torch.rand(1), after_first)  # the caller's random stream is untouched
