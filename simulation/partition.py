@@ -116,12 +116,16 @@ def partition(pool: Pool, sites: int, alpha: str | float, seed: int) -> list[lis
             raise DataError(f"--alpha {spec}: give a positive number, 'iid' or 'pathological:K'") from None
         if value <= 0:
             raise DataError(f"--alpha {spec}: the Dirichlet concentration must be > 0")
-        minimum = max(3, min(10, n // (3 * sites)))
+        minimum = 3  # one train, one val and one test image per site
         part = DirichletPartitioner(num_partitions=sites, partition_by="label", alpha=value,
                                     min_partition_size=minimum, self_balancing=False, seed=seed)
     # IidPartitioner cuts contiguous chunks: the pool (ordered by site and class) is shuffled first.
     part.dataset = Dataset.from_dict({"index": list(range(n)), "label": list(pool.labels)}).shuffle(seed=seed)
-    return [sorted(int(i) for i in part.load_partition(k)["index"]) for k in range(sites)]
+    try:
+        return [sorted(int(i) for i in part.load_partition(k)["index"]) for k in range(sites)]
+    except ValueError as err:  # the Dirichlet partitioner gives up when sites keep coming out too small
+        raise DataError(f"--alpha {spec} with {sites} sites over {n} images: {err}; raise --alpha, "
+                        "use fewer --sites or more data") from None
 
 
 def split_site(indices: list[int], seed: int, val_frac: float = 0.15, test_frac: float = 0.15) -> dict[str, list[int]]:
