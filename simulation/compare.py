@@ -116,7 +116,7 @@ def write_results(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
 
 
 def plot_curves(rounds: list[dict], reference: dict[str, float], out: Path) -> Path:
-    """Accuracy per round (per site and example-weighted mean) with reference levels."""
+    """Federated validation accuracy per round (per site, weighted mean) against the arms' test levels."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -133,7 +133,7 @@ def plot_curves(rounds: list[dict], reference: dict[str, float], out: Path) -> P
         color, ls = styles.get(arm, ("tab:blue", "--"))
         ax.axhline(level, color=color, ls=ls, lw=1.5, label=f"{arm} (mean)")
     ax.set_xlabel("round")
-    ax.set_ylabel("test accuracy" if rounds else "accuracy")
+    ax.set_ylabel("accuracy (federation: validation, per round; arms: test)")
     ax.set_ylim(0, 1.02)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, ncol=2, loc="lower right")
