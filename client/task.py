@@ -53,10 +53,10 @@ def site_binding(node_config: Mapping[str, Any], run_config: Mapping[str, Any] |
     On the Simulation Engine a virtual node only has a ``partition-id``; the simulation
     launcher passes ``sim-data-root`` in the run config and partition k is ``site{k+1}``.
     """
-    sim_root = str((run_config or {}).get("sim-data-root", "")).strip()
+    run_config = run_config or {}
+    sim_root = str(run_config.get("sim-data-root", "")).strip()
     if "site" not in node_config and "partition-id" in node_config and sim_root:
-        name = f"site{int(node_config['partition-id']) + 1}"
-        return SiteBinding(name, Path(sim_root) / name)
+        return _simulated_site(int(node_config["partition-id"]), run_config)
     site = str(node_config.get("site", "")).strip()
     data = str(node_config.get("data-path", "")).strip()
     if not valid_site_name(site):
@@ -69,6 +69,23 @@ def site_binding(node_config: Mapping[str, Any], run_config: Mapping[str, Any] |
     max_eps = node_config.get("max-epsilon")
     return SiteBinding(site, Path(data), device, pretrained, Path(state_dir) if state_dir else None,
                        float(max_eps) if max_eps not in (None, "") else None)
+
+
+def _simulated_site(partition: int, run_config: Mapping[str, Any]) -> SiteBinding:
+    """Virtual site k+1 of a simulation: data, DP ledger and optional own ceiling under the run's folder.
+
+    ``sim-max-epsilon`` ("site2=1.5,site3=4") gives chosen virtual sites a tighter
+    budget, as their own ``nearl-client --max-epsilon`` would.
+    """
+    name = f"site{partition + 1}"
+    state_root = str(run_config.get("sim-state-root", "")).strip()
+    ceilings = {}
+    for item in str(run_config.get("sim-max-epsilon", "")).split(","):
+        site, _, value = item.partition("=")
+        if site.strip() and value.strip():
+            ceilings[site.strip()] = float(value)
+    return SiteBinding(name, Path(str(run_config["sim-data-root"])) / name,
+                       state_dir=Path(state_root) / name if state_root else None, max_epsilon=ceilings.get(name))
 
 
 def config_from_message(msg: Message, binding: SiteBinding | None = None) -> NearlConfig:
@@ -139,23 +156,49 @@ def _proximal_hooks(model: NearlCLIP, mu: float) -> list:
     return handles
 
 
-def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.device, binding: SiteBinding,
-                   epochs: int, total_rounds: int, log) -> tuple[list[dict], float]:
-    """DP-SGD for this round; the site's accountant lives on the site's disk across rounds and restarts.
+@dataclass
+class RoundBudget:
+    """A site's privacy ledger and what this round may spend (checked before any work)."""
 
-    A round that would pass the site's max-epsilon raises PrivacyBudgetExceeded: the site
-    declines (the server records it as rejected) instead of silently over-spending.
-    FedProx's proximal term is not applied under DP (it would bypass per-sample clipping).
+    state: Any  # nearl_core.privacy.PrivacyState
+    state_dir: Path
+    ceiling: float  # the site's epsilon ceiling: the lower of its own and the server's
+    steps: int  # DP steps this round would take
+    decline: str | None  # why the round must not run, or None
+
+    def declined_metrics(self) -> dict[str, float]:
+        """What a declining site reports: its ledger, never an update."""
+        return {**self.state.report(), "dp-declined": 1.0, "dp-max-epsilon": float(self.ceiling),
+                "dp-epsilon-next": float(self.state.epsilon_after(self.steps))}
+
+
+def _round_budget(binding: SiteBinding, cfg: NearlConfig, n_train: int, epochs: int, total_rounds: int,
+                  log) -> RoundBudget:
+    """Open the site's ledger (it lives on the site's disk across rounds and restarts) and check the round.
+
+    The ceiling is the lower of the site's own ``--max-epsilon`` and the federation
+    config's: the server can lower a site's budget, never raise it.
     """
-    from nearl_core.privacy import budget_ceiling, open_privacy_state, train_private_round
+    from nearl_core.privacy import budget_ceiling, check_budget, open_privacy_state, steps_for
 
     state_dir = binding.privacy_dir()
-    state = open_privacy_state(state_dir, cfg.privacy, n_train=len(loader.dataset), batch_size=cfg.train.batch_size,
+    state = open_privacy_state(state_dir, cfg.privacy, n_train=n_train, batch_size=cfg.train.batch_size,
                                epochs=epochs, rounds=total_rounds, log=log)
-    ceiling = budget_ceiling(cfg.privacy, site_max_epsilon=binding.max_epsilon)  # the server cannot raise it
-    history = train_private_round(model, loader, cfg, device, state, epochs=epochs, state_dir=state_dir,
-                                  max_epsilon=ceiling, log=log)
-    return history, state.epsilon
+    ceiling = budget_ceiling(cfg.privacy, site_max_epsilon=binding.max_epsilon)
+    steps = steps_for(n_train, cfg.train.batch_size, epochs)
+    return RoundBudget(state, state_dir, ceiling, steps, check_budget(state, steps, max_epsilon=ceiling))
+
+
+def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.device, budget: RoundBudget,
+                   epochs: int, log) -> list[dict]:
+    """DP-SGD for this round, within the budget; the ledger is saved even if the round is interrupted.
+
+    FedProx's proximal term is not applied under DP (it would bypass per-sample clipping).
+    """
+    from nearl_core.privacy import train_private_round
+
+    return train_private_round(model, loader, cfg, device, budget.state, epochs=epochs, state_dir=budget.state_dir,
+                               max_epsilon=budget.ceiling, log=log)
 
 
 def train_reply(msg: Message, context: Context, log=print) -> Message:
@@ -168,19 +211,24 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
     epochs = int(config.get("local-epochs", 1))
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)
+    n_train = len(site.samples("train"))
+    site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
+    budget = (_round_budget(binding, cfg, n_train, epochs, int(config.get("total-rounds", 1)), site_log)
+              if cfg.privacy.enabled else None)
     model = build_site_model(cfg, msg.content.array_records.get("arrays"), device)
     metrics: dict[str, float] = {}
     if bool(config.get("evaluate-first", False)):
         metrics.update(_prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device,
                                           amp=cfg.train.amp), "eval"))
+    if budget is not None and budget.decline:
+        site_log(budget.decline)
+        metrics.update({"num-examples": n_train, **budget.declined_metrics()})
+        return _reply(msg, binding, metrics, None)  # no arrays: nothing was trained
     seed = cfg.train.seed + 1000 * server_round + zlib.crc32(binding.site.encode()) % 1000
     seed_everything(seed)
-    site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
     loader = _loader(site, "train", model, cfg, device, seed=seed)
-    epsilon = None
-    if cfg.privacy.enabled:
-        history, epsilon = _private_round(model, loader, cfg, device, binding, epochs,
-                                          int(config.get("total-rounds", 1)), site_log)
+    if budget is not None:
+        history = _private_round(model, loader, cfg, device, budget, epochs, site_log)
     else:
         mu = float(config.get("proximal-mu", 0.0))
         handles = _proximal_hooks(model, mu) if mu > 0 else []
@@ -191,13 +239,13 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
                 h.remove()
     last = history[-1] if history else {"train_loss": math.nan, "train_accuracy": math.nan}
     metrics.update({
-        "num-examples": len(site.samples("train")),
+        "num-examples": n_train,
         "train_loss": float(last["train_loss"]),
         "train_accuracy": float(last["train_accuracy"]),
         "train_seconds": time.perf_counter() - t0,
     })
-    if epsilon is not None:
-        metrics["epsilon"] = float(epsilon)
+    if budget is not None:
+        metrics.update(budget.state.report())  # epsilon, dp-steps, dp-sample-rate, dp-noise-multiplier, dp-delta
     reply = _reply(msg, binding, metrics, model)
     log(f"[{binding.site}] round {server_round}: sent {len(metrics)} metrics and "
         f"{sum(a.numpy().nbytes for a in reply.content['arrays'].values())} adapter bytes", flush=True)

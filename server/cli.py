@@ -68,7 +68,33 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the SuperLink's state in this sqlite file so connected sites survive a coordinator "
                         "restart (default: in memory; sites then rejoin by restarting nearl-client)")
     p.add_argument("--quiet", action="store_true", help="only the final summary")
+    dp = p.add_argument_group("differential privacy (docs/privacy.md)")
+    dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                    help="ask every site for DP-SGD to epsilon E over the whole federation (sample-level; "
+                         "a site's own nearl-client --max-epsilon can only lower it)")
+    dp.add_argument("--dp-delta", type=float, default=None, metavar="D",
+                    help="sample-level delta (default: per site, below 1/N of its training images)")
+    dp.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C", help="per-sample clipping bound")
+    dp.add_argument("--server-dp-noise", type=float, default=0.0, metavar="Z",
+                    help="client-level DP at the server: noise multiplier on the mean of clipped updates "
+                         "(needs --server-dp-clip; fedavg/fedprox only)")
+    dp.add_argument("--server-dp-clip", type=float, default=0.0, metavar="C",
+                    help="L2 bound of each site's update for server-side DP")
+    dp.add_argument("--server-dp-delta", type=float, default=1e-5, metavar="D",
+                    help="client-level delta for the server-side epsilon (default 1e-5)")
     return p
+
+
+def dp_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--dp-* flags as NEARL config overrides (a flag turns sample-level DP on)."""
+    out: dict[str, Any] = {}
+    for flag, key in (("dp_epsilon", "privacy.target-epsilon"), ("dp_delta", "privacy.delta"),
+                      ("dp_max_grad_norm", "privacy.max-grad-norm")):
+        if getattr(args, flag, None) is not None:
+            out[key] = getattr(args, flag)
+    if out:
+        out["privacy.enabled"] = True
+    return out
 
 
 class Interrupted(Exception):
@@ -130,6 +156,7 @@ class Server:
             if not sep:
                 raise NearlError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
             overrides[key.strip()] = value.strip()
+        overrides.update(dp_overrides(a))
         config_path = resolve_config_path(a.config)
         load_config(config_path, overrides)  # readable error now rather than inside the ServerApp
         certs = None if a.insecure else Certs((a.certs or Path("deploy/secrets/certs")).expanduser().resolve())
@@ -158,7 +185,8 @@ class Server:
             "evaluate-in-train": not a.no_eval_in_train, "mlflow-uri": self._mlflow_uri(),
             "mlflow-experiment": a.experiment, "checkpoint-dir": str(self.checkpoint_dir),
             "keep-checkpoints": a.keep_checkpoints, "resume": a.resume is not None,
-            "progress-file": str(self.state_dir / "progress.jsonl"), **overrides,
+            "progress-file": str(self.state_dir / "progress.jsonl"), "server-dp-noise": a.server_dp_noise,
+            "server-dp-clip": a.server_dp_clip, "server-dp-delta": a.server_dp_delta, **overrides,
         }
         FederationSettings.from_run_config(run_config).nearl_config()
         return run_config, certs
@@ -288,6 +316,8 @@ def format_event(e: dict[str, Any]) -> str:
         ev = e.get("eval") or {}
         parts = [f"round {e['round']}/{e['rounds']}", f"sites {len(e['answered'])}/{e['sampled']}",
                  f"train_loss {_fmt((e.get('train') or {}).get('train_loss'))}"]
+        if (e.get("train") or {}).get("epsilon_max") is not None:
+            parts.append(f"eps_max {_fmt(e['train']['epsilon_max'], 2)}")
         if e.get("eval_step") is not None:
             parts.append(f"eval@{e['eval_step']} acc {_fmt(ev.get('eval_accuracy'))} "
                          f"bal_acc {_fmt(ev.get('eval_balanced_accuracy'))} loss {_fmt(ev.get('eval_loss'))}")
@@ -296,6 +326,8 @@ def format_event(e: dict[str, Any]) -> str:
         line = "  ".join(parts)
         if e.get("missing"):
             line += f"  missing: {', '.join(e['missing'])}"
+        for site, reason in (e.get("declined") or {}).items():
+            line += f"\n    {site} {reason}"
         for site, reason in (e.get("rejected") or {}).items():
             line += f"\n    rejected {site}: {reason}"
         if not e.get("aggregated", True):

@@ -24,6 +24,7 @@ from nearl_core.adapter_io import adapter_schema, get_adapter_state, save_adapte
 from nearl_core.errors import NearlError
 from nearl_core.model import NearlCLIP, build_model
 from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
+from server.central_dp import NearlServerSideDP
 from server.settings import FederationSettings
 from server.strategy import NearlStrategyMixin, RoundReport, make_strategy
 from server.tracking import Tracker, metric_key, resolve_tracking_uri
@@ -95,7 +96,8 @@ class RoundLog:
         flat: dict[str, float] = dict(report.train_metrics)
         flat.update(round_seconds=report.seconds, bytes_sent=report.bytes_sent,
                     bytes_received=report.bytes_received, sites_answered=len(report.answered),
-                    sites_missing=len(report.missing), sites_rejected=len(report.rejected))
+                    sites_missing=len(report.missing), sites_rejected=len(report.rejected),
+                    sites_declined=len(report.declined))
         for site, values in report.per_site.items():
             flat.update({f"{site}/{k}": v for k, v in values.items()})
         for site in sorted(self.seen_sites):
@@ -104,6 +106,9 @@ class RoundLog:
             self.tracker.log_metrics(flat, step=report.round)
             if report.round == self.settings_first_round:
                 self.tracker.log_params({"num_sites": report.sampled})
+            if report.declined:
+                self.tracker.set_tags({f"round_{report.round:04d}_declined":
+                                       "; ".join(f"{s}: {r}" for s, r in report.declined.items())})
             if report.missing or report.rejected:
                 self.tracker.set_tags({f"round_{report.round:04d}_missing": ",".join(report.missing) or "-",
                                        f"round_{report.round:04d}_rejected":
@@ -118,11 +123,24 @@ class RoundLog:
         eval_step, eval_metrics = self.last_eval if self.last_eval else (None, {})
         self.progress.emit(
             "round", round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
-            missing=report.missing, rejected=report.rejected, sampled=report.sampled, aggregated=report.aggregated,
+            missing=report.missing, rejected=report.rejected, declined=report.declined, sampled=report.sampled, aggregated=report.aggregated,
             seconds=report.seconds, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
             train=_clean(report.train_metrics), eval_step=eval_step, eval=_clean(eval_metrics), checkpoint=ckpt_path)
 
     settings_first_round = 1
+
+
+def privacy_params(cfg, settings: FederationSettings) -> dict[str, Any]:
+    """Run parameters that say which guarantees were asked for: sample-level at the sites, client-level here."""
+    p, out = cfg.privacy, {}
+    if p.enabled:
+        out.update(dp="client-side DP-SGD (sample-level)",
+                   dp_delta=p.delta if p.delta is not None else "per site, below 1/N",
+                   dp_target_epsilon=p.target_epsilon if p.target_epsilon is not None else "-",
+                   dp_max_grad_norm=p.max_grad_norm)
+    if settings.central_dp:
+        out.update(server_dp="server-side fixed clipping (client-level)", server_dp_delta=settings.server_dp_delta)
+    return out or {"dp": "off"}
 
 
 def build_server_model(settings: FederationSettings) -> NearlCLIP:
@@ -163,7 +181,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
                               tags={"nearl.strategy": settings.strategy, "nearl.backbone": cfg.model.name})
             tracker.log_params({**cfg.flat(), **settings.params(), "backbone": cfg.model.name,
                                 "backbone_source": model.backbone_source, "strategy": settings.strategy,
-                                "trainable_parameters": sum(int(np.prod(s)) for s, _ in schema.values())})
+                                "trainable_parameters": sum(int(np.prod(s)) for s, _ in schema.values()),
+                                **privacy_params(cfg, settings)})
         payload = int(sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in schema.values()))
         ckpt_meta = {"mlflow_run_id": tracker.run_id if tracker else None, "mlflow_uri": uri,
                      "strategy": settings.strategy, "num_rounds": settings.num_rounds, "config": cfg.to_dict(),
@@ -182,12 +201,17 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             options={**settings.strategy_options(), "client-lr": cfg.train.lr})
         if ckpt is not None:
             strategy.load_strategy_state(ckpt.strategy_state)
+        runner = strategy
+        if settings.central_dp:
+            runner = NearlServerSideDP(strategy, noise_multiplier=settings.server_dp_noise,
+                                       clipping_norm=settings.server_dp_clip, delta=settings.server_dp_delta,
+                                       releases_so_far=start_round)
         final = initial
         if remaining > 0:
             train_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
                                          "local-epochs": settings.local_epochs, "total-rounds": settings.num_rounds})
             eval_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict())})
-            result = strategy.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
+            result = runner.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                                     timeout=settings.round_timeout, train_config=train_config,
                                     evaluate_config=eval_config)
             final = listener.final_arrays or (result.arrays if len(result.arrays) else initial)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from nearl_core.config import NearlConfig, load_config
 from nearl_core.errors import ConfigError
+from server.central_dp import check_central_dp
 from server.strategy import STRATEGIES
 
 SECTIONS = tuple(f.name for f in fields(NearlConfig))
@@ -44,6 +45,9 @@ class FederationSettings:
     server_lr: float = 0.01
     trim_beta: float = 0.2
     krum_malicious: int = 0
+    server_dp_noise: float = 0.0  # client-level DP at the server (server/central_dp.py); 0 = off
+    server_dp_clip: float = 0.0
+    server_dp_delta: float = 1e-5
     mlflow_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str = "nearl-federated"
     checkpoint_dir: str = "checkpoints"
@@ -79,6 +83,8 @@ class FederationSettings:
                 local_epochs=int(self.local_epochs), evaluate_in_train=_bool(self.evaluate_in_train),
                 proximal_mu=float(self.proximal_mu), server_lr=float(self.server_lr),
                 trim_beta=float(self.trim_beta), krum_malicious=int(self.krum_malicious),
+                server_dp_noise=float(self.server_dp_noise), server_dp_clip=float(self.server_dp_clip),
+                server_dp_delta=float(self.server_dp_delta),
                 mlflow_uri=str(self.mlflow_uri), mlflow_experiment=str(self.mlflow_experiment),
                 checkpoint_dir=str(self.checkpoint_dir), keep_checkpoints=int(self.keep_checkpoints),
                 resume=_bool(self.resume), progress_file=str(self.progress_file), overrides=self.overrides)
@@ -93,10 +99,16 @@ class FederationSettings:
             (s.local_epochs >= 1, "local-epochs must be >= 1"),
             (0 <= s.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
         ]
+        central = check_central_dp(s.strategy, s.server_dp_noise, s.server_dp_clip, s.server_dp_delta)
+        checks.append((central is None, central or ""))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run config: {message}")
         return s
+
+    @property
+    def central_dp(self) -> bool:
+        return self.server_dp_noise > 0 and self.server_dp_clip > 0
 
     def nearl_config(self) -> NearlConfig:
         cfg = load_config(self.config, dict(self.overrides))

@@ -11,6 +11,8 @@ and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` 
   (never aggregated) and logged with the site's name;
 * aggregates metrics itself (weighted by the matching example count, NaN-aware,
   epsilon as the maximum over sites) and keeps per-site values;
+* records sites that decline a round because of their privacy budget (a metrics-only
+  reply with ``dp-declined``): no update, not an error, the round goes on without them;
 * counts bytes and wall time per round, records which sites answered and which did not;
 * hands a :class:`RoundReport` to a listener after every round (MLflow + checkpoint).
 
@@ -49,6 +51,7 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 }
 WEIGHT_KEY = "num-examples"
 COUNT_KEYS = ("num-examples", "eval_examples", "test_examples")
+UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each update by server-side DP (equal weights); never logged
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # strategy arrays that must survive a resume
 Schema = Mapping[str, tuple[tuple[int, ...], str]]
 
@@ -63,6 +66,7 @@ class SiteReply:
     site: str
     metrics: dict[str, float]
     nbytes: int
+    declined: str | None = None  # the site declined to train (its privacy budget); no update
 
 
 @dataclass
@@ -76,6 +80,7 @@ class RoundReport:
     answered: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     rejected: dict[str, str] = field(default_factory=dict)  # site -> reason
+    declined: dict[str, str] = field(default_factory=dict)  # site -> reason (DP budget; not an error)
     sampled: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
@@ -145,7 +150,19 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
     rec = next(iter(content.metric_records.values()), None)
     if rec is None:
         return {}
-    return {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: float(v) for k, v in rec.items()
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != UNIT_WEIGHT_KEY}
+
+
+def declined_reason(metrics: Mapping[str, float]) -> str:
+    """The one-line reason a site's ledger gives for declining (from its scalar metrics)."""
+    return (f"declined: privacy budget (epsilon {metrics.get('epsilon', math.nan):.3f} spent, this round would "
+            f"reach {metrics.get('dp-epsilon-next', math.nan):.3f} > the site's max {metrics.get('dp-max-epsilon', math.nan):g})")
+
+
+def site_metric_key(key: str) -> str:
+    """Per-site MLflow names: ``num-examples`` -> ``train_examples``, ``dp-steps`` -> ``dp_steps``."""
+    return "train_examples" if key == WEIGHT_KEY else key.replace("-", "_")
 
 
 def _weight_key(key: str, sample: Mapping[str, float]) -> str:
@@ -159,7 +176,8 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
     """Example-weighted means per key (each key weighted by its own split's count), NaN-aware.
 
     Count keys are summed (``num-examples`` becomes ``train_examples``); ``epsilon`` becomes
-    ``epsilon_max``, the worst privacy loss over sites.
+    ``epsilon_max``, the worst privacy loss over sites; the other ``dp-*`` ledger values
+    (steps, sample rate, noise multiplier) are per-site facts and are not averaged.
     """
     out: dict[str, float] = {}
     keys = sorted({k for r in rows for k in r})
@@ -171,6 +189,8 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
             eps = [r[key] for r in rows if key in r and math.isfinite(r[key])]
             if eps:
                 out["epsilon_max"] = max(eps)
+            continue
+        if key.startswith("dp-"):
             continue
         num = den = 0.0
         for r in rows:
@@ -271,6 +291,15 @@ class NearlStrategyMixin:
                 rejected[site] = f"site error: {msg.error.reason.strip().splitlines()[-1][:300] if msg.error.reason else msg.error.code}"
             elif content is None:
                 rejected[site] = "empty reply"
+            elif train and metrics_of(content).get("dp-declined") == 1.0:
+                if content.array_records:
+                    rejected[site] = "the reply declines the round but carries adapter tensors"
+                else:
+                    sites.append(SiteReply(node, site, metrics_of(content), record_bytes(content),
+                                           declined=declined_reason(metrics_of(content))))
+                    log.warning("round %s: site %s %s", self._round.round if self._round else "?", site,
+                                sites[-1].declined)
+                    continue
             else:
                 problem = check_update(content, self.schema) if train else check_metrics(content)
                 if problem:
@@ -290,13 +319,14 @@ class NearlStrategyMixin:
         report = self._round or RoundReport(round=r, arrays=ArrayRecord())
         accepted, sites, rejected = self.screen_replies(replies, train=True)
         report.rejected.update(rejected)
+        report.declined.update({s.site: s.declined for s in sites if s.declined})
         report.bytes_received = sum(s.nbytes for s in sites)
-        report.answered = sorted(s.site for s in sites)
+        report.answered = sorted(s.site for s in sites if not s.declined)
         arrays = None
         if accepted:
             arrays, _ = super().aggregate_train(r, accepted)  # type: ignore[misc]
         if arrays is not None:
-            arrays = self._as_schema_dtype(arrays)
+            arrays = self.as_schema_dtype(arrays)
             report.arrays, report.aggregated = arrays, True
         else:
             log.warning("round %d: no update accepted; the global adapters stay unchanged", r)
@@ -304,21 +334,28 @@ class NearlStrategyMixin:
         for s in sites:
             train_m, eval_m = split_metrics(s.metrics)
             rows_train.append(train_m)
-            report.per_site[s.site] = {("train_examples" if k == WEIGHT_KEY else k): v for k, v in train_m.items()}
+            report.per_site[s.site] = {site_metric_key(k): v for k, v in train_m.items()}
             if eval_m:
                 rows_eval.append(eval_m)
                 evals_per_site[s.site] = eval_m
         report.train_metrics = aggregate_metrics(rows_train)
         report.train_metrics.pop("train_examples", None)
-        report.train_metrics["train_examples"] = float(sum(s.metrics.get(WEIGHT_KEY, 0) for s in sites))
+        report.train_metrics["train_examples"] = float(sum(s.metrics.get(WEIGHT_KEY, 0) for s in sites
+                                                           if not s.declined))
         if rows_eval and self.listener is not None:  # incoming global = after round r-1
             self.listener.evaluated(r - 1, aggregate_metrics(rows_eval), evals_per_site)
         known = set(self.node_sites.values()) | set(self._site_names(self._sampled))
-        report.missing = sorted(known - set(report.answered))
+        report.missing = sorted(known - set(report.answered) - set(report.declined))
         self._round = report
         return arrays, MetricRecord({k: v for k, v in report.train_metrics.items() if math.isfinite(v)})
 
-    def _as_schema_dtype(self, arrays: ArrayRecord) -> ArrayRecord:
+    def replace_round_arrays(self, arrays: ArrayRecord, metrics: Mapping[str, float]) -> None:
+        """A wrapper (server-side DP) changed this round's result: report and checkpoint what it returns."""
+        if self._round is not None:
+            self._round.arrays = arrays
+            self._round.train_metrics.update(metrics)
+
+    def as_schema_dtype(self, arrays: ArrayRecord) -> ArrayRecord:
         """Server optimisers compute in float64; the global adapters keep the agreed dtype."""
         out = {}
         for k, a in arrays.items():

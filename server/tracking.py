@@ -5,7 +5,9 @@ Only the ServerApp imports MLflow (nearl_core never does).  Metric keys:
     train_loss, train_accuracy, eval_loss, eval_accuracy, eval_balanced_accuracy,
     eval_macro_f1, eval_auroc (weighted by examples), <site>/<metric> per site,
     epsilon_max (DP), round_seconds, bytes_sent, bytes_received, sites_answered,
-    sites_missing, <site>/answered (1 or 0)
+    sites_missing, sites_rejected, sites_declined, <site>/answered (1 or 0);
+    with DP per site <site>/epsilon, <site>/dp_steps, <site>/dp_sample_rate,
+    <site>/dp_noise_multiplier, <site>/dp_delta (and <site>/dp_declined when it declined)
 
 Step = global round number (step 0 holds the zero-shot evaluation of the initial
 adapters).  The default store is ``sqlite:///mlflow.db`` in the working directory

@@ -3,6 +3,7 @@
     python simulation/run.py                       # embedded default: 4 sites, Dirichlet 0.5, tiny CLIP
     python simulation/run.py --sites 50 --rounds 2
     python simulation/run.py --compare             # + centralized and local-only arms, results.md, curves.png
+    python simulation/run.py --dp-epsilon 3        # every site under DP-SGD, epsilon 3 over the whole run
     python simulation/run.py --data pneumoniamnist.npz --config vit-b16 --pretrained /models/vit-b16.bin
 
 The federation runs the project's own ServerApp and ClientApp on Flower's Simulation
@@ -54,6 +55,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
     p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per virtual site (default 1)")
+    dp = p.add_argument_group("differential privacy (docs/privacy.md)")
+    dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
+                    help="DP-SGD at every site, epsilon E over all rounds (sample-level; each site keeps its ledger "
+                         "in <out>/site-state/)")
+    dp.add_argument("--dp-delta", type=float, default=None, metavar="D", help="sample-level delta (default 1e-5)")
+    dp.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C",
+                    help="per-sample clipping bound (default 1.0)")
+    dp.add_argument("--site-max-epsilon", action="append", default=[], metavar="SITE=E",
+                    help="a virtual site's own ceiling, as its nearl-client --max-epsilon (repeatable)")
+    dp.add_argument("--server-dp-noise", type=float, default=0.0, metavar="Z",
+                    help="client-level DP at the server: noise multiplier (with --server-dp-clip)")
+    dp.add_argument("--server-dp-clip", type=float, default=0.0, metavar="C", help="L2 bound of each site's update")
     return p
 
 
@@ -78,6 +91,9 @@ def run(args: argparse.Namespace) -> dict:
     cfg = load_config(args.config, {"model.pretrained": args.pretrained} if args.pretrained else None)
     if args.sites < 1 or args.rounds < 1 or args.local_epochs < 1:
         raise NearlError("--sites, --rounds and --local-epochs must be >= 1")
+    if (args.dp_delta is not None or args.dp_max_grad_norm is not None or args.site_max_epsilon) \
+            and args.dp_epsilon is None:
+        raise NearlError("--dp-delta, --dp-max-grad-norm and --site-max-epsilon need --dp-epsilon E")
 
     pool = pool_images(args.data or demo_pool(args.sites, args.seed), cfg.task.classes or None)
     cfg = cfg if cfg.task.classes else cfg.with_classes(pool.classes)
@@ -91,7 +107,8 @@ def run(args: argparse.Namespace) -> dict:
     run_config = federation_config(args, cfg, out)
     print(f"\nfederation: {args.rounds} rounds x {args.local_epochs} local epochs, strategy {args.strategy}, "
           f"Simulation Engine ({args.sites} virtual SuperNodes)")
-    print(f"{'round':>5}  {'sites':>5}  {'train_loss':>10}  {'eval_acc':>8}  {'eval_bal_acc':>12}  {'seconds':>7}")
+    print(f"{'round':>5}  {'sites':>5}  {'train_loss':>10}  {'eval_acc':>8}  {'eval_bal_acc':>12}  {'seconds':>7}"
+          + ("  eps_max" if args.dp_epsilon is not None else ""))
     sim = run_simulation(sites=args.sites, run_config=run_config, workdir=out / "flower",
                          cpus_per_site=args.cpus_per_site, on_event=print_round)
     answered = [len(r.get("answered", [])) for r in sim.rounds()]
@@ -136,7 +153,33 @@ def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
         "checkpoint-dir": str(out / "checkpoints"),
         "sim-data-root": str(out / "sites"),
         "train.seed": args.seed,
+        "server-dp-noise": args.server_dp_noise,
+        "server-dp-clip": args.server_dp_clip,
+        **dp_config(args, out),
     }
+
+
+def dp_config(args: argparse.Namespace, out: Path) -> dict:
+    """Run-config keys for sample-level DP at every virtual site (none without --dp-epsilon)."""
+    if args.dp_epsilon is None:
+        return {}
+    from nearl_core.privacy import DEFAULT_DELTA
+
+    ceilings = []
+    for item in args.site_max_epsilon:
+        site, sep, value = item.partition("=")
+        try:
+            ceilings.append(f"{site.strip()}={float(value)}")
+        except ValueError:
+            sep = ""
+        if not sep or not site.strip().startswith("site"):
+            raise NearlError(f"--site-max-epsilon {item}: expected SITE=E, e.g. --site-max-epsilon site2=1.5")
+    out_cfg = {"privacy.enabled": True, "privacy.target-epsilon": args.dp_epsilon,
+               "privacy.delta": args.dp_delta if args.dp_delta is not None else DEFAULT_DELTA,
+               "sim-state-root": str(out / "site-state"), "sim-max-epsilon": ",".join(ceilings)}
+    if args.dp_max_grad_norm is not None:
+        out_cfg["privacy.max-grad-norm"] = args.dp_max_grad_norm
+    return out_cfg
 
 
 def print_round(event: dict) -> None:
@@ -146,7 +189,8 @@ def print_round(event: dict) -> None:
     train, ev = event.get("train") or {}, event.get("eval") or {}
     print(f"{event['round']:>5}  {len(event.get('answered', [])):>5}  {fmt(train.get('train_loss'), 10)}  "
           f"{fmt(ev.get('eval_accuracy'), 8)}  {fmt(ev.get('eval_balanced_accuracy'), 12)}  "
-          f"{event.get('seconds', 0):>7.1f}", flush=True)
+          f"{event.get('seconds', 0):>7.1f}" + (f"  {train['epsilon_max']:>7.3f}" if "epsilon_max" in train else "")
+          + "".join(f"\n       {site} {why}" for site, why in (event.get("declined") or {}).items()), flush=True)
 
 
 def eval_curve(sim) -> list[dict]:

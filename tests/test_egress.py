@@ -135,6 +135,19 @@ def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_pat
         msg = instruction(RecordDict({"arrays": ArrayRecord(state), "config": config}))
         reply = train_reply(msg, ctx, log=lambda *a, **k: None)
         assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
-        eps.append(dict(reply.content["metrics"])["epsilon"])
+        metrics = dict(reply.content["metrics"])
+        eps.append(metrics["epsilon"])
+        assert metrics["dp-noise-multiplier"] == 1.0 and metrics["dp-sample-rate"] == 1.0  # 12 images, batch 16
     assert 0 < eps[0] < eps[1]  # the second round continues the same accountant
+    assert metrics["dp-steps"] == 2  # one Poisson step per epoch, two rounds
     assert (tmp_path / "state").is_dir() and any((tmp_path / "state").iterdir())
+
+    # the site's own ceiling is what it has spent: the next round is declined, before any training
+    ctx.node_config["max-epsilon"] = eps[1]
+    config["evaluate-first"] = True
+    msg = instruction(RecordDict({"arrays": ArrayRecord(state), "config": config}))
+    declined = train_reply(msg, ctx, log=lambda *a, **k: None)
+    assert set(declined.content.keys()) == {"metrics", "site"}  # no arrays leave the site
+    m = dict(declined.content["metrics"])
+    assert m["dp-declined"] == 1.0 and m["epsilon"] == eps[1] and m["dp-steps"] == 2
+    assert m["dp-epsilon-next"] > m["dp-max-epsilon"] == eps[1] and "eval_accuracy" in m

@@ -4,7 +4,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from server.strategy import (
     STRATEGIES,
@@ -195,3 +195,37 @@ def test_superlink_error_for_an_unreachable_node_names_that_site():
     strategy.aggregate_train(2, [reply_from(7, train_reply_content("siteA", arrays(2.0))), unavailable])
     strategy.aggregate_evaluate(2, [])
     assert rec.rounds[-1].missing == ["siteB"] and "Node Unavailable" in rec.rounds[-1].rejected["siteB"]
+
+
+def declined_content(site: str, **metrics: float) -> RecordDict:
+    m = {"num-examples": 10, "epsilon": 2.9, "dp-steps": 12, "dp-sample-rate": 0.25, "dp-noise-multiplier": 1.1,
+         "dp-delta": 1e-5, "dp-declined": 1.0, "dp-max-epsilon": 3.0, "dp-epsilon-next": 3.4, **metrics}
+    return RecordDict({"metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
+
+
+def test_a_site_that_declines_on_budget_is_recorded_and_the_round_goes_on(caplog):
+    rec = Recorder()
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=2)
+    replies = [reply_from(1, train_reply_content("siteA", arrays(2.0), n=10, epsilon=1.5, **{"dp-steps": 8.0},
+                                                 eval_examples=4, eval_accuracy=1.0)),
+               reply_from(2, declined_content("siteB", eval_examples=4, eval_accuracy=0.5))]
+    with caplog.at_level("WARNING"):
+        agg, _ = run_round(strategy, replies, grid=FakeGrid([1, 2]))
+    np.testing.assert_allclose(agg["a.weight"].numpy(), 2.0)  # siteA's update alone
+    report = rec.rounds[-1]
+    assert report.answered == ["siteA"] and report.missing == [] and report.rejected == {}
+    assert "3.400 > the site's max 3" in report.declined["siteB"] and "siteB" in caplog.text
+    assert report.train_metrics["epsilon_max"] == 2.9  # the declining site's spent budget counts
+    assert report.train_metrics["train_examples"] == 10
+    assert not any(k.startswith("dp") for k in report.train_metrics)  # ledger values are per site only
+    assert report.per_site["siteB"]["dp_steps"] == 12 and report.per_site["siteA"]["dp_steps"] == 8
+    assert rec.evals[-1][1]["eval_accuracy"] == pytest.approx(0.75)  # its evaluation still counts
+
+
+def test_a_declining_reply_that_carries_tensors_is_rejected():
+    rec = Recorder()
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=2)
+    content = train_reply_content("siteB", arrays(9.0), **{"dp-declined": 1.0})
+    agg, _ = run_round(strategy, [reply_from(1, train_reply_content("siteA", arrays(1.0))), reply_from(2, content)])
+    np.testing.assert_allclose(agg["a.weight"].numpy(), 1.0)
+    assert "carries adapter tensors" in rec.rounds[-1].rejected["siteB"]
