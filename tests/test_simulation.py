@@ -56,3 +56,34 @@ def test_fifty_virtual_sites_complete(tmp_path, monkeypatch):
     assert len(rounds) == 1 and len(rounds[0]["answered"]) == 50
     rows = _read_csv(out / "results.csv")
     assert len([r for r in rows if r["arm"] == "federated"]) == 51  # 50 sites + mean
+
+
+def test_dp_simulation_accounts_per_site_and_a_site_stops_at_its_own_ceiling(tmp_path, monkeypatch):
+    """--dp-epsilon 2 over 2 rounds; site2's own ceiling 1.8 lets it train round 1 only (~1.4 spent)."""
+    from nearl_core.privacy import PrivacyState, epsilon_of
+
+    monkeypatch.chdir(tmp_path)
+    generate_demo_data(tmp_path / "pool", 2, train_per_site=40, val_per_site=10, test_per_site=10)
+    out = tmp_path / "dp"
+    code = main(["--sites", "2", "--rounds", "2", "--local-epochs", "1", "--alpha", "iid", "--data",
+                 str(tmp_path / "pool"), "--out", str(out), "--dp-epsilon", "2", "--site-max-epsilon", "site2=1.8"])
+    assert code == 0
+    rounds = [json.loads(line) for line in (out / "flower" / "progress.jsonl").read_text().splitlines()]
+    rounds = [e for e in rounds if e["event"] == "round"]
+    assert [r["answered"] for r in rounds] == [["site1", "site2"], ["site1"]]  # the federation went on without it
+    assert list(rounds[1]["declined"]) == ["site2"] and not rounds[1]["rejected"]
+
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])[0]
+    hist = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
+    assert run.data.params["dp_delta"] == "1e-05"
+    for site in ("site1", "site2"):  # the reported epsilon is what Opacus gives for the site's own ledger
+        ledger = PrivacyState.load(out / "site-state" / site)
+        assert hist(f"{site}/epsilon")[2] == pytest.approx(epsilon_of(ledger.history, 1e-5), rel=1e-9)
+        assert hist(f"{site}/dp_noise_multiplier")[2] == ledger.noise_multiplier
+        assert hist(f"{site}/dp_sample_rate")[1] == ledger.sample_rate
+    assert hist("site1/dp_steps")[2] == 2 * hist("site1/dp_steps")[1]
+    assert hist("site2/dp_steps")[2] == hist("site2/dp_steps")[1]  # declined: no step spent
+    assert hist("site2/epsilon")[2] <= 1.8 < hist("site1/epsilon")[2] <= 2.0 + 1e-9
+    assert hist("epsilon_max") == {1: pytest.approx(hist("site1/epsilon")[1]), 2: hist("site1/epsilon")[2]}
+    assert hist("sites_declined") == {1: 0.0, 2: 1.0}
