@@ -108,7 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     print(f"DP step wall (s):    {' '.join(f'{t:.3f}' for t in wall(private))}")
     print(f"median of per-pair ratios {pairs:.3f}; process CPU time ratio "
           f"{statistics.median(cpu(private)) / statistics.median(cpu(plain)):.3f}")
-    result("dp_overhead", value, baseline, TARGET)
+    result("dp_overhead", value, baseline, TARGET, unit="s")
     return 0
 
 

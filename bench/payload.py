@@ -26,8 +26,8 @@ def main() -> None:
     print(f"{'':<28}{'NEARL':>16}{'full fine-tuning':>20}")
     print(f"{'trainable parameters':<28}{report['trainable']:>16,}{report['total']:>20,}")
     print(f"{'bytes per site per round':<28}{nearl_bytes:>16,}{full_bytes:>20,}")
-    result("trainable_params", report["trainable"], report["total"], 1 / 90)
-    result("payload_bytes_per_round", nearl_bytes, full_bytes, 1 / 90)
+    result("trainable_params", report["trainable"], report["total"], 1 / 90, unit="params")
+    result("payload_bytes_per_round", nearl_bytes, full_bytes, 1 / 90, unit="B")
 
 
 if __name__ == "__main__":
