@@ -1,103 +1,168 @@
 """Bench b: a NEARL train step vs the frozen forward (floor) and a full fine-tuning step.
 
-    python bench/train_step.py [--model ViT-B-16] [--batch 8] [--repeats 3]
+    python bench/train_step.py                                  # ViT-B-16, batch 8, both text modes
+    python bench/train_step.py --model nearl-tiny --repeats 2   # a quick run
 
-Each arm runs in its own fresh process so that its peak memory is its own. The NEARL
-process also times the frozen CLIP's no-grad forward on the same batch: the ratio
-step / frozen-forward is measured side by side in one process.
+Model: the shipped config (configs/vit-b16.yaml: adapter sizes, two prompt templates,
+ortho-lambda 0.1) with random init, 2 classes; fp32 on the CPU, bf16 autocast on CUDA
+(``--device auto`` picks CUDA when present, as training does).  A NEARL step is what a
+site runs per batch: ``nearl_core.train.loss_fn`` (cross-entropy + orthogonal
+regulariser), backward, AdamW on the adapters.
+
+Each arm runs in its own fresh process so that its peak memory (``ru_maxrss``) is its
+own (on CUDA: ``torch.cuda.max_memory_allocated``).  The NEARL process also times the frozen CLIP's no-grad forward (open_clip's
+``encode_image`` + ``encode_text`` of the class prompts, full 77-token context, the
+zero-shot path) on the same batch, alternating with the train step, so the ratio
+step / frozen-forward is measured side by side.  The full fine-tuning process runs
+AdamW on every CLIP weight with the same batch and class prompts.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import sys
 from pathlib import Path
 
-import torch
-import torch.nn.functional as F
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from common import header, median_time, peak_rss_mib, result, run_child
-from nearl_core.config import from_dict
-from nearl_core.model import build_model
-from nearl_core.train import make_optimizer
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from common import bench_config, header, peak_rss_mib, result, run_child, timed_pairs  # noqa: E402
 
 CLASSES = ("normal", "pneumonia")
+MODES = ("per-image", "shared")
 
 
-def _model(args):
-    cfg = from_dict({"model": {"name": args.model}, "adapter": {"text-conditioning": args.mode},
-                     "task": {"classes": list(CLASSES)}})
+def _model(args, mode: str):
+    from nearl_core.model import build_model
+
     torch.manual_seed(0)
+    cfg = bench_config(args.model, mode, CLASSES)
     return build_model(cfg), cfg
 
 
-def _batch(model, batch: int):
+def _batch(model, batch: int, device: torch.device):
     size = model.clip.visual.image_size
-    return torch.randn(batch, 3, *size), torch.randint(0, len(CLASSES), (batch,))
+    size = size if isinstance(size, (tuple, list)) else (size, size)
+    g = torch.Generator().manual_seed(0)
+    return (torch.randn(batch, 3, *size, generator=g).to(device),
+            (torch.arange(batch) % len(CLASSES)).to(device))
+
+
+def _device(args) -> torch.device:
+    from nearl_core.train import select_device
+
+    device = select_device(args.device)
+    return device if device.type in ("cpu", "cuda") else torch.device("cpu")
+
+
+def _peak(device: torch.device) -> float:
+    return torch.cuda.max_memory_allocated(device) / 2**20 if device.type == "cuda" else peak_rss_mib()
 
 
 def child_nearl(args) -> dict:
-    model, cfg = _model(args)
-    x, y = _batch(model, args.batch)
+    from nearl_core.train import autocast, loss_fn, make_optimizer
+
+    device = _device(args)
+    model, cfg = _model(args, args.mode)
+    model = model.to(device)
+    x, y = _batch(model, args.batch, device)
     opt = make_optimizer(model, cfg.train)
     model.train()
+    lam = cfg.adapter.ortho_lambda
 
     def step():
         opt.zero_grad(set_to_none=True)
-        F.cross_entropy(model(x).logits, y).backward()
+        with autocast(device, True):
+            loss, _ = loss_fn(model, x, y, lam)
+        loss.backward()
         opt.step()
 
-    @torch.no_grad()
     def frozen_forward():
-        model.zero_shot_logits(x)
+        with autocast(device, True):
+            model.zero_shot_logits(x)  # no_grad inside
 
-    t_step = median_time(step, repeats=args.repeats)
-    t_frozen = median_time(frozen_forward, repeats=args.repeats)
-    return {"step_s": t_step, "frozen_forward_s": t_frozen, "peak_mib": peak_rss_mib()}
+    t_step, t_frozen = timed_pairs([step, frozen_forward], repeats=args.repeats, warmup=1,
+                                   sync=device.type == "cuda")
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return {"step_s": statistics.median(t_step), "frozen_forward_s": statistics.median(t_frozen),
+            "pair_ratios": [s / f for s, f in zip(t_step, t_frozen)], "peak_mib": _peak(device),
+            "trainable": trainable, "device": str(device)}
 
 
 def child_full(args) -> dict:
-    model, _ = _model(args)
+    from nearl_core.train import autocast
+
+    device = _device(args)
+    model, _ = _model(args, "per-image")
+    model = model.to(device)
     clip = model.clip
     for p in clip.parameters():
         p.requires_grad_(True)
     clip.train()
-    x, y = _batch(model, args.batch)
+    x, y = _batch(model, args.batch, device)
+    tokens, per_class = model.full_tokens, model.num_templates
     opt = torch.optim.AdamW(clip.parameters(), lr=1e-5)
 
     def step():
         opt.zero_grad(set_to_none=True)
-        img = clip.encode_image(x, normalize=True)
-        txt = clip.encode_text(model.full_tokens, normalize=True)
-        F.cross_entropy(clip.logit_scale.exp() * img @ txt.t(), y).backward()
+        with autocast(device, True):
+            img = clip.encode_image(x, normalize=True)
+            txt = clip.encode_text(tokens, normalize=True)
+            txt = F.normalize(txt.reshape(len(CLASSES), per_class, -1).mean(1), dim=-1)
+            loss = F.cross_entropy((clip.logit_scale.exp() * img @ txt.t()).float(), y)
+        loss.backward()
         opt.step()
 
-    return {"step_s": median_time(step, repeats=args.repeats), "peak_mib": peak_rss_mib()}
+    (times,) = timed_pairs([step], repeats=args.repeats, warmup=1, sync=device.type == "cuda")
+    return {"step_s": statistics.median(times), "peak_mib": _peak(device),
+            "trainable": sum(p.numel() for p in clip.parameters())}
 
 
-def main() -> None:
+def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-B-16")
-    parser.add_argument("--mode", default="per-image", choices=["per-image", "shared"])
+    parser.add_argument("--modes", default="per-image,shared", help="text-conditioning modes to run (comma list)")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
     parser.add_argument("--child", choices=["nearl", "full"], help=argparse.SUPPRESS)
+    parser.add_argument("--mode", default="per-image", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps((child_nearl if args.child == "nearl" else child_full)(args)))
-        return
-    header(f"train step: {args.model}, batch {args.batch}, {len(CLASSES)} classes, text {args.mode}")
-    common = ["--model", args.model, "--mode", args.mode, "--batch", str(args.batch), "--repeats", str(args.repeats)]
-    nearl = run_child(Path(__file__), "--child", "nearl", *common)
+        return 0
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    if not modes or any(m not in MODES for m in modes):
+        parser.error(f"--modes takes a comma list of {', '.join(MODES)}")
+    device = _device(args)
+    precision = "bf16 autocast" if device.type == "cuda" else "fp32"
+    header(f"train step: {args.model} (random init, shipped config), batch {args.batch}, {len(CLASSES)} classes, "
+           f"{precision}, {args.repeats} timed repeats after 1 warm-up, median", str(device))
+    common = ["--model", args.model, "--batch", str(args.batch), "--repeats", str(args.repeats),
+              "--device", str(device)]
+    nearl = {m: run_child(Path(__file__), "--child", "nearl", "--mode", m, *common) for m in modes}
     full = run_child(Path(__file__), "--child", "full", *common)
-    print(f"{'':<34}{'time (s)':>10}{'peak RSS (MiB)':>16}")
-    print(f"{'frozen CLIP forward (no grad)':<34}{nearl['frozen_forward_s']:>10.3f}{'':>16}")
-    print(f"{'NEARL train step':<34}{nearl['step_s']:>10.3f}{nearl['peak_mib']:>16.0f}")
-    print(f"{'full fine-tuning step (AdamW)':<34}{full['step_s']:>10.3f}{full['peak_mib']:>16.0f}")
-    result("train_step_vs_frozen_forward", nearl["step_s"], nearl["frozen_forward_s"], 2.5)
-    result("train_step_vs_full_finetune", nearl["step_s"], full["step_s"], 1.0)
-    result("train_peak_memory_vs_full_finetune", nearl["peak_mib"], full["peak_mib"], 0.6)
+    memory = "peak CUDA (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
+    print(f"{'':<40}{'time (s)':>10}{memory:>16}{'trainable':>14}")
+    first = nearl[modes[0]]
+    print(f"{'frozen CLIP forward (no grad)':<40}{first['frozen_forward_s']:>10.3f}{'':>16}{'':>14}")
+    for m in modes:
+        n = nearl[m]
+        print(f"{'NEARL train step, text ' + m:<40}{n['step_s']:>10.3f}{n['peak_mib']:>16.0f}{n['trainable']:>14,}")
+        print(f"{'  (its frozen forward, same process)':<40}{n['frozen_forward_s']:>10.3f}")
+        print(f"{'  step/forward per alternating pair':<40}  {' '.join(f'{r:.2f}' for r in n['pair_ratios'])}")
+    print(f"{'full fine-tuning step (AdamW)':<40}{full['step_s']:>10.3f}{full['peak_mib']:>16.0f}{full['trainable']:>14,}")
+    for m in modes:
+        n, tag = nearl[m], m.replace("-", "_")
+        result(f"train_step_vs_frozen_forward_{tag}", n["step_s"], n["frozen_forward_s"], 2.5, unit="s")
+        result(f"train_step_vs_full_finetune_{tag}", n["step_s"], full["step_s"], 1.0, unit="s")
+        result(f"train_peak_memory_vs_full_finetune_{tag}", n["peak_mib"], full["peak_mib"], 0.6, unit="MiB")
+    return 0
 
 
 if __name__ == "__main__":
