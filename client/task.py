@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Mapping
 
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 
 from client.egress import EgressError, check_reply, valid_site_name
 from nearl_core.adapter_io import adapter_schema, get_adapter_state, set_adapter_state
@@ -29,6 +29,7 @@ from nearl_core.config import ModelConfig, NearlConfig, from_dict
 from nearl_core.data import SiteData, scan_site
 from nearl_core.errors import ConfigError
 from nearl_core.model import NearlCLIP, build_model
+from nearl_core.transport import check_transport, decode, encode, wire_schema
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 
 CONFIG_KEY = "nearl-config"
@@ -114,11 +115,19 @@ def cached_site(root: Path, classes: tuple[str, ...]) -> SiteData:
     return scan_site(root, classes, verify=False)
 
 
-def build_site_model(cfg: NearlConfig, arrays: ArrayRecord | None, device: torch.device) -> NearlCLIP:
+def build_site_model(cfg: NearlConfig, arrays: ArrayRecord | None, device: torch.device,
+                     transport: str = "float32") -> NearlCLIP:
+    """The site's model with the global adapters from the message (widened from the transport dtype)."""
     model = build_model(cfg, cfg.task.classes, backbone=cached_backbone(cfg.model))
     if arrays is not None:
-        set_adapter_state(model, arrays.to_torch_state_dict())
+        wide = decode({k: a.numpy() for k, a in arrays.items()}, adapter_schema(model), transport)
+        set_adapter_state(model, {k: torch.from_numpy(v) for k, v in wide.items()})
     return model.to(device)
+
+
+def transport_of(msg: Message) -> str:
+    config = msg.content.config_records.get("config") or ConfigRecord()
+    return check_transport(str(config.get("transport-dtype", "float32")))
 
 
 def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
@@ -136,13 +145,15 @@ def _loader(site: SiteData, split: str, model: NearlCLIP, cfg: NearlConfig, devi
                        seed=seed)
 
 
-def _reply(msg: Message, binding: SiteBinding, metrics: dict[str, float], model: NearlCLIP | None) -> Message:
+def _reply(msg: Message, binding: SiteBinding, metrics: dict[str, float], model: NearlCLIP | None,
+           transport: str = "float32") -> Message:
     records: dict[str, Any] = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": binding.site})}
     if model is not None:
-        state = {k: v.contiguous() for k, v in get_adapter_state(model).items()}
-        records["arrays"] = ArrayRecord(state)
+        wire = encode(get_adapter_state(model), transport)
+        records["arrays"] = ArrayRecord({k: Array(v) for k, v in wire.items()})
     content = RecordDict(records)
-    check_reply(content, adapter_schema(model) if model is not None else {}, with_arrays=model is not None)
+    schema = wire_schema(adapter_schema(model), transport) if model is not None else {}
+    check_reply(content, schema, with_arrays=model is not None)
     return Message(content=content, reply_to=msg)
 
 
@@ -215,7 +226,8 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
     site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
     budget = (_round_budget(binding, cfg, n_train, epochs, int(config.get("total-rounds", 1)), site_log)
               if cfg.privacy.enabled else None)
-    model = build_site_model(cfg, msg.content.array_records.get("arrays"), device)
+    transport = transport_of(msg)
+    model = build_site_model(cfg, msg.content.array_records.get("arrays"), device, transport)
     metrics: dict[str, float] = {}
     if bool(config.get("evaluate-first", False)):
         metrics.update(_prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device,
@@ -246,7 +258,7 @@ def train_reply(msg: Message, context: Context, log=print) -> Message:
     })
     if budget is not None:
         metrics.update(budget.state.report())  # epsilon, dp-steps, dp-sample-rate, dp-noise-multiplier, dp-delta
-    reply = _reply(msg, binding, metrics, model)
+    reply = _reply(msg, binding, metrics, model, transport)
     log(f"[{binding.site}] round {server_round}: sent {len(metrics)} metrics and "
         f"{sum(a.numpy().nbytes for a in reply.content['arrays'].values())} adapter bytes", flush=True)
     return reply
@@ -258,7 +270,7 @@ def evaluate_reply(msg: Message, context: Context, log=print) -> Message:
     cfg = config_from_message(msg, binding)
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)
-    model = build_site_model(cfg, msg.content.array_records.get("arrays"), device)
+    model = build_site_model(cfg, msg.content.array_records.get("arrays"), device, transport_of(msg))
     val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp), "eval")
     metrics: dict[str, float] = {"num-examples": int(val.pop("eval_examples")), **val}
     if "test" in site.splits:

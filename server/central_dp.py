@@ -58,6 +58,7 @@ class NearlServerSideDP(DifferentialPrivacyServerSideFixedClipping):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         inner: NearlStrategyMixin = self.strategy  # type: ignore[assignment]
         replies = list(replies)
+        inner.widen_replies(replies)  # clip float32 updates, whatever the transport dtype
         clipped = [r for r in replies if self._is_update(r, inner)]
         for reply in clipped:
             self._clip(reply)

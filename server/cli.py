@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--superlink-db", type=Path, default=None, metavar="FILE",
                    help="keep the SuperLink's state in this sqlite file so connected sites survive a coordinator "
                         "restart (default: in memory; sites then rejoin by restarting nearl-client)")
+    p.add_argument("--transport-dtype", default="float32", choices=("float32", "fp16", "bf16"),
+                   help="adapters on the wire (both directions): fp16/bf16 halve the payload; the server "
+                        "aggregates in float32 (default float32)")
     p.add_argument("--quiet", action="store_true", help="only the final summary")
     dp = p.add_argument_group("differential privacy (docs/privacy.md)")
     dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
@@ -186,7 +189,7 @@ class Server:
             "mlflow-experiment": a.experiment, "checkpoint-dir": str(self.checkpoint_dir),
             "keep-checkpoints": a.keep_checkpoints, "resume": a.resume is not None,
             "progress-file": str(self.state_dir / "progress.jsonl"), "server-dp-noise": a.server_dp_noise,
-            "server-dp-clip": a.server_dp_clip, "server-dp-delta": a.server_dp_delta, **overrides,
+            "server-dp-clip": a.server_dp_clip, "transport-dtype": a.transport_dtype, "server-dp-delta": a.server_dp_delta, **overrides,
         }
         FederationSettings.from_run_config(run_config).nearl_config()
         return run_config, certs

@@ -22,6 +22,7 @@ from flwr.serverapp import Grid
 
 from nearl_core.adapter_io import adapter_schema, get_adapter_state, save_adapters, set_adapter_state
 from nearl_core.errors import NearlError
+from nearl_core.transport import wire_schema
 from nearl_core.model import NearlCLIP, build_model
 from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
 from server.central_dp import NearlServerSideDP
@@ -183,7 +184,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
                                 "backbone_source": model.backbone_source, "strategy": settings.strategy,
                                 "trainable_parameters": sum(int(np.prod(s)) for s, _ in schema.values()),
                                 **privacy_params(cfg, settings)})
-        payload = int(sum(int(np.prod(s)) * np.dtype(d).itemsize for s, d in schema.values()))
+        payload = int(sum(int(np.prod(s)) * np.dtype(d).itemsize
+                          for s, d in wire_schema(schema, settings.transport_dtype).values()))
         ckpt_meta = {"mlflow_run_id": tracker.run_id if tracker else None, "mlflow_uri": uri,
                      "strategy": settings.strategy, "num_rounds": settings.num_rounds, "config": cfg.to_dict(),
                      "schema": {k: [list(s), d] for k, (s, d) in schema.items()}}
@@ -198,7 +200,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
             listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
             evaluate_in_train=settings.evaluate_in_train, wait_timeout=settings.wait_timeout,
-            options={**settings.strategy_options(), "client-lr": cfg.train.lr})
+            options={**settings.strategy_options(), "client-lr": cfg.train.lr}, transport=settings.transport_dtype)
         if ckpt is not None:
             strategy.load_strategy_state(ckpt.strategy_state)
         runner = strategy
@@ -209,8 +211,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         final = initial
         if remaining > 0:
             train_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
-                                         "local-epochs": settings.local_epochs, "total-rounds": settings.num_rounds})
-            eval_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict())})
+                                         "local-epochs": settings.local_epochs, "total-rounds": settings.num_rounds,
+                                         "transport-dtype": settings.transport_dtype})
+            eval_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
+                                        "transport-dtype": settings.transport_dtype})
             result = runner.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                                     timeout=settings.round_timeout, train_config=train_config,
                                     evaluate_config=eval_config)

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 from nearl_core.config import NearlConfig, load_config
 from nearl_core.errors import ConfigError
+from nearl_core.transport import TRANSPORT_DTYPES
 from server.central_dp import check_central_dp
 from server.strategy import STRATEGIES
 
@@ -48,6 +49,7 @@ class FederationSettings:
     server_dp_noise: float = 0.0  # client-level DP at the server (server/central_dp.py); 0 = off
     server_dp_clip: float = 0.0
     server_dp_delta: float = 1e-5
+    transport_dtype: str = "float32"  # adapters on the wire: float32, fp16 or bf16 (aggregation stays float32)
     mlflow_uri: str = "sqlite:///mlflow.db"
     mlflow_experiment: str = "nearl-federated"
     checkpoint_dir: str = "checkpoints"
@@ -84,7 +86,7 @@ class FederationSettings:
                 proximal_mu=float(self.proximal_mu), server_lr=float(self.server_lr),
                 trim_beta=float(self.trim_beta), krum_malicious=int(self.krum_malicious),
                 server_dp_noise=float(self.server_dp_noise), server_dp_clip=float(self.server_dp_clip),
-                server_dp_delta=float(self.server_dp_delta),
+                server_dp_delta=float(self.server_dp_delta), transport_dtype=str(self.transport_dtype).lower(),
                 mlflow_uri=str(self.mlflow_uri), mlflow_experiment=str(self.mlflow_experiment),
                 checkpoint_dir=str(self.checkpoint_dir), keep_checkpoints=int(self.keep_checkpoints),
                 resume=_bool(self.resume), progress_file=str(self.progress_file), overrides=self.overrides)
@@ -98,6 +100,7 @@ class FederationSettings:
             (s.round_timeout > 0 and s.wait_timeout > 0, "round-timeout and wait-timeout must be > 0"),
             (s.local_epochs >= 1, "local-epochs must be >= 1"),
             (0 <= s.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
+            (s.transport_dtype in TRANSPORT_DTYPES, f"transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}"),
         ]
         central = check_central_dp(s.strategy, s.server_dp_noise, s.server_dp_clip, s.server_dp_delta)
         checks.append((central is None, central or ""))

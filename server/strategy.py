@@ -36,6 +36,7 @@ from typing import Any, Callable, Mapping, Protocol
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
+from nearl_core.transport import check_transport, decode, encode, wire_schema
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 log = logging.getLogger("nearl.strategy")
@@ -225,8 +226,11 @@ class NearlStrategyMixin:
     listener: RoundListener | None
 
     def _nearl_setup(self, *, schema: Schema, listener: RoundListener | None, round_offset: int,
-                     total_rounds: int, evaluate_in_train: bool, wait_timeout: float, min_nodes: int) -> None:
+                     total_rounds: int, evaluate_in_train: bool, wait_timeout: float, min_nodes: int,
+                     transport: str = "float32") -> None:
         self.schema = dict(schema)
+        self.transport = check_transport(transport)
+        self.wire_schema = wire_schema(self.schema, self.transport)
         self.listener = listener
         self.round_offset = round_offset
         self.total_rounds = total_rounds
@@ -268,12 +272,40 @@ class NearlStrategyMixin:
         self._round_start = time.perf_counter()
         self._wait_for_sites(grid)
         config["evaluate-first"] = bool(self.evaluate_in_train)
-        messages = list(super().configure_train(r, arrays, config, grid))  # type: ignore[misc]
+        messages = self._narrowed(list(super().configure_train(r, arrays, config, grid)))  # type: ignore[misc]
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._outgoing = list(messages)
         self._round = RoundReport(round=r, arrays=arrays, sampled=len(messages),
                                   bytes_sent=sum(record_bytes(m.content) for m in messages))
         return messages
+
+    def _narrowed(self, messages: list[Message]) -> list[Message]:
+        """Send the global adapters in the transport dtype (the strategy itself keeps float32)."""
+        if self.transport == "float32" or not messages:
+            return messages
+        rec = messages[0].content.array_records.get("arrays")
+        if rec is not None:
+            wire = ArrayRecord({k: Array(v) for k, v in encode({k: a.numpy() for k, a in rec.items()},
+                                                                self.transport).items()})
+            for m in messages:
+                m.content["arrays"] = wire
+        return messages
+
+    def widen_replies(self, replies: Iterable[Message]) -> None:
+        """Widen updates that arrived in the transport dtype back to the schema's float32, in place.
+
+        Idempotent (a widened reply no longer matches the wire layout); a reply that does not
+        match the wire layout is left for :meth:`screen_replies` to judge.
+        """
+        if self.transport == "float32":
+            return
+        for msg in replies:
+            rec = msg.content.array_records.get("arrays") if msg.has_content() else None
+            if rec is None or set(rec) != set(self.wire_schema):
+                continue
+            if all((tuple(rec[k].shape), str(rec[k].dtype)) == tuple(self.wire_schema[k]) for k in rec):
+                wide = decode({k: a.numpy() for k, a in rec.items()}, self.schema, self.transport)
+                msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in wide.items()})
 
     def screen_replies(self, replies: Iterable[Message], *, train: bool) -> tuple[list[Message], list[SiteReply],
                                                                                   dict[str, str]]:
@@ -316,6 +348,7 @@ class NearlStrategyMixin:
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.global_round(server_round)
         replies = list(replies)
+        self.widen_replies(replies)
         report = self._round or RoundReport(round=r, arrays=ArrayRecord())
         accepted, sites, rejected = self.screen_replies(replies, train=True)
         report.rejected.update(rejected)
@@ -370,7 +403,7 @@ class NearlStrategyMixin:
         if self.evaluate_in_train and r < self.total_rounds:
             return []
         self._wait_for_sites(grid)
-        messages = list(super().configure_evaluate(r, arrays, config, grid))  # type: ignore[misc]
+        messages = self._narrowed(list(super().configure_evaluate(r, arrays, config, grid)))  # type: ignore[misc]
         if self._round is not None:
             self._round.bytes_sent += sum(record_bytes(m.content) for m in messages)
         self._outgoing = list(messages)
@@ -429,7 +462,7 @@ def strategy_class(name: str) -> type:
 def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: float = 1.0,
                   listener: RoundListener | None = None, round_offset: int = 0, total_rounds: int = 1,
                   evaluate_in_train: bool = True, wait_timeout: float = 600.0,
-                  options: Mapping[str, Any] | None = None) -> NearlStrategyMixin:
+                  options: Mapping[str, Any] | None = None, transport: str = "float32") -> NearlStrategyMixin:
     """Build the configured strategy with explicit sampling settings and NEARL's hooks."""
     options = dict(options or {})
     cls = strategy_class(name)
@@ -449,5 +482,6 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
         kwargs["num_malicious_nodes"] = int(options.get("krum-malicious", 0))
     strategy = cls(**kwargs)
     strategy._nearl_setup(schema=schema, listener=listener, round_offset=round_offset, total_rounds=total_rounds,
-                          evaluate_in_train=evaluate_in_train, wait_timeout=wait_timeout, min_nodes=min_nodes)
+                          evaluate_in_train=evaluate_in_train, wait_timeout=wait_timeout, min_nodes=min_nodes,
+                          transport=transport)
     return strategy

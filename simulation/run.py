@@ -55,6 +55,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
     p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per virtual site (default 1)")
+    p.add_argument("--transport-dtype", default="float32", choices=("float32", "fp16", "bf16"),
+                   help="adapters on the wire: fp16/bf16 halve the payload, aggregation stays float32")
     dp = p.add_argument_group("differential privacy (docs/privacy.md)")
     dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
                     help="DP-SGD at every site, epsilon E over all rounds (sample-level; each site keeps its ledger "
@@ -153,6 +155,7 @@ def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
         "checkpoint-dir": str(out / "checkpoints"),
         "sim-data-root": str(out / "sites"),
         "train.seed": args.seed,
+        "transport-dtype": args.transport_dtype,
         "server-dp-noise": args.server_dp_noise,
         "server-dp-clip": args.server_dp_clip,
         **dp_config(args, out),

@@ -151,3 +151,34 @@ def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_pat
     m = dict(declined.content["metrics"])
     assert m["dp-declined"] == 1.0 and m["epsilon"] == eps[1] and m["dp-steps"] == 2
     assert m["dp-epsilon-next"] > m["dp-max-epsilon"] == eps[1] and "eval_accuracy" in m
+
+
+def test_bf16_transport_reply_is_half_size_and_passes_the_egress_schema(site):
+    """A real train handler with --transport-dtype bf16: it widens the incoming global adapters exactly
+    and narrows what it sends (int16 bit patterns of bf16, checked against the narrowed schema)."""
+    import torch
+
+    from nearl_core.transport import encode, wire_schema
+
+    cfg = load_config("demo")
+    model = build_model(cfg)
+    schema = adapter_schema(model)
+    g = torch.Generator().manual_seed(0)
+    state = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in get_adapter_state(model).items()}
+    wire_in = ArrayRecord({k: Array(v) for k, v in encode(state, "bf16").items()})
+    config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1,
+                           "transport-dtype": "bf16"})
+    ctx = Context(run_id=1, node_id=1, node_config={"site": "siteA", "data-path": str(site)}, state=RecordDict(),
+                  run_config={})
+    reply = train_reply(instruction(RecordDict({"arrays": wire_in, "config": config})), ctx, log=lambda *a, **k: None)
+    sent = reply.content["arrays"]
+    assert {k: (tuple(a.shape), str(a.dtype)) for k, a in sent.items()} == wire_schema(schema, "bf16")
+    assert sum(a.numpy().nbytes for a in sent.values()) * 2 == sum(int(np.prod(s)) * 4 for s, _ in schema.values())
+    ev = evaluate_reply(instruction(RecordDict({"arrays": sent, "config": config}), "evaluate"), ctx,
+                        log=lambda *a, **k: None)
+    assert set(ev.content.keys()) == {"metrics", "site"}
+    from client.task import build_site_model
+
+    loaded = get_adapter_state(build_site_model(cfg, wire_in, torch.device("cpu"), "bf16"))
+    for k, v in state.items():  # widened to float32, equal to torch's own bf16 rounding
+        assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.to(torch.bfloat16).float())

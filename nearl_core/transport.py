@@ -1,0 +1,58 @@
+"""Adapter tensors on the wire: float32 (default), or halved to fp16 / bf16.
+
+Sites train and the server aggregates in float32; only the copy that crosses the
+network is narrowed (``--transport-dtype``), which halves every payload in both
+directions.  numpy has no bfloat16, so bf16 travels as the raw 16-bit patterns in an
+``int16`` array (what the egress check and the server's schema then expect) and is
+widened back exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import numpy as np
+import torch
+
+TRANSPORT_DTYPES = ("float32", "fp16", "bf16")
+_WIRE = {"float32": "float32", "fp16": "float16", "bf16": "int16"}  # numpy dtype of a float32 tensor on the wire
+Schema = Mapping[str, tuple[tuple[int, ...], str]]
+
+
+def check_transport(transport: str) -> str:
+    if transport not in TRANSPORT_DTYPES:
+        raise ValueError(f"transport dtype {transport!r}: choose one of {', '.join(TRANSPORT_DTYPES)}")
+    return transport
+
+
+def wire_schema(schema: Schema, transport: str) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The layout of a payload on the wire: float32 entries take the transport's dtype."""
+    wire = _WIRE[check_transport(transport)]
+    return {k: (tuple(shape), wire if dtype == "float32" else dtype) for k, (shape, dtype) in schema.items()}
+
+
+def encode(values: Mapping[str, np.ndarray | torch.Tensor], transport: str) -> dict[str, np.ndarray]:
+    """float32 tensors -> contiguous numpy arrays in the transport dtype (round to nearest)."""
+    check_transport(transport)
+    out = {}
+    for k, v in values.items():
+        t = torch.as_tensor(v).detach().cpu()
+        if t.dtype == torch.float32 and transport == "fp16":
+            t = t.to(torch.float16)
+        elif t.dtype == torch.float32 and transport == "bf16":
+            t = t.to(torch.bfloat16).view(torch.int16)
+        out[k] = np.ascontiguousarray(t.numpy())
+    return out
+
+
+def decode(values: Mapping[str, np.ndarray], schema: Schema, transport: str) -> dict[str, np.ndarray]:
+    """Wire arrays -> the schema's dtypes (float32), exactly widened."""
+    check_transport(transport)
+    out = {}
+    for k, v in values.items():
+        want = schema[k][1] if k in schema else str(v.dtype)
+        if want == "float32" and transport == "bf16" and v.dtype == np.int16:
+            out[k] = torch.from_numpy(np.ascontiguousarray(v)).view(torch.bfloat16).float().numpy()
+        else:
+            out[k] = np.asarray(v).astype(want, copy=False)
+    return out
