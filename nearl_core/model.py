@@ -204,7 +204,8 @@ class NearlCLIP(nn.Module):
 
     def _text_block(self, j: int, xt: torch.Tensor) -> torch.Tensor:
         bt, s, t, dt = xt.shape
-        out = self.text.block(j, xt.reshape(bt * s, t, dt), self.text.mask(t))  # frozen, per prompt
+        mask = self.text.mask(self._prompts.valid.repeat(bt, 1))  # causal, or key padding (bidirectional)
+        out = self.text.block(j, xt.reshape(bt * s, t, dt), mask)  # frozen, per prompt
         return out.reshape(bt, s, t, dt)
 
     def _text_oca(self, j: int, xt: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

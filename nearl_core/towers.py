@@ -1,4 +1,4 @@
-"""Layer-by-layer access to open_clip's two towers.
+"""Layer-by-layer access to the two towers of an open_clip model.
 
 NEARL runs the image and text towers in lockstep, one block at a time, so that the
 adapters can exchange information between modalities at every depth.  open_clip only
@@ -6,13 +6,28 @@ exposes whole-tower ``encode_image`` / ``encode_text``; these small views split 
 tower into ``embed -> blocks -> head`` without copying any weight, so the frozen
 computation is exactly open_clip's.
 
-Layouts are detected by inspecting the loaded model, never by its name.  An unknown
-layout is refused before anything is modified (peft's rule: check, then mutate).
+Three layouts are supported, each chosen by inspecting the loaded modules (never by the
+model's name):
+
+  vision  open_clip ``VisionTransformer``            -> :class:`NativeVisionTower`
+          open_clip ``TimmModel`` on a timm ViT trunk -> :class:`TimmVisionTower`
+  text    open_clip's causal text transformer        -> :class:`CausalTextTower`
+          open_clip ``HFTextEncoder`` (BERT-like)     -> :class:`HFTextTower`
+
+An unknown layout is refused before anything is modified (peft's rule: check, then
+mutate), with a message naming the module types that were found.
+
+Text context trimming: prompts are tokenised to the model's full context (77 tokens for
+CLIP, 256 for BiomedCLIP) but are much shorter.  Each text view cuts the context to the
+longest prompt only where that is exact: under a causal mask nothing attends forward;
+in a bidirectional encoder the padding is masked out as keys, and every block gets the
+same key-padding mask open_clip's own forward builds.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -21,8 +36,63 @@ from open_clip.transformer import TextTransformer, VisionTransformer
 from nearl_core.errors import BackboneError
 
 
+@dataclass
+class TextInputs:
+    """Tokenised class prompts, trimmed to the longest prompt where that is exact."""
+
+    tokens: torch.Tensor  # (S, T) token ids
+    eot: torch.Tensor  # (S,) index of each prompt's last real token (the pooled token for causal CLIP)
+    valid: torch.Tensor  # (S, T) bool, True on real tokens: positions 0..eot
+
+
 class VisionTower:
-    """open_clip's native ``VisionTransformer`` split into embed / blocks / head."""
+    """Interface of a vision view: ``embed`` -> ``block(i)`` for each of ``blocks`` -> ``head``."""
+
+    blocks: list[nn.Module]
+    width: int
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) preprocessed images -> (B, N_v, D_v) tokens entering the first block."""
+        raise NotImplementedError
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N_v, D_v) tokens after the last block -> (B, E) image embedding (not normalised)."""
+        raise NotImplementedError
+
+
+class TextTower:
+    """Interface of a text view: ``prepare`` once, then ``embed`` -> ``block(j)`` -> ``head``."""
+
+    blocks: list[nn.Module]
+    width: int
+
+    def prepare(self, tokens: torch.Tensor, trim: bool = True) -> TextInputs:
+        raise NotImplementedError
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(S, T) token ids -> (S, T, D_t) tokens entering the first block."""
+        raise NotImplementedError
+
+    def mask(self, valid: torch.Tensor) -> Any:
+        """The attention mask for sequences whose real tokens are ``valid`` (N, T), or None."""
+        raise NotImplementedError
+
+    def block(self, j: int, x: torch.Tensor, mask: Any) -> torch.Tensor:
+        raise NotImplementedError
+
+    def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """(S, T, D_t) tokens after the last block -> (S, E) text embedding (not normalised)."""
+        raise NotImplementedError
+
+
+# -- vision ------------------------------------------------------------------------------
+
+
+class NativeVisionTower(VisionTower):
+    """open_clip's own ``VisionTransformer`` split into embed / blocks / head."""
 
     def __init__(self, visual: VisionTransformer):
         self.visual = visual
@@ -41,16 +111,39 @@ class VisionTower:
         return pooled @ self.visual.proj if self.visual.proj is not None else pooled  # (B, E)
 
 
-@dataclass
-class TextInputs:
-    """Tokenised class prompts, trimmed to the longest prompt (exact under the causal mask)."""
+class TimmVisionTower(VisionTower):
+    """open_clip's ``TimmModel`` around a timm ``VisionTransformer`` trunk (BiomedCLIP's image tower).
 
-    tokens: torch.Tensor  # (S, T) token ids
-    eot: torch.Tensor  # (S,) index of the pooled (end-of-text) token
-    valid: torch.Tensor  # (S, T) bool, True up to and including the end-of-text token
+    Mirrors ``trunk.forward_features`` step by step (patch embedding, class token and
+    position embedding, patch dropout, ``norm_pre``; then the blocks; then ``norm``),
+    followed by the trunk's own pooling head and open_clip's projection ``visual.head``.
+    """
+
+    def __init__(self, visual: nn.Module):
+        self.visual = visual
+        self.trunk = visual.trunk
+        self.blocks = list(self.trunk.blocks)
+        self.width = self.trunk.embed_dim
+
+    def embed(self, images: torch.Tensor) -> torch.Tensor:
+        t = self.trunk
+        x = t.patch_embed(images)
+        x = t._pos_embed(x)
+        x = t.patch_drop(x)
+        return t.norm_pre(x)  # (B, prefix + patches, D_v)
+
+    def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
+        return self.blocks[i](x)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        features = self.trunk.forward_head(self.trunk.norm(x))  # timm pooling (+ fc_norm, head)
+        return self.visual.head(features)  # open_clip's projection to the joint space
 
 
-class TextTower:
+# -- text --------------------------------------------------------------------------------
+
+
+class CausalTextTower(TextTower):
     """open_clip's native causal text transformer (flattened into CLIP, or a TextTransformer)."""
 
     def __init__(self, owner: nn.Module):
@@ -69,7 +162,8 @@ class TextTower:
             eot = (tokens == self.eos_id).int().argmax(dim=-1)
         else:
             eot = torch.full((tokens.shape[0],), tokens.shape[1] - 1, dtype=torch.long)
-        if trim and self.pool_type in ("argmax", "eos"):
+        causal = self.owner.attn_mask is not None  # without it, every token sees the padding: keep it
+        if trim and causal and self.pool_type in ("argmax", "eos"):
             tokens = tokens[:, : int(eot.max()) + 1]
         positions = torch.arange(tokens.shape[1]).unsqueeze(0)
         return TextInputs(tokens=tokens, eot=eot, valid=positions <= eot.unsqueeze(1))
@@ -80,12 +174,13 @@ class TextTower:
         x = o.token_embedding(tokens).to(cast)
         return x + o.positional_embedding[: tokens.shape[1]].to(cast)  # (S, T, D_t)
 
-    def mask(self, length: int) -> torch.Tensor | None:
-        m = self.owner.attn_mask
+    def mask(self, valid: torch.Tensor) -> torch.Tensor | None:
+        """The causal mask alone: a token never sees the padding after it."""
+        m, length = self.owner.attn_mask, valid.shape[1]
         return None if m is None else m[:length, :length]
 
-    def block(self, i: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return _run_block(self.blocks[i], x, mask, self.batch_first)
+    def block(self, j: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+        return _run_block(self.blocks[j], x, mask, self.batch_first)
 
     def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """x: (S, T, D_t) -> (S, E), pooled at each prompt's end-of-text token."""
@@ -98,22 +193,133 @@ class TextTower:
         return proj(pooled) if isinstance(proj, nn.Linear) else pooled @ proj
 
 
+class HFTextTower(TextTower):
+    """open_clip's ``HFTextEncoder``: a bidirectional Hugging Face encoder (BERT, RoBERTa, ...).
+
+    Reproduces ``HFTextEncoder.forward``: the padding mask ``tokens != pad_token_id``, the
+    model's embeddings, its encoder layers under the key-padding mask the model itself
+    builds, then open_clip's pooler (cls / mean / cls_last_hidden_state / ...) and
+    ``text.proj``.  Only right padding is assumed, as open_clip's tokenizer produces it.
+    """
+
+    def __init__(self, encoder: nn.Module):
+        self.encoder = encoder
+        self.model = encoder.transformer
+        self.config = encoder.config
+        self.blocks = list(self.model.encoder.layer)
+        self.width = int(self.config.hidden_size)
+        self.pad_id = self.config.pad_token_id
+
+    def prepare(self, tokens: torch.Tensor, trim: bool = True) -> TextInputs:
+        """Real tokens are the non-padding ones; trim only padding beyond the longest prompt."""
+        valid = tokens != self.pad_id
+        lengths = valid.sum(dim=1)
+        if not bool((valid == (torch.arange(tokens.shape[1]) < lengths.unsqueeze(1))).all()):
+            raise BackboneError("the text tokenizer does not pad on the right; NEARL's text view needs right padding")
+        if trim:
+            tokens, valid = tokens[:, : int(lengths.max())], valid[:, : int(lengths.max())]
+        return TextInputs(tokens=tokens, eot=lengths - 1, valid=valid)
+
+    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(input_ids=tokens)  # (S, T, D_t): word + position + type, LayerNorm
+
+    def mask(self, valid: torch.Tensor) -> Any:
+        """The model's own key-padding mask (bidirectional), in its attention implementation's format."""
+        dtype = next(self.model.parameters()).dtype
+        meta = torch.empty(*valid.shape, 0, dtype=dtype, device=valid.device)  # shape/dtype/device only
+        return _bidirectional_mask(self.config, meta, valid.long())
+
+    def block(self, j: int, x: torch.Tensor, mask: Any) -> torch.Tensor:
+        out = self.blocks[j](x, mask)
+        return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
+
+    def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """x: (S, T, D_t) -> (S, E) through the HF pooler (if any), open_clip's pooler and projection."""
+        from transformers.modeling_outputs import BaseModelOutputWithPoolingAndCrossAttentions
+
+        valid = torch.arange(x.shape[1], device=x.device).unsqueeze(0) <= eot.to(x.device).unsqueeze(1)
+        hf_pooler = getattr(self.model, "pooler", None)
+        out = BaseModelOutputWithPoolingAndCrossAttentions(
+            last_hidden_state=x, pooler_output=hf_pooler(x) if hf_pooler is not None else None
+        )
+        return self.encoder.proj(self.encoder.pooler(out, valid.long()))
+
+
+def _bidirectional_mask(config: Any, meta: torch.Tensor, attention_mask: torch.Tensor) -> Any:
+    """What ``BertModel.forward`` passes to its layers for this padding mask."""
+    try:
+        from transformers.masking_utils import create_bidirectional_mask
+    except ImportError:  # transformers 4.x: additive 4D mask
+        from transformers.modeling_attn_mask_utils import _prepare_4d_attention_mask
+
+        return _prepare_4d_attention_mask(attention_mask, meta.dtype)
+    return create_bidirectional_mask(config=config, inputs_embeds=meta, attention_mask=attention_mask)
+
+
 def _run_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, batch_first: bool) -> torch.Tensor:
     if not batch_first:
         return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
     return block(x, attn_mask=mask)
 
 
+# -- layout detection ----------------------------------------------------------------------
+
+
+def _describe(module: nn.Module | None, inner: str) -> str:
+    """``TimmModel(trunk=ConvNeXt)``: the wrapper type and, where present, what it wraps."""
+    if module is None:
+        return "None"
+    wrapped = getattr(module, inner, None)
+    name = type(module).__name__
+    return f"{name}({inner}={type(wrapped).__name__})" if isinstance(wrapped, nn.Module) else name
+
+
+def _is_timm_vit(visual: nn.Module) -> bool:
+    trunk = getattr(visual, "trunk", None)
+    if trunk is None or not isinstance(getattr(visual, "head", None), nn.Module):
+        return False
+    try:
+        from timm.models.vision_transformer import VisionTransformer as TimmViT
+    except ImportError:  # pragma: no cover - timm ships with open_clip's timm towers
+        return False
+    return isinstance(trunk, TimmViT) and hasattr(trunk, "blocks")
+
+
+def _is_hf_encoder(text: nn.Module) -> bool:
+    model = getattr(text, "transformer", None)
+    return (
+        model is not None
+        and hasattr(text, "pooler") and hasattr(text, "proj") and hasattr(text, "config")
+        and hasattr(model, "embeddings")
+        and isinstance(getattr(getattr(model, "encoder", None), "layer", None), nn.ModuleList)
+        and not getattr(text.config, "is_decoder", False)
+    )
+
+
 def towers_of(clip: nn.Module) -> tuple[VisionTower, TextTower]:
     """Inspect a loaded open_clip model and return its tower views, or refuse it."""
     visual = getattr(clip, "visual", None)
     text_owner = clip.text if hasattr(clip, "text") else clip
-    found = f"visual={type(visual).__name__}, text={type(getattr(clip, 'text', clip)).__name__}"
-    if not isinstance(visual, VisionTransformer) or getattr(visual, "attn_pool", None) is not None:
+    found = f"visual={_describe(visual, 'trunk')}, text={_describe(getattr(clip, 'text', clip), 'transformer')}"
+
+    if isinstance(visual, VisionTransformer) and getattr(visual, "attn_pool", None) is None:
+        vision: VisionTower = NativeVisionTower(visual)
+    elif visual is not None and _is_timm_vit(visual):
+        vision = TimmVisionTower(visual)
+    else:
         raise BackboneError(
-            f"unsupported vision tower layout ({found}); NEARL needs an open_clip ViT without attentional pooling"
+            f"unsupported vision tower layout ({found}); NEARL needs an open_clip ViT without attentional "
+            "pooling or an open_clip timm tower on a timm VisionTransformer"
         )
+
     has_causal_text = hasattr(text_owner, "transformer") and hasattr(text_owner.transformer, "resblocks")
-    if not has_causal_text or (isinstance(text_owner, TextTransformer) and text_owner.cls_emb is not None):
-        raise BackboneError(f"unsupported text tower layout ({found}); NEARL needs open_clip's causal text transformer")
-    return VisionTower(visual), TextTower(text_owner)
+    if has_causal_text and not (isinstance(text_owner, TextTransformer) and text_owner.cls_emb is not None):
+        text: TextTower = CausalTextTower(text_owner)
+    elif _is_hf_encoder(text_owner):
+        text = HFTextTower(text_owner)
+    else:
+        raise BackboneError(
+            f"unsupported text tower layout ({found}); NEARL needs open_clip's causal text transformer "
+            "or an open_clip Hugging Face encoder with embeddings and encoder.layer (BERT-like)"
+        )
+    return vision, text

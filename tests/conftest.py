@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import string
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
@@ -19,8 +21,59 @@ from nearl_core.demo_data import generate_demo_data
 from nearl_core.model import NearlCLIP, build_model
 
 CLASSES = ("normal", "nodule", "opacity")
-TINY_MODELS = ("nearl-tiny", "nearl-tiny-deep-text")  # equal depths; unequal depths and widths
+# open_clip native towers with equal depths; native with unequal depths and widths; a timm ViT
+# (3 blocks, width 48) with a Hugging Face BERT text encoder (2 layers, width 32): BiomedCLIP's layout.
+TINY_MODELS = ("nearl-tiny", "nearl-tiny-deep-text", "nearl-tiny-timm-bert")
+LAYOUT_MODELS = ("nearl-tiny", "nearl-tiny-timm-bert")  # one per tower layout, for the costlier invariants
 MODES = ("per-image", "shared")
+
+# A BERT WordPiece vocabulary small enough to read: special tokens, single characters (so
+# any lower-case text tokenises), word-piece continuations and a few whole words.  "nodule"
+# and "opacity" are left out on purpose: they split into pieces, so the test prompts have
+# different lengths and the shorter ones carry padding inside the trimmed context.
+_TINY_WORDS = ("a", "an", "the", "of", "with", "image", "showing", "photo", "medical", "chest", "x", "ray",
+               "patient", "normal", "pneumonia", "scan", "ct", "mri", "tissue", "lesion")
+
+
+def tiny_bert_vocab() -> list[str]:
+    chars = string.ascii_lowercase + string.digits + string.punctuation
+    pieces = ["##" + c for c in string.ascii_lowercase + string.digits]
+    return list(dict.fromkeys(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *chars, *pieces, *_TINY_WORDS]))
+
+
+def write_tiny_bert(folder: Path, hidden: int = 32, layers: int = 2, heads: int = 2, max_positions: int = 64) -> Path:
+    """Write a Hugging Face BERT config and a fast tokenizer (JSON files only) into ``folder``.
+
+    This is how ``nearl_core/model_configs/hf/nearl-tiny-bert`` was made (the test
+    ``test_shipped_tiny_bert_is_what_the_writer_produces`` keeps them in step).  Only JSON
+    files, because Flower's app bundle carries no other data files to the simulation.
+    """
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+    from transformers import BertConfig, BertTokenizerFast
+
+    vocab = tiny_bert_vocab()
+    ids = {token: i for i, token in enumerate(vocab)}
+    backend = Tokenizer(models.WordPiece(vocab=ids, unk_token="[UNK]", max_input_chars_per_word=100))
+    backend.normalizer = normalizers.BertNormalizer(lowercase=True)
+    backend.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    backend.post_processor = processors.TemplateProcessing(
+        single="[CLS] $A [SEP]", pair="[CLS] $A [SEP] $B:1 [SEP]:1",
+        special_tokens=[("[CLS]", ids["[CLS]"]), ("[SEP]", ids["[SEP]"])],
+    )
+    backend.decoder = decoders.WordPiece(prefix="##")
+    tokenizer = BertTokenizerFast(
+        tokenizer_object=backend, unk_token="[UNK]", sep_token="[SEP]", pad_token="[PAD]", cls_token="[CLS]",
+        mask_token="[MASK]", do_lower_case=True, model_max_length=max_positions,
+    )
+    folder.mkdir(parents=True, exist_ok=True)
+    for saved in map(Path, tokenizer.save_pretrained(folder)):
+        if saved.suffix != ".json" and saved.is_file():  # e.g. vocab.txt: tokenizer.json holds the vocabulary
+            saved.unlink()
+    BertConfig(
+        vocab_size=len(vocab), hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        intermediate_size=2 * hidden, max_position_embeddings=max_positions, pad_token_id=ids["[PAD]"],
+    ).save_pretrained(folder)
+    return folder
 
 
 def tiny_config(name: str = "nearl-tiny", mode: str = "per-image", **sections) -> NearlConfig:

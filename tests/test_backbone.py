@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 
 import open_clip
@@ -72,3 +73,82 @@ def test_random_init_is_the_same_in_every_process_and_keeps_the_callers_rng():
     torch.manual_seed(1)
     build_backbone(ModelConfig(name="nearl-tiny"))
     assert torch.equal(torch.rand(1), after_first)  # the caller's random stream is untouched
+
+
+# -- hub models from a local folder (BiomedCLIP at a site without internet) ----------------
+BIOMEDCLIP = "hf-hub:microsoft/BiomedCLIP-PubMedBERT_256-vit_base_patch16_224"
+
+
+def _biomedclip_like_folder(folder, seed=123):
+    """What docs/architecture.md tells an offline site to copy, for a tiny timm + BERT CLIP.
+
+    The text encoder is named by a hub id, as in BiomedCLIP's own open_clip_config.json:
+    with HF_HUB_OFFLINE=1 set, building only succeeds if everything comes from the folder.
+    """
+    from conftest import write_tiny_bert
+
+    register_shipped_configs()
+    model_cfg = open_clip.get_model_config("nearl-tiny-timm-bert")
+    hub_text = "microsoft/BiomedNLP-BiomedBERT-base-uncased-abstract"
+    model_cfg["text_cfg"].update(hf_model_name=hub_text, hf_tokenizer_name=hub_text)
+    folder.mkdir(parents=True)
+    (folder / "open_clip_config.json").write_text(json.dumps(
+        {"model_cfg": model_cfg, "preprocess_cfg": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}))
+    torch.manual_seed(seed)
+    source = open_clip.create_model("nearl-tiny-timm-bert", pretrained_text=False)
+    torch.save(source.state_dict(), folder / "open_clip_pytorch_model.bin")
+    write_tiny_bert(folder)
+    return folder, source
+
+
+def test_hub_model_loads_from_a_local_folder_offline(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, source = _biomedclip_like_folder(tmp_path / "biomedclip")
+    bb = build_backbone(ModelConfig(name=BIOMEDCLIP, pretrained=str(folder)))
+    assert bb.name == BIOMEDCLIP  # the hub name is kept: adapters stay comparable across sites
+    assert bb.source == f"sha256:{file_sha256(folder / 'open_clip_pytorch_model.bin')}"
+    for (name, a), b in zip(source.state_dict().items(), bb.clip.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not any(p.requires_grad for p in bb.clip.parameters())
+    tokens = bb.tokenizer(["a chest x-ray image showing nodule."])
+    assert tokens.shape == (1, 32) and tokens[0, 0] != tokens[0, -1]  # [CLS] ... [PAD]
+
+
+@pytest.mark.parametrize("remove, named", [
+    ("open_clip_config.json", "open_clip_config.json"),
+    ("open_clip_pytorch_model.bin", "open_clip_pytorch_model.bin"),
+    ("config.json", "config.json"),
+    ("tokenizer.json", "tokenizer.json or vocab.txt"),
+])
+def test_a_model_folder_missing_a_file_fails_fast_naming_it(tmp_path, monkeypatch, remove, named):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    folder, _ = _biomedclip_like_folder(tmp_path / "biomedclip")
+    (folder / remove).unlink()
+    start = time.perf_counter()
+    with pytest.raises(BackboneError) as err:
+        build_backbone(ModelConfig(name=BIOMEDCLIP, pretrained=str(folder)))
+    assert time.perf_counter() - start < 2
+    message = str(err.value)
+    assert named in message and str(folder) in message and "docs/architecture.md" in message
+    assert "\n" not in message
+
+
+def test_hub_model_offline_without_a_folder_says_how_to_give_one(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(BackboneError, match="HF_HUB_OFFLINE.*model.pretrained to a local folder"):
+        build_backbone(ModelConfig(name=BIOMEDCLIP))
+
+
+def test_a_folder_for_a_registered_model_is_refused(tmp_path):
+    with pytest.raises(BackboneError, match="is a folder; for 'nearl-tiny' give the checkpoint file"):
+        build_backbone(ModelConfig(name="nearl-tiny", pretrained=str(tmp_path)))
+
+
+def test_timm_bert_random_init_is_the_same_in_every_process():
+    """The Ray workers of a simulation build the timm + BERT backbone on their own."""
+    a = build_backbone(ModelConfig(name="nearl-tiny-timm-bert")).clip.state_dict()
+    torch.manual_seed(7)
+    b = build_backbone(ModelConfig(name="nearl-tiny-timm-bert")).clip.state_dict()
+    assert a.keys() == b.keys()
+    for name in a:
+        assert torch.equal(a[name], b[name]), name
