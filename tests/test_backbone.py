@@ -152,3 +152,17 @@ def test_timm_bert_random_init_is_the_same_in_every_process():
     assert a.keys() == b.keys()
     for name in a:
         assert torch.equal(a[name], b[name]), name
+
+
+def test_hub_weights_provenance_is_the_file_hash_a_local_copy_gets(tmp_path, monkeypatch):
+    """A site online (hub cache) and a site on a copied folder record the same backbone_source."""
+    import huggingface_hub
+
+    from nearl_core.backbone import _hub_weights_source
+
+    weights = tmp_path / "open_clip_pytorch_model.bin"
+    weights.write_bytes(b"not really weights")
+    cached = {("org/model", "open_clip_pytorch_model.bin"): str(weights)}
+    monkeypatch.setattr(huggingface_hub, "try_to_load_from_cache", lambda repo, name: cached.get((repo, name)))
+    assert _hub_weights_source("org/model") == f"sha256:{file_sha256(weights)}"
+    assert _hub_weights_source("org/other") == "hf-hub:org/other"  # nothing cached: the name, as before
