@@ -99,7 +99,8 @@ start() {
   say "started $name (pid $!): $* [env: $envs; local overrides: $overrides]"
 }
 
-pid_of() { local i; for i in "${!names[@]}"; do [[ "${names[$i]}" == "$1" ]] && { echo "${pids[$i]}"; return; }; done; }
+# (explicit return codes: a bare `return` inside the EXIT trap would return the exit status)
+pid_of() { local i; for i in "${!names[@]}"; do [[ "${names[$i]}" == "$1" ]] && { echo "${pids[$i]}"; return 0; }; done; return 0; }
 alive() { kill -0 "$1" 2>/dev/null && [[ "$(ps -o stat= -p "$1" 2>/dev/null)" != Z* ]]; }
 descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
 
@@ -121,28 +122,28 @@ stop() {
   kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
   local waited=0
   while alive "$pid" && (( waited < $2 * 5 )); do sleep 0.2; waited=$((waited + 1)); done
-  if alive "$pid"; then
-    say "$1 did not stop within $2 s of SIGTERM; killing it"
-    kill -KILL -- "-$pid" 2>/dev/null || true
-  fi
-  kill -KILL -- "-$pid" 2>/dev/null || true   # anything left in its process group
+  alive "$pid" && say "$1 did not stop within $2 s of SIGTERM; killing it"
+  kill -KILL -- "-$pid" 2>/dev/null || true   # it, and anything left in its process group
+  { wait "$pid"; } 2>/dev/null || true
   for p in $family; do alive "$p" && kill -TERM "$p" 2>/dev/null; done
   sleep 0.5
   for p in $family; do alive "$p" && kill -KILL "$p" 2>/dev/null; done
-  { wait "$pid"; } 2>/dev/null || true
+  return 0
 }
 
 cleanup() {
   local code=$?
-  (( cleaned )) && return
+  set +e                     # never stop half-way through stopping things
+  (( cleaned )) && return 0
   cleaned=1
   trap - INT TERM
   if (( ${#names[@]} )); then
     say "stopping everything this stack started"
-    stop coordinator 40        # first: it stops its SuperLink and the run cleanly
+    # (stderr off: bash would report each killed background job)
+    stop coordinator 40 2>/dev/null   # first: it stops its SuperLink and the run cleanly
     local name
-    for name in "${names[@]}"; do [[ "$name" == site* ]] && stop "$name" 15; done
-    stop mlflow 15
+    for name in "${names[@]}"; do [[ "$name" == site* ]] && stop "$name" 15 2>/dev/null; done
+    stop mlflow 15 2>/dev/null
     local left; left="$(ours | tr '\n' ' ')"
     if [[ -n "${left// /}" ]]; then
       say "leftover processes in $W: $left; killing them"
@@ -187,12 +188,14 @@ ml_over="NEARL_MLFLOW_HOST=127.0.0.1 NEARL_MLFLOW_PORT=$mlport NEARL_MLFLOW_WORK
 ml_over+=" NEARL_MLFLOW_BACKEND_STORE_URI=sqlite:///$W/mlflow/mlflow.db NEARL_MLFLOW_ARTIFACTS_DESTINATION=$W/mlflow/artifacts"
 start mlflow "common.env mlflow.env" "$ml_over" -- "$HERE/run/mlflow.sh"
 
-# -- 2. secrets and demo data, as an operator would make them -----------------------------------
-"$HERE/make-stack-secrets.sh" --out "$W/secrets" --sites "$sites" localhost >"$LOGS/secrets.log" 2>&1 \
-  || fail "could not make TLS material and site keys (see $LOGS/secrets.log)"
+# -- 2. secrets and demo data, as an operator would make them (side by side) -------------------
+"$HERE/make-stack-secrets.sh" --out "$W/secrets" --sites "$sites" localhost >"$LOGS/secrets.log" 2>&1 &
+secrets_pid=$!
+nearl demo-data --out "$W/data" --sites "$sites" --train-per-site "$train_per_site" >"$LOGS/demo-data.log" 2>&1 &
+data_pid=$!
+wait "$secrets_pid" || { kill "$data_pid" 2>/dev/null; fail "could not make TLS material and site keys (see $LOGS/secrets.log)"; }
 say "TLS CA + server certificate in $W/secrets/certs; site keys in $W/secrets/keys; registered: $(ls "$W/secrets/site-keys" | tr '\n' ' ')"
-nearl demo-data --out "$W/data" --sites "$sites" --train-per-site "$train_per_site" >"$LOGS/demo-data.log" 2>&1 \
-  || fail "nearl demo-data failed (see $LOGS/demo-data.log)"
+wait "$data_pid" || fail "nearl demo-data failed (see $LOGS/demo-data.log)"
 say "demo data: $(ls -d "$W"/data/site* | tr '\n' ' ')"
 NEARL_MLFLOW_PORT="$mlport" python "$HERE/docker/healthcheck.py" mlflow --wait 180 \
   || fail "the MLflow server did not become healthy within 180 s"
@@ -263,7 +266,7 @@ printed="$(follow "$LOGS/coordinator.log" "$printed" coordinator)"
 say "coordinator exited with code $rc"
 
 # The sites stay connected until stopped; the run is over.
-for ((k = 1; k <= sites; k++)); do stop "site$k" 15; done
+for ((k = 1; k <= sites; k++)); do stop "site$k" 15 2>/dev/null; done
 
 if (( rc == 0 )); then
   python - "http://127.0.0.1:$mlport" <<'PY' || say "WARNING: could not read the run back from MLflow"

@@ -1,6 +1,6 @@
-"""The deployment kit in deploy/: static checks that need no container engine, and one real
-run of deploy/local-stack.sh (MLflow server + coordinator + 2 sites, TLS and SuperNode
-authentication on, loopback only).
+"""The deployment kit in deploy/: static checks that need no container engine, one real run
+of deploy/local-stack.sh (MLflow server + coordinator + 2 sites, 2 rounds, TLS and SuperNode
+authentication on, loopback only), and one stopped by SIGTERM mid-way (slow, bounded).
 
 Static checks (CI runs them with the rest of the suite):
 - compose.yaml / compose.gpu.yaml: valid against the Compose Specification JSON schema
@@ -463,4 +463,33 @@ def test_local_stack_two_sites_two_rounds_with_tls_auth_and_mlflow(tmp_path):
 
     # nothing left running
     assert "all processes stopped" in text
+    assert stack_processes(work) == []
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_local_stack_stops_everything_when_terminated(tmp_path):
+    """SIGTERM to the script (as a service manager or Ctrl-C would stop it) once the coordinator's
+    SuperLink is up: every process of the stack, Flower's own children included, is stopped."""
+    work = tmp_path / "stack"
+    log = tmp_path / "local-stack.out"
+    env = {**os.environ, "NEARL_VENV": str(Path(sys.executable).parent.parent)}
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([str(DEPLOY / "local-stack.sh"), "--workdir", str(work)], cwd=ROOT, env=env,
+                                stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+        try:
+            deadline = time.monotonic() + 600
+            while "SuperLink process:" not in log.read_text(errors="replace"):
+                assert proc.poll() is None, log.read_text()[-4000:]
+                assert time.monotonic() < deadline, f"the coordinator did not start:\n{log.read_text()[-4000:]}"
+                time.sleep(1)
+            assert stack_processes(work), "nothing of the stack is running"
+            proc.send_signal(signal.SIGTERM)
+            rc = proc.wait(timeout=180)
+        finally:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text(errors="replace")
+    assert rc == 143, text[-4000:]
+    assert "terminated" in text and "all processes stopped" in text, text[-4000:]
     assert stack_processes(work) == []
