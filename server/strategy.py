@@ -231,6 +231,7 @@ class NearlStrategyMixin:
         self.schema = dict(schema)
         self.transport = check_transport(transport)
         self.wire_schema = wire_schema(self.schema, self.transport)
+        self._wire_bytes: dict[int, int] = {}  # reply -> its size as received, before widening
         self.listener = listener
         self.round_offset = round_offset
         self.total_rounds = total_rounds
@@ -304,6 +305,7 @@ class NearlStrategyMixin:
             if rec is None or set(rec) != set(self.wire_schema):
                 continue
             if all((tuple(rec[k].shape), str(rec[k].dtype)) == tuple(self.wire_schema[k]) for k in rec):
+                self._wire_bytes[id(msg)] = record_bytes(msg.content)  # what crossed the network
                 wide = decode({k: a.numpy() for k, a in rec.items()}, self.schema, self.transport)
                 msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in wide.items()})
 
@@ -338,7 +340,8 @@ class NearlStrategyMixin:
                     rejected[site] = problem
                 else:
                     accepted.append(msg)
-                    sites.append(SiteReply(node, site, metrics_of(content), record_bytes(content)))
+                    sites.append(SiteReply(node, site, metrics_of(content),
+                                           self._wire_bytes.get(id(msg), record_bytes(content))))
                     continue
             log.warning("round %s: rejected the %s reply of site %s: %s", self._round.round if self._round else "?",
                         "train" if train else "evaluate", site, rejected[site])
@@ -354,6 +357,7 @@ class NearlStrategyMixin:
         report.rejected.update(rejected)
         report.declined.update({s.site: s.declined for s in sites if s.declined})
         report.bytes_received = sum(s.nbytes for s in sites)
+        self._wire_bytes.clear()
         report.answered = sorted(s.site for s in sites if not s.declined)
         arrays = None
         if accepted:

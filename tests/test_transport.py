@@ -63,6 +63,7 @@ def test_server_sends_narrow_and_aggregates_wide(transport):
     updates = [random_state(3), random_state(4)]
     replies = [reply_from(n, train_reply_content(f"site{n}", encode(u, transport), n=10 * n))
                for n, u in zip((1, 2), updates)]
+    wire_bytes = sum(record_bytes(r.content) for r in replies)
     agg, _ = narrow.aggregate_train(1, replies)
     for k in SCHEMA:  # float32 mean of the widened updates, weighted 10:20
         widened = [decode(encode(u, transport), SCHEMA, transport)[k] for u in updates]
@@ -70,3 +71,6 @@ def test_server_sends_narrow_and_aggregates_wide(transport):
         assert agg[k].numpy().dtype == np.float32
     narrow.aggregate_evaluate(1, [])
     assert rec.rounds[-1].answered == ["site1", "site2"] and not rec.rounds[-1].rejected
+    assert rec.rounds[-1].bytes_received == wire_bytes  # counted as received (narrow), not after widening
+    full_bytes = sum(record_bytes(train_reply_content(f"site{n}", u, n=10 * n)) for n, u in zip((1, 2), updates))
+    assert wire_bytes < 0.52 * full_bytes
