@@ -77,32 +77,50 @@ def median_time(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1, 
     return statistics.median(timed_pairs([fn], repeats=repeats, warmup=warmup, sync=sync)[0])
 
 
-def timed_pairs(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1, sync: bool = False
-                ) -> list[list[float]]:
+def timed_pairs(fns: list[Callable[[], object]], *, repeats: int = 5, warmup: int = 1, sync: bool = False,
+                cpu: list[list[float]] | None = None) -> list[list[float]]:
     """Wall times of several functions called in turn (a, b, a, b, ...), after ``warmup`` rounds.
 
     Alternating means that every arm sees the same background load on a shared machine,
-    which is what makes the ratio of their medians trustworthy.
+    which is what makes the ratio of their medians trustworthy.  When ``cpu`` is a list,
+    it receives the matching process CPU times (less sensitive to other processes
+    competing for the cores than wall time).
     """
-    def once(fn) -> float:
+    def once(fn) -> tuple[float, float]:
         if sync:
             import torch
             torch.cuda.synchronize()
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         fn()
         if sync:
             import torch
             torch.cuda.synchronize()
-        return time.perf_counter() - start
+        return time.perf_counter() - start, time.process_time() - start_cpu
 
     for _ in range(warmup):
         for fn in fns:
             fn()
     times: list[list[float]] = [[] for _ in fns]
+    cpu_times: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
         for i, fn in enumerate(fns):
-            times[i].append(once(fn))
+            wall, used = once(fn)
+            times[i].append(wall)
+            cpu_times[i].append(used)
+    if cpu is not None:
+        cpu[:] = cpu_times
     return times
+
+
+def current_rss_mib() -> float:
+    """Resident memory of this process now (Linux); 0 where /proc is missing."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def peak_rss_mib() -> float:
@@ -168,6 +186,28 @@ def parse_result(line: str) -> dict | None:
     except ValueError:
         return None
     return out
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM (``timeout``, a CI runner) into SystemExit, so that ``finally`` blocks stop the
+    processes a benchmark started instead of leaving them running."""
+    import signal
+
+    def stop(signum, frame):  # noqa: ARG001
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, stop)
+
+
+def kill_tree(root: int) -> None:
+    """SIGKILL ``root`` and everything :func:`tree_pids` finds under it (children first)."""
+    import signal
+
+    for pid in sorted(tree_pids(root), key=lambda p: p == root):
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
 
 
 # -- memory of a process tree -------------------------------------------------------------------------------

@@ -31,7 +31,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from common import bench_config, header, peak_rss_mib, result, run_child, timed_pairs  # noqa: E402
+from common import bench_config, current_rss_mib, header, peak_rss_mib, result, run_child, timed_pairs  # noqa: E402
 
 CLASSES = ("normal", "pneumonia")
 MODES = ("per-image", "shared")
@@ -68,6 +68,7 @@ def child_nearl(args) -> dict:
     from nearl_core.train import autocast, loss_fn, make_optimizer
 
     device = _device(args)
+    base = current_rss_mib()  # torch, open_clip and nearl_core imported, nothing built
     model, cfg = _model(args, args.mode)
     model = model.to(device)
     x, y = _batch(model, args.batch, device)
@@ -86,18 +87,21 @@ def child_nearl(args) -> dict:
         with autocast(device, True):
             model.zero_shot_logits(x)  # no_grad inside
 
+    cpu: list[list[float]] = []
     t_step, t_frozen = timed_pairs([step, frozen_forward], repeats=args.repeats, warmup=1,
-                                   sync=device.type == "cuda")
+                                   sync=device.type == "cuda", cpu=cpu)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     return {"step_s": statistics.median(t_step), "frozen_forward_s": statistics.median(t_frozen),
-            "pair_ratios": [s / f for s, f in zip(t_step, t_frozen)], "peak_mib": _peak(device),
-            "trainable": trainable, "device": str(device)}
+            "pair_ratios": [s / f for s, f in zip(t_step, t_frozen)],
+            "cpu_ratio": statistics.median(cpu[0]) / statistics.median(cpu[1]),
+            "peak_mib": _peak(device), "base_mib": base, "trainable": trainable, "device": str(device)}
 
 
 def child_full(args) -> dict:
     from nearl_core.train import autocast
 
     device = _device(args)
+    base = current_rss_mib()
     model, _ = _model(args, "per-image")
     model = model.to(device)
     clip = model.clip
@@ -119,7 +123,7 @@ def child_full(args) -> dict:
         opt.step()
 
     (times,) = timed_pairs([step], repeats=args.repeats, warmup=1, sync=device.type == "cuda")
-    return {"step_s": statistics.median(times), "peak_mib": _peak(device),
+    return {"step_s": statistics.median(times), "peak_mib": _peak(device), "base_mib": base,
             "trainable": sum(p.numel() for p in clip.parameters())}
 
 
@@ -155,8 +159,16 @@ def main() -> int:
         n = nearl[m]
         print(f"{'NEARL train step, text ' + m:<40}{n['step_s']:>10.3f}{n['peak_mib']:>16.0f}{n['trainable']:>14,}")
         print(f"{'  (its frozen forward, same process)':<40}{n['frozen_forward_s']:>10.3f}")
-        print(f"{'  step/forward per alternating pair':<40}  {' '.join(f'{r:.2f}' for r in n['pair_ratios'])}")
+        print(f"{'  step/forward per alternating pair':<40}  {' '.join(f'{r:.2f}' for r in n['pair_ratios'])}"
+              f"  (median {statistics.median(n['pair_ratios']):.2f}; process CPU time ratio {n['cpu_ratio']:.2f})")
     print(f"{'full fine-tuning step (AdamW)':<40}{full['step_s']:>10.3f}{full['peak_mib']:>16.0f}{full['trainable']:>14,}")
+    if device.type == "cpu":
+        print(f"# resident memory after the imports, before building anything: NEARL {first['base_mib']:.0f} MiB, "
+              f"full fine-tuning {full['base_mib']:.0f} MiB (torch, open_clip and what they import)")
+        for m in modes:
+            n = nearl[m]
+            above = (n["peak_mib"] - n["base_mib"]) / max(full["peak_mib"] - full["base_mib"], 1e-9)
+            print(f"# peak above that import baseline, NEARL {m} / full fine-tuning: {above:.3f}")
     for m in modes:
         n, tag = nearl[m], m.replace("-", "_")
         result(f"train_step_vs_frozen_forward_{tag}", n["step_s"], n["frozen_forward_s"], 2.5, unit="s")
