@@ -52,7 +52,7 @@ def decode(values: Mapping[str, np.ndarray], schema: Schema, transport: str) -> 
     for k, v in values.items():
         want = schema[k][1] if k in schema else str(v.dtype)
         if want == "float32" and transport == "bf16" and v.dtype == np.int16:
-            out[k] = torch.from_numpy(np.ascontiguousarray(v)).view(torch.bfloat16).float().numpy()
+            out[k] = torch.from_numpy(np.array(v, dtype=np.int16)).view(torch.bfloat16).float().numpy()
         else:
             out[k] = np.asarray(v).astype(want, copy=False)
     return out

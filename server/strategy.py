@@ -37,6 +37,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from nearl_core.transport import check_transport, decode, encode, wire_schema
+from server.arrays import decode_array, weighted_mean
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 log = logging.getLogger("nearl.strategy")
@@ -125,7 +126,7 @@ def check_update(content: RecordDict, schema: Schema, arrayrecord_key: str = "ar
         if str(arr.dtype) != dtype:
             return f"tensor '{name}' has dtype {arr.dtype}, expected {dtype}"
         try:
-            values = arr.numpy()
+            values = decode_array(arr)
         except Exception as err:  # noqa: BLE001 - corrupt bytes
             return f"tensor '{name}' cannot be decoded ({err})"
         if not np.isfinite(values).all():
@@ -145,6 +146,12 @@ def check_metrics(content: RecordDict) -> str | None:
     if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
         return f"'{WEIGHT_KEY}' must be a positive number, got {n!r}"
     return None
+
+
+def metrics_of_raw(content: RecordDict) -> dict[str, float]:
+    """Every numeric metric of a reply, internal weights included (for aggregation)."""
+    rec = next(iter(content.metric_records.values()), None)
+    return {} if rec is None else {k: float(v) for k, v in rec.items() if isinstance(v, (int, float))}
 
 
 def metrics_of(content: RecordDict) -> dict[str, float]:
@@ -229,6 +236,7 @@ class NearlStrategyMixin:
                      total_rounds: int, evaluate_in_train: bool, wait_timeout: float, min_nodes: int,
                      transport: str = "float32") -> None:
         self.schema = dict(schema)
+        self.plain_mean = getattr(type(self), "aggregate_train_base", None) is FedAvg.aggregate_train
         self.transport = check_transport(transport)
         self.wire_schema = wire_schema(self.schema, self.transport)
         self._wire_bytes: dict[int, int] = {}  # reply -> its size as received, before widening
@@ -306,7 +314,7 @@ class NearlStrategyMixin:
                 continue
             if all((tuple(rec[k].shape), str(rec[k].dtype)) == tuple(self.wire_schema[k]) for k in rec):
                 self._wire_bytes[id(msg)] = record_bytes(msg.content)  # what crossed the network
-                wide = decode({k: a.numpy() for k, a in rec.items()}, self.schema, self.transport)
+                wide = decode({k: decode_array(a) for k, a in rec.items()}, self.schema, self.transport)
                 msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in wide.items()})
 
     def screen_replies(self, replies: Iterable[Message], *, train: bool) -> tuple[list[Message], list[SiteReply],
@@ -360,7 +368,10 @@ class NearlStrategyMixin:
         self._wire_bytes.clear()
         report.answered = sorted(s.site for s in sites if not s.declined)
         arrays = None
-        if accepted:
+        if accepted and self.plain_mean:  # FedAvg / FedProx: the same mean as Flower's, on flat buffers
+            arrays = weighted_mean([m.content["arrays"] for m in accepted],
+                                   [metrics_of_raw(m.content)[self.weighted_by_key] for m in accepted], self.schema)
+        elif accepted:
             arrays, _ = super().aggregate_train(r, accepted)  # type: ignore[misc]
         if arrays is not None:
             arrays = self.as_schema_dtype(arrays)
@@ -460,7 +471,7 @@ def strategy_class(name: str) -> type:
         base = STRATEGIES[name.lower()]
     except KeyError:
         raise ValueError(f"unknown strategy '{name}'; choose one of {', '.join(STRATEGIES)}") from None
-    return type(f"Nearl{base.__name__}", (NearlStrategyMixin, base), {})
+    return type(f"Nearl{base.__name__}", (NearlStrategyMixin, base), {"aggregate_train_base": base.aggregate_train})
 
 
 def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: float = 1.0,
