@@ -25,8 +25,12 @@ Round 1 also waits for the sites to connect and the last round also carries the
 final evaluate message (whose compute the sites do not report), so the headline is
 the median over the rounds in between.
 
-Baseline, same engine, same machine, same run of this script: the latency floor of
-Flower itself, measured with a trivial Flower app (written to a temp folder) whose
+With ``--simulation`` (run_all passes it) the same rounds also run on the Simulation
+Engine (simulation/run.py: Ray actors that stay alive, no process per message), with a
+second RESULT line whose baseline is the slowest site's compute.
+
+Baseline of the deployment measurement, same engine, same machine, same run of this
+script: the latency floor of Flower itself, measured with a trivial Flower app (written to a temp folder) whose
 ServerApp sends one small message per round to the same two SuperNodes and whose
 ClientApp replies at once (it imports only flwr).  The target (< 1 s) is absolute.
 """
@@ -37,12 +41,13 @@ import argparse
 import json
 import os
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from common import exit_on_sigterm, load_average, machine, result
+from common import exit_on_sigterm, kill_tree, load_average, machine, result
 
 TARGET_S = 1.0
 BIN = Path(sys.executable).parent
@@ -201,6 +206,40 @@ def nearl_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
     return read_mlflow_rounds(f"sqlite:///{db}", [f"site{i}" for i in range(1, sites + 1)])
 
 
+def simulation_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
+    """The same measurement on the Simulation Engine (simulation/run.py: Ray actors, no process per message)."""
+    from common import ROOT
+
+    work = tmp / "simulation"
+    work.mkdir()
+    db = work / "mlflow.db"
+    cmd = [sys.executable, str(ROOT / "simulation" / "run.py"), "--sites", str(sites), "--rounds", str(rounds),
+           "--local-epochs", "1", "--out", str(work / "out"), "--mlflow-uri", f"sqlite:///{db}"]
+    with open(work / "run.log", "w") as fh:
+        proc = subprocess.Popen(cmd, cwd=work, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env={**os.environ, "HF_HUB_OFFLINE": "1"}, start_new_session=True)
+        try:
+            code = proc.wait(timeout=1800)
+        except BaseException:
+            kill_tree(proc.pid)
+            proc.wait()
+            raise
+    if code != 0:
+        raise RuntimeError(f"simulation/run.py exited {code}:\n{(work / 'run.log').read_text()[-3000:]}")
+    return read_mlflow_rounds(f"sqlite:///{db}", [f"site{i}" for i in range(1, sites + 1)])
+
+
+def import_seconds(module: str = "client.app", repeats: int = 2) -> float:
+    """Median wall time of a fresh interpreter importing ``module``: what every flwr-clientapp process pays."""
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-c", f"import {module}"], check=True, capture_output=True,
+                       env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def read_mlflow_rounds(uri: str, sites: list[str]) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
@@ -225,6 +264,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 3; default 4)")
     ap.add_argument("--sites", type=int, default=2)
+    ap.add_argument("--simulation", action="store_true",
+                    help="also measure the same rounds on the Simulation Engine (printed, no RESULT line)")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep logs, data and the MLflow file here (default: a temp folder, removed)")
     args = ap.parse_args(argv)
@@ -245,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         t1 = time.perf_counter()
         nearl = nearl_rounds(tmp, args.rounds, args.sites)
         t2 = time.perf_counter()
+        sim = simulation_rounds(tmp, args.rounds, args.sites) if args.simulation else None
+        imports = import_seconds()
     print(f"# trivial app run {t1 - t0:.0f}s, NEARL run {t2 - t1:.0f}s (including start-up); "
           f"load average now {load_average()}")
     print(f"\n{'round':>5}  {'floor (s)':>9}  {'NEARL wall (s)':>14}  {'strategy (s)':>12}  {'slowest site (s)':>16}  "
@@ -261,7 +304,22 @@ def main(argv: list[str] | None = None) -> int:
           f"{floor_s:.2f}s (the engine's floor); NEARL overhead above the floor {overhead - floor_s:.2f}s")
     print("the overhead includes Flower's message polling (SuperNode and ServerApp) and a fresh flwr-clientapp "
           "process per message with its imports; site compute is what the sites report as train_seconds")
+    print(f"a fresh interpreter importing client.app (NEARL's ClientApp: torch, open_clip, ...) takes {imports:.2f}s "
+          f"now (median of 2; load average {load_average()}); every train message pays it at every site")
+    if sim:
+        for n in sim:
+            n["overhead"] = n["wall"] - n["slowest"]
+        print(f"\nSimulation Engine, same sites and rounds (Ray actors; no process per message):")
+        print(f"{'round':>5}  {'wall (s)':>9}  {'slowest site (s)':>16}  {'overhead (s)':>12}")
+        for n in sim:
+            print(f"{n['round']:>5}  {n['wall']:>9.2f}  {n['slowest']:>16.2f}  {n['overhead']:>12.2f}")
+        sim_overhead = statistics.median(n["overhead"] for n in sim[middle])
+        sim_compute = statistics.median(n["slowest"] for n in sim[middle])
+        print(f"median over rounds 2..{args.rounds - 1}: simulation overhead {sim_overhead:.2f}s "
+              f"(slowest site compute {sim_compute:.2f}s)")
     result("federation_overhead_seconds", overhead, floor_s, TARGET_S, on="value", unit="s")
+    if sim:  # baseline: the slowest site's compute, so the ratio is the overhead relative to the work
+        result("federation_overhead_simulation_seconds", sim_overhead, sim_compute, TARGET_S, on="value", unit="s")
     return 0
 
 

@@ -46,7 +46,7 @@ SCRIPTS = (
     Script("train_step", "b. local train step", (), ("--repeats", "2")),
     Script("inference", "c. inference", (), ("--repeats", "2")),
     Script("aggregation", "d. server aggregation", (), ("--repeats", "2")),
-    Script("federation_overhead", "e. federation overhead", (), ("--rounds", "3")),
+    Script("federation_overhead", "e. federation overhead", ("--simulation",), ("--rounds", "3")),
     Script("simulation_scale", "f. simulation scale", (), ("--sites", "4,8", "--no-worker-run")),
     Script("dp_overhead", "DP-SGD overhead (privacy issue)", (), ("--repeats", "2")),
 )

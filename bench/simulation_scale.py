@@ -55,7 +55,7 @@ def run_one(sites: int, cpus_per_site: float, interval: float, keep: Path | None
             proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=fh, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
             try:
-                with TreeMemorySampler(proc.pid, interval=interval, count="ray::") as sampler:
+                with TreeMemorySampler(proc.pid, interval=interval, count="ClientAppActor") as sampler:
                     code = proc.wait(timeout=1800)
             except BaseException:  # timeout, Ctrl-C, SIGTERM: leave nothing running
                 kill_tree(proc.pid)
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         one_worker = run_one(counts[0], float(cores), args.interval)
         print(f"  ran {counts[0]} sites with 1 worker: peak RSS {one_worker['rss']:.0f} MiB", flush=True)
 
-    print(f"\n{'sites':>5}  {'cpus/site':>9}  {'Ray workers':>11}  {'processes':>9}  {'peak RSS (MiB)':>14}  "
+    print(f"\n{'sites':>5}  {'cpus/site':>9}  {'Ray actors':>11}  {'processes':>9}  {'peak RSS (MiB)':>14}  "
           f"{'peak PSS (MiB)':>14}  {'federation (s)':>14}  {'total (s)':>9}  answered")
     for r in runs + ([one_worker] if one_worker else []):
         print(f"{r['sites']:>5}  {r['cpus_per_site']:>9g}  {r['workers']:>11}  {r['processes']:>9}  {r['rss']:>14.0f}  "
