@@ -33,6 +33,7 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from nearl_core.privacy import epsilon_of
+from server.arrays import decode_array
 from server.strategy import UNIT_WEIGHT_KEY, NearlStrategyMixin, check_update, metrics_of
 
 log = logging.getLogger("nearl.central_dp")
@@ -89,8 +90,8 @@ class NearlServerSideDP(DifferentialPrivacyServerSideFixedClipping):
         """Clip this reply's update (reply - current global) to the L2 norm C, in place; mark it unit-weight."""
         rec = reply.content.array_records["arrays"]
         keys = list(rec.keys())
-        values = [rec[k].numpy() for k in keys]
-        current = [self.current_arrays[k].numpy() for k in keys]
+        values = [decode_array(rec[k]) for k in keys]
+        current = [decode_array(self.current_arrays[k]) for k in keys]
         update_norm = float(np.sqrt(sum(float(np.square(v.astype(np.float64) - c).sum()) for v, c in zip(values, current))))
         if update_norm > self.clipping_norm:  # (Flower's helper divides by the norm: a zero update would crash it)
             compute_clip_model_update(values, current, self.clipping_norm)

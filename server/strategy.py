@@ -151,15 +151,14 @@ def check_metrics(content: RecordDict) -> str | None:
 def metrics_of_raw(content: RecordDict) -> dict[str, float]:
     """Every numeric metric of a reply, internal weights included (for aggregation)."""
     rec = next(iter(content.metric_records.values()), None)
-    return {} if rec is None else {k: float(v) for k, v in rec.items() if isinstance(v, (int, float))}
+    if rec is None:
+        return {}
+    return {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def metrics_of(content: RecordDict) -> dict[str, float]:
-    rec = next(iter(content.metric_records.values()), None)
-    if rec is None:
-        return {}
-    return {k: float(v) for k, v in rec.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k != UNIT_WEIGHT_KEY}
+    """A reply's metrics as the site reported them (the server's internal weight left out)."""
+    return {k: v for k, v in metrics_of_raw(content).items() if k != UNIT_WEIGHT_KEY}
 
 
 def declined_reason(metrics: Mapping[str, float]) -> str:

@@ -162,21 +162,25 @@ def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
     }
 
 
+def _site_ceiling(item: str) -> str:
+    """``site2=1.5`` -> the run-config form, or a one-line error."""
+    site, _, value = item.partition("=")
+    try:
+        ceiling = float(value)
+    except ValueError:
+        ceiling = None
+    if ceiling is None or not site.strip().startswith("site"):
+        raise NearlError(f"--site-max-epsilon {item}: expected SITE=E, e.g. --site-max-epsilon site2=1.5")
+    return f"{site.strip()}={ceiling}"
+
+
 def dp_config(args: argparse.Namespace, out: Path) -> dict:
     """Run-config keys for sample-level DP at every virtual site (none without --dp-epsilon)."""
     if args.dp_epsilon is None:
         return {}
     from nearl_core.privacy import DEFAULT_DELTA
 
-    ceilings = []
-    for item in args.site_max_epsilon:
-        site, sep, value = item.partition("=")
-        try:
-            ceilings.append(f"{site.strip()}={float(value)}")
-        except ValueError:
-            sep = ""
-        if not sep or not site.strip().startswith("site"):
-            raise NearlError(f"--site-max-epsilon {item}: expected SITE=E, e.g. --site-max-epsilon site2=1.5")
+    ceilings = [_site_ceiling(item) for item in args.site_max_epsilon]
     out_cfg = {"privacy.enabled": True, "privacy.target-epsilon": args.dp_epsilon,
                "privacy.delta": args.dp_delta if args.dp_delta is not None else DEFAULT_DELTA,
                "sim-state-root": str(out / "site-state"), "sim-max-epsilon": ",".join(ceilings)}

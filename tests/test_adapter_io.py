@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import CLASSES, images_for, randomize_adapters, tiny_model
+from conftest import CLASSES, LAYOUT_MODELS, images_for, randomize_adapters, tiny_model
 from nearl_core.adapter_io import (META_FILE, WEIGHTS_FILE, adapter_schema, get_adapter_state, load_adapters,
                                    read_adapters, save_adapters, set_adapter_state)
 from nearl_core.backbone import build_backbone
@@ -24,11 +24,12 @@ def test_state_holds_exactly_the_trainable_tensors():
     assert set(adapter_schema(model)) == trainable
 
 
-def test_round_trip_gives_identical_logits(tmp_path):
-    model = tiny_model()
+@pytest.mark.parametrize("name", LAYOUT_MODELS)  # one model per tower layout
+def test_round_trip_gives_identical_logits(name, tmp_path):
+    model = tiny_model(name)
     randomize_adapters(model)
     save_adapters(model, tmp_path / "a")
-    fresh = tiny_model(seed=0)  # same backbone seed, zero-init adapters
+    fresh = tiny_model(name, seed=0)  # same backbone seed, zero-init adapters
     x = images_for(model, 3)
     with torch.no_grad():
         before = fresh(x).logits
@@ -36,7 +37,7 @@ def test_round_trip_gives_identical_logits(tmp_path):
         assert torch.equal(model(x).logits, fresh(x).logits)
     assert not torch.equal(before, fresh(x).logits)
     meta = json.loads((tmp_path / "a" / META_FILE).read_text())
-    assert meta["backbone"] == "nearl-tiny" and meta["classes"] == list(CLASSES)
+    assert meta["backbone"] == name and meta["classes"] == list(CLASSES)
     assert meta["backbone_source"] == "random-init" and meta["config"]["adapter"]["rank"] == 24
     assert meta["templates"] and meta["version"]
 
