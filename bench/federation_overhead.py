@@ -128,7 +128,7 @@ def _wait(pred, timeout: float, what: str, procs=None) -> None:
 
 # -- the trivial app on the same engine ---------------------------------------------------------------------
 def floor_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
-    from server import flower
+    from nearl_protocol import processes as flower
 
     app = tmp / "floor-app"
     app.mkdir()
@@ -173,7 +173,7 @@ def floor_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
 # -- NEARL: nearl-server + nearl-client ----------------------------------------------------------------------
 def nearl_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
     from nearl_core.demo_data import generate_demo_data
-    from server import flower
+    from nearl_protocol import processes as flower
 
     roots = generate_demo_data(tmp / "data", sites, train_per_site=24, val_per_site=8, test_per_site=8)
     port = flower.free_port()

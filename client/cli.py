@@ -40,11 +40,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pretrained", default=None, help="local path of the backbone weights, if the config uses a file")
     p.add_argument("--max-epsilon", type=float, default=None,
                    help="this site's own DP budget ceiling; the server's config can lower it, never raise it")
+    p.add_argument("--state-dir", type=Path, default=None,
+                   help="this site's state: DP ledger and audit trail (default ~/.nearl/sites/SITE/state)")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["audit"]:
+        return audit_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cmd, env = prepare(args)
@@ -65,7 +70,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     from client.egress import valid_site_name
     from nearl_core.config import load_config
     from nearl_core.workflows import check_data
-    from server import flower
+    from nearl_protocol import processes as flower
 
     if not valid_site_name(args.site):
         raise NearlError(f"--site {args.site!r}: use 1-64 letters, digits, '_', '.' or '-' (e.g. siteA)")
@@ -93,7 +98,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if certs is None:
             raise NearlError("--auth-key needs TLS: drop --insecure and pass --certs DIR")
     home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site)).expanduser()
-    node_config = {"site": args.site, "data-path": str(data), "state-dir": str((home / "state").resolve())}
+    print(f"{PROG}: backbone fingerprint {backbone_fingerprint_of(cfg)}", flush=True)
+    state_dir = (args.state_dir.expanduser() if args.state_dir else home / "state").resolve()
+    node_config = {"site": args.site, "data-path": str(data), "state-dir": str(state_dir),
+                   "coordinator": args.server}
     if args.device:
         node_config["device"] = args.device
     if args.pretrained:
@@ -107,6 +115,38 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env
+
+
+def backbone_fingerprint_of(cfg) -> str:
+    """Build the site's frozen backbone once, as a message would, and return its fingerprint.
+
+    The coordinator sends its own with every instruction; a site whose backbone differs
+    refuses to train (``backbone mismatch``).  Printing it at start-up lets both sides compare.
+    """
+    from nearl_core.backbone import build_backbone
+    from nearl_core.fingerprint import backbone_fingerprint
+
+    backbone = build_backbone(cfg.model)
+    return backbone_fingerprint(backbone.clip, backbone.name, backbone.source)
+
+
+def audit_main(argv: list[str]) -> int:
+    """``nearl-client audit --state-dir DIR [--json]``: what this site sent, per run."""
+    import json
+
+    from client import audit
+
+    p = argparse.ArgumentParser(prog=f"{PROG} audit", description="Summarise a site's audit trail per run.")
+    p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (holds audit.jsonl)")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    args = p.parse_args(argv)
+    try:
+        runs = audit.summarise(audit.read_lines(args.state_dir.expanduser() / "audit.jsonl"))
+    except (OSError, ValueError) as err:
+        print(f"{PROG} audit: error: {err}", file=sys.stderr)
+        return 2
+    print(json.dumps(runs, indent=2) if args.json else audit.format_summary(runs))
+    return 0
 
 
 if __name__ == "__main__":  # pragma: no cover

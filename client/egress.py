@@ -15,18 +15,18 @@ the ClientApp fails the message and the server sees an error instead of data.
 
 from __future__ import annotations
 
-import math
 import re
-from typing import Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from nearl_core.errors import NearlError
+from nearl_protocol import keys
+from nearl_protocol.arrays import PayloadError, decode_array
+from nearl_protocol.schema import Schema, schema_problem
 
 MAX_METRICS = 256
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 METRIC_NAME = re.compile(r"^[A-Za-z0-9_.\-/]{1,120}$")
-Schema = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 class EgressError(NearlError):
@@ -35,41 +35,30 @@ class EgressError(NearlError):
 
 def check_reply(content: RecordDict, schema: Schema, *, with_arrays: bool) -> None:
     """Raise :class:`EgressError` unless ``content`` holds only what may leave the site."""
-    allowed = {"metrics": MetricRecord, "site": ConfigRecord}
+    allowed: dict[str, type] = {keys.METRICS: MetricRecord, keys.SITE: ConfigRecord}
     if with_arrays:
-        allowed["arrays"] = ArrayRecord
-    keys = set(content.keys())
-    if keys != set(allowed):
-        raise EgressError(f"reply records {sorted(keys)} differ from the allowed {sorted(allowed)}")
+        allowed[keys.ARRAYS] = ArrayRecord
+    records = set(content.keys())
+    if records != set(allowed):
+        raise EgressError(f"reply records {sorted(records)} differ from the allowed {sorted(allowed)}")
     for key, kind in allowed.items():
         if type(content[key]) is not kind:
             raise EgressError(f"reply record '{key}' is a {type(content[key]).__name__}, expected {kind.__name__}")
     if with_arrays:
-        _check_arrays(content["arrays"], schema)
-    _check_metrics(content["metrics"])
-    _check_site(content["site"])
+        _check_arrays(content[keys.ARRAYS], schema)
+    _check_metrics(content[keys.METRICS])
+    _check_site(content[keys.SITE])
 
 
 def _check_arrays(arrays: ArrayRecord, schema: Schema) -> None:
-    names = set(arrays.keys())
-    missing, extra = sorted(set(schema) - names), sorted(names - set(schema))
-    if missing or extra:
-        raise EgressError(f"outgoing tensors differ from the adapter schema (missing {missing[:3]}, "
-                          f"not adapter tensors {extra[:3]}); refusing to send")
-    for name, (shape, dtype) in schema.items():
-        arr = arrays[name]
-        if arr.stype != "numpy.ndarray":
-            raise EgressError(f"tensor '{name}' is serialized as {arr.stype!r}, expected numpy.ndarray")
-        if tuple(arr.shape) != tuple(shape) or str(arr.dtype) != dtype:
-            raise EgressError(f"tensor '{name}' is {arr.dtype}{list(arr.shape)}, the schema says {dtype}{list(shape)}")
-        if len(arr.data) > _nbytes(shape, dtype) + 1024:  # npy header only; no hidden trailing bytes
-            raise EgressError(f"tensor '{name}' carries {len(arr.data)} bytes, more than its shape needs")
-
-
-def _nbytes(shape: tuple[int, ...], dtype: str) -> int:
-    import numpy as np
-
-    return int(math.prod(shape)) * np.dtype(dtype).itemsize
+    problem = schema_problem(arrays, schema)
+    if problem:
+        raise EgressError(f"outgoing {problem}; refusing to send")
+    for name, arr in arrays.items():
+        try:
+            decode_array(arr)  # bytes agree with the stated layout: nothing hidden after the data
+        except PayloadError as err:
+            raise EgressError(f"tensor '{name}': {err}; refusing to send") from None
 
 
 def _check_metrics(metrics: MetricRecord) -> None:
@@ -83,9 +72,9 @@ def _check_metrics(metrics: MetricRecord) -> None:
 
 
 def _check_site(site: ConfigRecord) -> None:
-    if set(site.keys()) != {"name"}:
-        raise EgressError(f"site record holds {sorted(site.keys())}; only 'name' may leave the site")
-    name = site["name"]
+    if set(site.keys()) != {keys.SITE_NAME}:
+        raise EgressError(f"site record holds {sorted(site.keys())}; only '{keys.SITE_NAME}' may leave the site")
+    name = site[keys.SITE_NAME]
     if not isinstance(name, str) or not SITE_NAME.match(name):
         raise EgressError(f"site name {name!r} must be 1-64 letters, digits, '_', '.' or '-'")
 

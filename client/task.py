@@ -11,96 +11,49 @@ are returned.
 from __future__ import annotations
 
 import functools
-import json
 import math
 import time
 import zlib
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
+import numpy as np
 import torch
-from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 
-from client.egress import EgressError, check_reply, valid_site_name
+from client import audit
+from client.binding import SiteBinding, site_binding
+from client.egress import EgressError, check_reply
 from nearl_core.adapter_io import adapter_schema, get_adapter_state, set_adapter_state
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import ModelConfig, NearlConfig, from_dict
 from nearl_core.data import SiteData, scan_site
-from nearl_core.errors import ConfigError
+from nearl_core.errors import NearlError
+from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import check_transport, decode, encode, wire_schema
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
-
-CONFIG_KEY = "nearl-config"
-
-
-@dataclass(frozen=True)
-class SiteBinding:
-    site: str
-    data: Path
-    device: str | None = None
-    pretrained: str | None = None
-    state_dir: Path | None = None  # site-local state (the DP accountant's ledger)
-    max_epsilon: float | None = None  # the site's own DP ceiling (nearl-client --max-epsilon)
-
-    def privacy_dir(self) -> Path:
-        return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
+from nearl_protocol import keys
+from nearl_protocol.messages import Instruction, build_reply, read_instruction, refusal
 
 
-def site_binding(node_config: Mapping[str, Any], run_config: Mapping[str, Any] | None = None) -> SiteBinding:
-    """The SuperNode's ``--node-config 'site="siteA" data-path="/data/siteA"'``.
-
-    On the Simulation Engine a virtual node only has a ``partition-id``; the simulation
-    launcher passes ``sim-data-root`` in the run config and partition k is ``site{k+1}``.
-    """
-    run_config = run_config or {}
-    sim_root = str(run_config.get("sim-data-root", "")).strip()
-    if "site" not in node_config and "partition-id" in node_config and sim_root:
-        return _simulated_site(int(node_config["partition-id"]), run_config)
-    site = str(node_config.get("site", "")).strip()
-    data = str(node_config.get("data-path", "")).strip()
-    if not valid_site_name(site):
-        raise ConfigError(f"node config site={site!r}: start the node with nearl-client --site NAME")
-    if not data:
-        raise ConfigError(f"site {site}: node config has no data-path; start the node with nearl-client --data DIR")
-    device = str(node_config.get("device", "")).strip() or None
-    pretrained = str(node_config.get("pretrained", "")).strip() or None
-    state_dir = str(node_config.get("state-dir", "")).strip() or None
-    max_eps = node_config.get("max-epsilon")
-    return SiteBinding(site, Path(data), device, pretrained, Path(state_dir) if state_dir else None,
-                       float(max_eps) if max_eps not in (None, "") else None)
+class SiteRefusal(NearlError):
+    """The site will not carry out this instruction (e.g. another backbone); the reason is sent back."""
 
 
-def _simulated_site(partition: int, run_config: Mapping[str, Any]) -> SiteBinding:
-    """Virtual site k+1 of a simulation: data, DP ledger and optional own ceiling under the run's folder.
-
-    ``sim-max-epsilon`` ("site2=1.5,site3=4") gives chosen virtual sites a tighter
-    budget, as their own ``nearl-client --max-epsilon`` would.
-    """
-    name = f"site{partition + 1}"
-    state_root = str(run_config.get("sim-state-root", "")).strip()
-    ceilings = {}
-    for item in str(run_config.get("sim-max-epsilon", "")).split(","):
-        site, _, value = item.partition("=")
-        if site.strip() and value.strip():
-            ceilings[site.strip()] = float(value)
-    return SiteBinding(name, Path(str(run_config["sim-data-root"])) / name,
-                       state_dir=Path(state_root) / name if state_root else None, max_epsilon=ceilings.get(name))
-
-
-def config_from_message(msg: Message, binding: SiteBinding | None = None) -> NearlConfig:
+def site_config(instruction: Instruction, binding: SiteBinding | None = None) -> NearlConfig:
     """The federation's NEARL config as sent by the ServerApp, with the site's local device/weights path."""
-    rec = msg.content.config_records.get("config")
-    raw = rec.get(CONFIG_KEY) if rec is not None else None
-    if not isinstance(raw, str):
-        raise ConfigError("the server sent no NEARL config; server and client versions do not match")
-    cfg = from_dict(json.loads(raw), source="federation config")
+    cfg = from_dict(instruction.nearl_config, source="federation config")
     if binding is not None and binding.pretrained:
         cfg = replace(cfg, model=replace(cfg.model, pretrained=binding.pretrained))
     if binding is not None and binding.device:
         cfg = replace(cfg, train=replace(cfg.train, device=binding.device))
     return cfg
+
+
+def config_from_message(msg: Message, binding: SiteBinding | None = None) -> NearlConfig:
+    return site_config(read_instruction(msg), binding)
 
 
 @functools.lru_cache(maxsize=2)
@@ -115,29 +68,27 @@ def cached_site(root: Path, classes: tuple[str, ...]) -> SiteData:
     return scan_site(root, classes, verify=False)
 
 
-def build_site_model(cfg: NearlConfig, arrays: ArrayRecord | None, device: torch.device,
+def build_site_model(cfg: NearlConfig, arrays: Mapping[str, np.ndarray] | None, device: torch.device,
                      transport: str = "float32") -> NearlCLIP:
     """The site's model with the global adapters from the message (widened from the transport dtype)."""
     model = build_model(cfg, cfg.task.classes, backbone=cached_backbone(cfg.model))
     if arrays is not None:
-        wide = decode({k: a.numpy() for k, a in arrays.items()}, adapter_schema(model), transport)
-        set_adapter_state(model, {k: torch.from_numpy(v) for k, v in wide.items()})
+        wide = decode(dict(arrays), adapter_schema(model), transport)
+        set_adapter_state(model, {k: torch.from_numpy(np.array(v)) for k, v in wide.items()})
     return model.to(device)
 
 
-def transport_of(msg: Message) -> str:
-    config = msg.content.config_records.get("config") or ConfigRecord()
-    return check_transport(str(config.get("transport-dtype", "float32")))
+def check_backbone(model: NearlCLIP, instruction: Instruction) -> None:
+    """Refuse to train or evaluate on a backbone other than the coordinator's."""
+    have = model_fingerprint(model)
+    if instruction.backbone and instruction.backbone != have:
+        raise SiteRefusal(f"{keys.BACKBONE_MISMATCH}: expected {instruction.backbone}, have {have}")
 
 
 def _prefixed(metrics: Mapping[str, float], prefix: str) -> dict[str, float]:
-    out = {}
-    for k, v in metrics.items():
-        if k == "examples":
-            out[f"{prefix}_examples"] = int(v)
-        elif isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[f"{prefix}_{k}"] = float(v)
-    return out
+    """``evaluate()``'s metrics as wire keys: ``eval-accuracy``, ``eval-recall/normal``, ``eval-examples``."""
+    return {keys.wire_metric(prefix, k): (int(v) if k == "examples" else float(v))
+            for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _loader(site: SiteData, split: str, model: NearlCLIP, cfg: NearlConfig, device: torch.device, *, seed: int = 0):
@@ -145,16 +96,15 @@ def _loader(site: SiteData, split: str, model: NearlCLIP, cfg: NearlConfig, devi
                        seed=seed)
 
 
-def _reply(msg: Message, binding: SiteBinding, metrics: dict[str, float], model: NearlCLIP | None,
-           transport: str = "float32") -> Message:
-    records: dict[str, Any] = {"metrics": MetricRecord(metrics), "site": ConfigRecord({"name": binding.site})}
-    if model is not None:
-        wire = encode(get_adapter_state(model), transport)
-        records["arrays"] = ArrayRecord({k: Array(v) for k, v in wire.items()})
-    content = RecordDict(records)
-    schema = wire_schema(adapter_schema(model), transport) if model is not None else {}
-    check_reply(content, schema, with_arrays=model is not None)
-    return Message(content=content, reply_to=msg)
+@dataclass
+class Outcome:
+    """What a handler produced: the scalar metrics, the adapters to send (train) and the ledger's epsilon."""
+
+    metrics: dict[str, float]
+    model: NearlCLIP | None = None
+    transport: str = "float32"
+    eps_before: float | None = None
+    eps_after: float | None = None
 
 
 def _proximal_hooks(model: NearlCLIP, mu: float) -> list:
@@ -179,8 +129,8 @@ class RoundBudget:
 
     def declined_metrics(self) -> dict[str, float]:
         """What a declining site reports: its ledger, never an update."""
-        return {**self.state.report(), "dp-declined": 1.0, "dp-max-epsilon": float(self.ceiling),
-                "dp-epsilon-next": float(self.state.epsilon_after(self.steps))}
+        return {**self.state.report(), keys.DP_DECLINED: 1.0, keys.DP_MAX_EPSILON: float(self.ceiling),
+                keys.DP_EPSILON_NEXT: float(self.state.epsilon_after(self.steps))}
 
 
 def _round_budget(binding: SiteBinding, cfg: NearlConfig, n_train: int, epochs: int, total_rounds: int,
@@ -212,73 +162,114 @@ def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.dev
                                max_epsilon=budget.ceiling, log=log)
 
 
-def train_reply(msg: Message, context: Context, log=print) -> Message:
-    """Evaluate the incoming global adapters (optional), train locally, reply adapters + metrics."""
+def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Callable[[str], None]) -> Outcome:
+    """Evaluate the incoming global adapters (optional), train locally; the metrics and adapters to send."""
     t0 = time.perf_counter()
-    binding = site_binding(context.node_config, context.run_config)
-    cfg = config_from_message(msg, binding)
-    config = msg.content.config_records.get("config") or ConfigRecord()
-    server_round = int(config.get("server-round", 0))
-    epochs = int(config.get("local-epochs", 1))
+    cfg = site_config(instruction, binding)
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)
     n_train = len(site.samples("train"))
-    site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
-    budget = (_round_budget(binding, cfg, n_train, epochs, int(config.get("total-rounds", 1)), site_log)
+    transport = check_transport(instruction.transport)
+    model = build_site_model(cfg, _arrays(msg), device, transport)
+    check_backbone(model, instruction)
+    budget = (_round_budget(binding, cfg, n_train, instruction.local_epochs, instruction.total_rounds, log)
               if cfg.privacy.enabled else None)
-    transport = transport_of(msg)
-    model = build_site_model(cfg, msg.content.array_records.get("arrays"), device, transport)
+    eps_before = float(budget.state.epsilon) if budget is not None else None
     metrics: dict[str, float] = {}
-    if bool(config.get("evaluate-first", False)):
+    if instruction.evaluate_first:
         metrics.update(_prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device,
-                                          amp=cfg.train.amp), "eval"))
+                                          amp=cfg.train.amp), keys.EVAL_PREFIX))
     if budget is not None and budget.decline:
-        site_log(budget.decline)
-        metrics.update({"num-examples": n_train, **budget.declined_metrics()})
-        return _reply(msg, binding, metrics, None)  # no arrays: nothing was trained
-    seed = cfg.train.seed + 1000 * server_round + zlib.crc32(binding.site.encode()) % 1000
+        log(budget.decline)
+        metrics.update({keys.NUM_EXAMPLES: n_train, **budget.declined_metrics()})
+        return Outcome(metrics, None, transport, eps_before, eps_before)  # no arrays: nothing was trained
+    seed = cfg.train.seed + 1000 * instruction.server_round + zlib.crc32(binding.site.encode()) % 1000
     seed_everything(seed)
     loader = _loader(site, "train", model, cfg, device, seed=seed)
     if budget is not None:
-        history = _private_round(model, loader, cfg, device, budget, epochs, site_log)
+        history = _private_round(model, loader, cfg, device, budget, instruction.local_epochs, log)
     else:
-        mu = float(config.get("proximal-mu", 0.0))
-        handles = _proximal_hooks(model, mu) if mu > 0 else []
+        handles = _proximal_hooks(model, instruction.proximal_mu) if instruction.proximal_mu > 0 else []
         try:
-            history = fit(model, loader, cfg, device, epochs=epochs, log=site_log)
+            history = fit(model, loader, cfg, device, epochs=instruction.local_epochs, log=log)
         finally:
             for h in handles:
                 h.remove()
     last = history[-1] if history else {"train_loss": math.nan, "train_accuracy": math.nan}
-    metrics.update({
-        "num-examples": n_train,
-        "train_loss": float(last["train_loss"]),
-        "train_accuracy": float(last["train_accuracy"]),
-        "train_seconds": time.perf_counter() - t0,
-    })
+    metrics.update({keys.NUM_EXAMPLES: n_train, keys.TRAIN_LOSS: float(last["train_loss"]),
+                    keys.TRAIN_ACCURACY: float(last["train_accuracy"]),
+                    keys.TRAIN_SECONDS: time.perf_counter() - t0})
     if budget is not None:
-        metrics.update(budget.state.report())  # epsilon, dp-steps, dp-sample-rate, dp-noise-multiplier, dp-delta
-    reply = _reply(msg, binding, metrics, model, transport)
-    log(f"[{binding.site}] round {server_round}: sent {len(metrics)} metrics and "
-        f"{sum(a.numpy().nbytes for a in reply.content['arrays'].values())} adapter bytes", flush=True)
+        metrics.update(budget.state.report())  # the ledger: keys.LEDGER
+    return Outcome(metrics, model, transport, eps_before, float(budget.state.epsilon) if budget else None)
+
+
+def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log: Callable[[str], None]) -> Outcome:
+    """Val (and test, when the site has one) metrics of the global adapters in the message."""
+    cfg = site_config(instruction, binding)
+    device = select_device(cfg.train.device)
+    site = cached_site(binding.data, cfg.task.classes)
+    model = build_site_model(cfg, _arrays(msg), device, check_transport(instruction.transport))
+    check_backbone(model, instruction)
+    val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp),
+                    keys.EVAL_PREFIX)
+    metrics: dict[str, float] = {keys.NUM_EXAMPLES: int(val.pop(keys.EVAL_EXAMPLES)), **val}
+    if "test" in site.splits:
+        metrics.update(_prefixed(evaluate(model, _loader(site, "test", model, cfg, device), device,
+                                          amp=cfg.train.amp), keys.TEST_PREFIX))
+    log(f"evaluated the global adapters: val accuracy {metrics.get('eval-accuracy', math.nan):.3f}")
+    return Outcome(metrics)
+
+
+def _arrays(msg: Message) -> dict[str, np.ndarray] | None:
+    rec = msg.content.array_records.get(keys.ARRAYS)
+    return None if rec is None else {k: a.numpy() for k, a in rec.items()}
+
+
+def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
+    """Run one handler and return its reply, after the egress check and after the audit line is on disk.
+
+    A refusal (another backbone, a bad config) or a NEARL error goes back as an error reply
+    with its one-line reason; either way the audit trail records what left and why.
+    """
+    server_round = "?"
+    try:
+        instruction = read_instruction(msg)
+        server_round = instruction.server_round
+        if instruction.node_refused:
+            raise SiteRefusal(f"the coordinator refuses this node: {instruction.node_refused}")
+        site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
+        outcome = handler(msg, instruction, binding, site_log)
+        reply = _reply(msg, binding, outcome)
+    except (NearlError, ValueError) as err:
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        log(f"[{binding.site}] round {server_round} refused: {reason}", flush=True)
+        outcome, reply = Outcome({}), refusal(msg, reason)
+    audit.append(binding.audit_file(), audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
+                                                        eps_before=outcome.eps_before, eps_after=outcome.eps_after))
+    if not reply.has_error() and reply.content.array_records:
+        sent = sum(a.numpy().nbytes for a in reply.content[keys.ARRAYS].values())
+        log(f"[{binding.site}] round {server_round}: sent {len(outcome.metrics)} metrics and {sent} adapter bytes",
+            flush=True)
     return reply
 
 
-def evaluate_reply(msg: Message, context: Context, log=print) -> Message:
-    """Val (and test, when the site has one) metrics of the global adapters in the message."""
-    binding = site_binding(context.node_config, context.run_config)
-    cfg = config_from_message(msg, binding)
-    device = select_device(cfg.train.device)
-    site = cached_site(binding.data, cfg.task.classes)
-    model = build_site_model(cfg, msg.content.array_records.get("arrays"), device, transport_of(msg))
-    val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp), "eval")
-    metrics: dict[str, float] = {"num-examples": int(val.pop("eval_examples")), **val}
-    if "test" in site.splits:
-        metrics.update(_prefixed(evaluate(model, _loader(site, "test", model, cfg, device), device,
-                                          amp=cfg.train.amp), "test"))
-    log(f"[{binding.site}] evaluated the global adapters: val accuracy {metrics.get('eval_accuracy', math.nan):.3f}",
-        flush=True)
-    return _reply(msg, binding, metrics, None)
+def _reply(msg: Message, binding: SiteBinding, outcome: Outcome) -> Message:
+    arrays = encode(get_adapter_state(outcome.model), outcome.transport) if outcome.model is not None else None
+    reply = build_reply(msg, site=binding.site, metrics=outcome.metrics, arrays=arrays)
+    schema = wire_schema(adapter_schema(outcome.model), outcome.transport) if outcome.model is not None else {}
+    check_reply(reply.content, schema, with_arrays=outcome.model is not None)
+    return reply
 
 
-__all__ = ["train_reply", "evaluate_reply", "site_binding", "config_from_message", "EgressError"]
+def train_reply(msg: Message, context: Context, log=print, *, binding: SiteBinding | None = None) -> Message:
+    """The ClientApp's train handler: evaluate the incoming global adapters, train locally, reply."""
+    return answer(msg, binding or site_binding(context.node_config), _train, log)
+
+
+def evaluate_reply(msg: Message, context: Context, log=print, *, binding: SiteBinding | None = None) -> Message:
+    """The ClientApp's evaluate handler: metrics of the global adapters on the site's val/test splits."""
+    return answer(msg, binding or site_binding(context.node_config), _evaluate, log)
+
+
+__all__ = ["train_reply", "evaluate_reply", "site_binding", "SiteBinding", "config_from_message", "EgressError"]

@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 
 from nearl_core.errors import AdapterFileError
 from nearl_core.model import ADAPTER_PREFIX, NearlCLIP, is_adapter_param
+from nearl_protocol.schema import schema_of, schema_problem
 
 WEIGHTS_FILE = "adapters.safetensors"
 META_FILE = "adapters.json"
@@ -46,26 +47,18 @@ def get_adapter_state(model: NearlCLIP) -> dict[str, torch.Tensor]:
 
 def adapter_schema(model: NearlCLIP) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype): the agreed layout of every payload for this model."""
-    return {k: (tuple(v.shape), str(v.dtype).removeprefix("torch.")) for k, v in get_adapter_state(model).items()}
+    return schema_of(get_adapter_state(model))
 
 
 def set_adapter_state(model: NearlCLIP, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors, refusing missing, extra or mis-shaped entries."""
     params = {name[len(ADAPTER_PREFIX):]: p for name, p in model.named_parameters() if is_adapter_param(name)}
-    missing, extra = sorted(set(params) - set(state)), sorted(set(state) - set(params))
-    if missing or extra:
-        raise AdapterFileError(
-            f"adapter tensors do not match this model (missing {missing[:3]}, unexpected {extra[:3]}); "
-            "were they made with other adapter dimensions?"
-        )
+    problem = schema_problem(state, schema_of(params), dtypes=False)
+    if problem:
+        raise AdapterFileError(f"adapter {problem}; were they made with other adapter dimensions?")
     for name, p in params.items():
-        value = torch.as_tensor(state[name])
-        if tuple(value.shape) != tuple(p.shape):
-            raise AdapterFileError(
-                f"adapter tensor '{name}' has shape {tuple(value.shape)}, this model needs {tuple(p.shape)}"
-            )
         with torch.no_grad():
-            p.copy_(value.to(dtype=p.dtype, device=p.device))
+            p.copy_(torch.as_tensor(state[name]).to(dtype=p.dtype, device=p.device))
 
 
 def model_metadata(model: NearlCLIP, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:

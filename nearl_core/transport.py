@@ -14,9 +14,10 @@ from typing import Mapping
 import numpy as np
 import torch
 
+from nearl_protocol.schema import Schema
+
 TRANSPORT_DTYPES = ("float32", "fp16", "bf16")
 _WIRE = {"float32": "float32", "fp16": "float16", "bf16": "int16"}  # numpy dtype of a float32 tensor on the wire
-Schema = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 def check_transport(transport: str) -> str:

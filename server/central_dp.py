@@ -33,8 +33,10 @@ from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from nearl_core.privacy import epsilon_of
-from server.arrays import decode_array
-from server.strategy import UNIT_WEIGHT_KEY, NearlStrategyMixin, check_update, metrics_of
+from nearl_protocol import keys
+from nearl_protocol.arrays import decode_array
+from server.screening import check_update, declined
+from server.strategy import UNIT_WEIGHT_KEY, NearlStrategyMixin
 
 log = logging.getLogger("nearl.central_dp")
 MEAN_STRATEGIES = ("fedavg", "fedprox")  # noise on a plain mean of clipped updates; the analysis needs that
@@ -82,20 +84,20 @@ class NearlServerSideDP(DifferentialPrivacyServerSideFixedClipping):
     def _is_update(reply: Message, inner: NearlStrategyMixin) -> bool:
         if reply.has_error() or not reply.has_content():
             return False
-        if metrics_of(reply.content).get("dp-declined") == 1.0:
+        if declined(reply.content):
             return False
         return check_update(reply.content, inner.schema) is None
 
     def _clip(self, reply: Message) -> None:
         """Clip this reply's update (reply - current global) to the L2 norm C, in place; mark it unit-weight."""
-        rec = reply.content.array_records["arrays"]
-        keys = list(rec.keys())
-        values = [decode_array(rec[k]) for k in keys]
-        current = [decode_array(self.current_arrays[k]) for k in keys]
+        rec = reply.content.array_records[keys.ARRAYS]
+        names = list(rec.keys())
+        values = [decode_array(rec[k]) for k in names]
+        current = [decode_array(self.current_arrays[k]) for k in names]
         update_norm = float(np.sqrt(sum(float(np.square(v.astype(np.float64) - c).sum()) for v, c in zip(values, current))))
         if update_norm > self.clipping_norm:  # (Flower's helper divides by the norm: a zero update would crash it)
             compute_clip_model_update(values, current, self.clipping_norm)
-        reply.content["arrays"] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(keys, values)})
+        reply.content[keys.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(names, values)})
         next(iter(reply.content.metric_records.values()))[UNIT_WEIGHT_KEY] = 1.0
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from safetensors.numpy import load_file, save_file
 
 from nearl_core.errors import NearlError
+from nearl_protocol.schema import Schema, schema_problem
 
 ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 STATE_FILE = "state.json"
@@ -133,17 +134,11 @@ def load_latest(root: str | Path) -> Checkpoint:
     raise CheckpointError("; ".join(errors))
 
 
-def check_schema(arrays: Mapping[str, np.ndarray], schema: Mapping[str, tuple[tuple[int, ...], str]],
-                 source: str) -> None:
+def check_schema(arrays: Mapping[str, np.ndarray], schema: Schema, source: str) -> None:
     """Refuse a checkpoint made for other adapter dimensions."""
-    if set(arrays) != set(schema):
-        missing, extra = sorted(set(schema) - set(arrays)), sorted(set(arrays) - set(schema))
-        raise CheckpointError(f"{source}: adapter tensors do not match this config (missing {missing[:3]}, "
-                              f"unexpected {extra[:3]}); resume with the config of the original run")
-    for name, (shape, _) in schema.items():
-        if tuple(arrays[name].shape) != tuple(shape):
-            raise CheckpointError(f"{source}: tensor '{name}' has shape {tuple(arrays[name].shape)}, "
-                                  f"this config needs {tuple(shape)}")
+    problem = schema_problem(arrays, schema, dtypes=False)
+    if problem:
+        raise CheckpointError(f"{source}: {problem}; resume with the config of the original run")
 
 
 def _fsync(path: Path) -> None:

@@ -25,8 +25,10 @@ from pathlib import Path
 from typing import Any
 
 from nearl_core.errors import NearlError
-from server import flower
-from server.flower import Certs, FlowerError
+from nearl_core.transport import TRANSPORT_DTYPES
+from server import settings
+from nearl_protocol import processes as flower
+from nearl_protocol.processes import Certs, FlowerError
 
 PROG = "nearl-server"
 STATUS_OUTAGE_SECONDS = 900.0
@@ -35,21 +37,24 @@ POLL_SECONDS = 10.0  # `flwr ls` is a Python process per call; progress lines ar
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description="Coordinate a NEARL federation (Flower SuperLink + ServerApp).")
-    p.add_argument("--rounds", type=int, default=3, help="global rounds (default 3)")
-    p.add_argument("--config", default="demo", help="NEARL config: shipped name (demo, vit-b16) or YAML file")
+    d, h = settings.default, settings.help_of
+    p.add_argument("--rounds", type=int, default=d("num_rounds"), help=h("num_rounds"))
+    p.add_argument("--config", default=d("config"), help=h("config"))
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
                    help="override a NEARL config value, e.g. --set train.lr=0.001 (repeatable)")
-    p.add_argument("--strategy", default="fedavg",
-                   help="fedavg (default), fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum")
-    p.add_argument("--min-sites", type=int, default=2, help="sites required to start each round (default 2)")
-    p.add_argument("--fraction-train", type=float, default=1.0, help="fraction of connected sites per round")
-    p.add_argument("--local-epochs", type=int, default=1, help="local epochs per site per round (default 1)")
-    p.add_argument("--round-timeout", type=float, default=3600.0,
-                   help="seconds a round waits for replies before going on without a site (default 3600)")
-    p.add_argument("--wait-timeout", type=float, default=600.0,
-                   help="seconds to wait for --min-sites sites to connect before failing (default 600)")
-    p.add_argument("--no-eval-in-train", action="store_true",
-                   help="evaluate in a separate message every round (slower; default: inside the train message)")
+    p.add_argument("--strategy", default=d("strategy"), help=h("strategy"))
+    p.add_argument("--min-sites", type=int, default=d("min_nodes"), help=h("min_nodes"))
+    p.add_argument("--fraction-train", type=float, default=d("fraction_train"), help=h("fraction_train"))
+    p.add_argument("--local-epochs", type=int, default=d("local_epochs"), help=h("local_epochs"))
+    p.add_argument("--round-timeout", type=float, default=d("round_timeout"), help=h("round_timeout"))
+    p.add_argument("--wait-timeout", type=float, default=d("wait_timeout"), help=h("wait_timeout"))
+    p.add_argument("--no-eval-in-train", dest="evaluate_in_train", action="store_false",
+                   default=d("evaluate_in_train"), help="evaluate in a separate message every round (slower; "
+                   "default: inside the train message)")
+    p.add_argument("--proximal-mu", type=float, default=d("proximal_mu"), help=h("proximal_mu"))
+    p.add_argument("--server-lr", type=float, default=d("server_lr"), help=h("server_lr"))
+    p.add_argument("--trim-beta", type=float, default=d("trim_beta"), help=h("trim_beta"))
+    p.add_argument("--krum-malicious", type=int, default=d("krum_malicious"), help=h("krum_malicious"))
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 = local only)")
     p.add_argument("--port", type=int, default=9092, help="port sites connect to (default 9092)")
     tls = p.add_mutually_exclusive_group()
@@ -57,19 +62,18 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--auth-keys", type=Path, default=None,
                    help="folder of site public keys (*.pub): enables SuperNode authentication; only these sites join")
-    p.add_argument("--mlflow-uri", default="sqlite:///mlflow.db",
-                   help="MLflow tracking URI (default sqlite:///mlflow.db in this folder; http://host:5000 for a server)")
-    p.add_argument("--experiment", default="nearl-federated", help="MLflow experiment name")
-    p.add_argument("--checkpoint-dir", type=Path, default=Path("checkpoints"), help="where rounds are checkpointed")
-    p.add_argument("--keep-checkpoints", type=int, default=3, help="most recent rounds kept (0 = all)")
+    p.add_argument("--mlflow-uri", default=d("mlflow_uri"),
+                   help=h("mlflow_uri", "; a relative sqlite path is in this folder; http://host:5000 for a server"))
+    p.add_argument("--experiment", default=d("mlflow_experiment"), help=h("mlflow_experiment"))
+    p.add_argument("--checkpoint-dir", type=Path, default=Path(d("checkpoint_dir")), help=h("checkpoint_dir"))
+    p.add_argument("--keep-checkpoints", type=int, default=d("keep_checkpoints"), help=h("keep_checkpoints"))
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR from its last complete round (same MLflow run)")
     p.add_argument("--superlink-db", type=Path, default=None, metavar="FILE",
                    help="keep the SuperLink's state in this sqlite file so connected sites survive a coordinator "
                         "restart (default: in memory; sites then rejoin by restarting nearl-client)")
-    p.add_argument("--transport-dtype", default="float32", choices=("float32", "fp16", "bf16"),
-                   help="adapters on the wire (both directions): fp16/bf16 halve the payload; the server "
-                        "aggregates in float32 (default float32)")
+    p.add_argument("--transport-dtype", default=d("transport_dtype"), choices=TRANSPORT_DTYPES,
+                   help=h("transport_dtype", "; fp16/bf16 halve the payload in both directions"))
     p.add_argument("--quiet", action="store_true", help="only the final summary")
     dp = p.add_argument_group("differential privacy (docs/privacy.md)")
     dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
@@ -78,13 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--dp-delta", type=float, default=None, metavar="D",
                     help="sample-level delta (default: per site, below 1/N of its training images)")
     dp.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C", help="per-sample clipping bound")
-    dp.add_argument("--server-dp-noise", type=float, default=0.0, metavar="Z",
-                    help="client-level DP at the server: noise multiplier on the mean of clipped updates "
-                         "(needs --server-dp-clip; fedavg/fedprox only)")
-    dp.add_argument("--server-dp-clip", type=float, default=0.0, metavar="C",
-                    help="L2 bound of each site's update for server-side DP")
-    dp.add_argument("--server-dp-delta", type=float, default=1e-5, metavar="D",
-                    help="client-level delta for the server-side epsilon (default 1e-5)")
+    dp.add_argument("--server-dp-noise", type=float, default=d("server_dp_noise"), metavar="Z",
+                    help=h("server_dp_noise", "; needs --server-dp-clip"))
+    dp.add_argument("--server-dp-clip", type=float, default=d("server_dp_clip"), metavar="C",
+                    help=h("server_dp_clip"))
+    dp.add_argument("--server-dp-delta", type=float, default=d("server_dp_delta"), metavar="D",
+                    help=h("server_dp_delta"))
     return p
 
 
@@ -184,12 +187,13 @@ class Server:
         run_config = {
             "num-server-rounds": a.rounds, "config": str(config_path), "strategy": a.strategy,
             "min-nodes": a.min_sites, "fraction-train": a.fraction_train, "round-timeout": a.round_timeout,
-            "wait-timeout": a.wait_timeout, "local-epochs": a.local_epochs,
-            "evaluate-in-train": not a.no_eval_in_train, "mlflow-uri": self._mlflow_uri(),
-            "mlflow-experiment": a.experiment, "checkpoint-dir": str(self.checkpoint_dir),
-            "keep-checkpoints": a.keep_checkpoints, "resume": a.resume is not None,
-            "progress-file": str(self.state_dir / "progress.jsonl"), "server-dp-noise": a.server_dp_noise,
-            "server-dp-clip": a.server_dp_clip, "transport-dtype": a.transport_dtype, "server-dp-delta": a.server_dp_delta, **overrides,
+            "wait-timeout": a.wait_timeout, "local-epochs": a.local_epochs, "evaluate-in-train": a.evaluate_in_train,
+            "proximal-mu": a.proximal_mu, "server-lr": a.server_lr, "trim-beta": a.trim_beta,
+            "krum-malicious": a.krum_malicious, "mlflow-uri": self._mlflow_uri(), "mlflow-experiment": a.experiment,
+            "checkpoint-dir": str(self.checkpoint_dir), "keep-checkpoints": a.keep_checkpoints,
+            "resume": a.resume is not None, "progress-file": str(self.state_dir / "progress.jsonl"),
+            "server-dp-noise": a.server_dp_noise, "server-dp-clip": a.server_dp_clip,
+            "server-dp-delta": a.server_dp_delta, "transport-dtype": a.transport_dtype, **overrides,
         }
         FederationSettings.from_run_config(run_config).nearl_config()
         return run_config, certs
@@ -217,7 +221,7 @@ class Server:
         flower.write_connection(home, f"{connect_host}:{a.port}", certs)
         self.cli_env = flower.flower_env(home)
         if a.auth_keys is not None:
-            self.register_sites(a.auth_keys)
+            run_config["site-registry"] = str(self.register_sites(a.auth_keys))
         run_file = flower.write_run_config(self.state_dir / "run-config.toml", run_config)
         print(f"{PROG}: SuperLink listening on {a.host}:{a.port} ({'TLS' if certs else 'INSECURE, no TLS'}"
               f"{', SuperNode authentication on' if a.auth_keys else ''}); sites join with: "
@@ -231,15 +235,32 @@ class Server:
               f"at least {a.min_sites} sites); waiting for sites...", flush=True)
         return self.follow(Path(run_config["progress-file"]))
 
-    def register_sites(self, folder: Path) -> None:
+    def register_sites(self, folder: Path) -> Path:
+        """Register every ``<site>.pub`` with the SuperLink and keep the site registry (name -> key, node id).
+
+        The ServerApp binds each node to the site whose key it registered with, so a node can
+        only ever answer as its own site.  A key the SuperLink already knows (``--superlink-db``)
+        keeps the node id recorded the first time.
+        """
+        registry_file = self.checkpoint_dir / "site-registry.json"
+        old = json.loads(registry_file.read_text()).get("sites", {}) if registry_file.is_file() else {}
+        sites: dict[str, dict[str, Any]] = {}
         for key in sorted(folder.glob("*.pub")):
+            entry = {"public_key": key.read_text().strip(), "node_id": None}
             try:
-                flower.flwr_json(["supernode", "register", str(key), flower.CONNECTION], env=self.cli_env, timeout=60)
-                print(f"{PROG}: registered site key {key.name}")
+                out = flower.flwr_json(["supernode", "register", str(key), flower.CONNECTION], env=self.cli_env,
+                                       timeout=60)
+                entry["node_id"] = int(out["node-id"])
+                print(f"{PROG}: registered site key {key.name} (node {entry['node_id']})")
             except FlowerError as err:
-                if "already" in str(err).lower():
-                    continue
-                raise
+                if "already" not in str(err).lower():
+                    raise
+                same = old.get(key.stem, {})
+                entry["node_id"] = same.get("node_id") if same.get("public_key") == entry["public_key"] else None
+            sites[key.stem] = entry
+        registry_file.parent.mkdir(parents=True, exist_ok=True)
+        registry_file.write_text(json.dumps({"sites": sites}, indent=2))
+        return registry_file
 
     def follow(self, progress_file: Path) -> int:
         """Stream progress lines; poll the run status; decide the exit code."""

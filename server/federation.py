@@ -17,22 +17,25 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord
+from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
-from nearl_core.adapter_io import adapter_schema, get_adapter_state, save_adapters, set_adapter_state
+from nearl_core.adapter_io import adapter_schema, get_adapter_state, package_version, save_adapters, set_adapter_state
 from nearl_core.errors import NearlError
-from nearl_core.transport import wire_schema
+from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
-from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
+from nearl_core.transport import wire_schema
+from nearl_protocol.messages import instruction_config
+from nearl_protocol.schema import parameter_count, payload_bytes
 from server.central_dp import NearlServerSideDP
+from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
+from server.screening import DUPLICATE, load_registry
 from server.settings import FederationSettings
 from server.strategy import NearlStrategyMixin, RoundReport, make_strategy
-from server.tracking import Tracker, metric_key, resolve_tracking_uri
+from server.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger("nearl.federation")
 REGISTERED_MODEL = "nearl-adapters"
-CLIENT_CONFIG_KEY = "nearl-config"
 
 
 class Progress:
@@ -80,6 +83,8 @@ class RoundLog:
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.final_arrays: ArrayRecord | None = None
         self.seen_sites: set[str] = set()
+        self.final_epsilon: dict[str, float] = {}  # site -> the last epsilon it reported (DP)
+        self.contributors: set[str] = set()  # sites whose update was aggregated at least once
 
     def evaluated(self, step: int, metrics: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
         flat = dict(metrics)
@@ -98,9 +103,13 @@ class RoundLog:
         flat.update(round_seconds=report.seconds, bytes_sent=report.bytes_sent,
                     bytes_received=report.bytes_received, sites_answered=len(report.answered),
                     sites_missing=len(report.missing), sites_rejected=len(report.rejected),
-                    sites_declined=len(report.declined))
+                    sites_declined=len(report.declined),
+                    sites_duplicate=sum(DUPLICATE in why for why in report.rejected.values()))
         for site, values in report.per_site.items():
             flat.update({f"{site}/{k}": v for k, v in values.items()})
+            if "epsilon" in values:
+                self.final_epsilon[site] = values["epsilon"]
+        self.contributors.update(report.payload_sha256)
         for site in sorted(self.seen_sites):
             flat[f"{site}/answered"] = 1.0 if site in report.answered else 0.0
         if self.tracker is not None:
@@ -124,7 +133,8 @@ class RoundLog:
         eval_step, eval_metrics = self.last_eval if self.last_eval else (None, {})
         self.progress.emit(
             "round", round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
-            missing=report.missing, rejected=report.rejected, declined=report.declined, sampled=report.sampled, aggregated=report.aggregated,
+            missing=report.missing, rejected=report.rejected, declined=report.declined, sampled=report.sampled,
+            aggregated=report.aggregated, payload_sha256=report.payload_sha256,
             seconds=report.seconds, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
             train=_clean(report.train_metrics), eval_step=eval_step, eval=_clean(eval_metrics), checkpoint=ckpt_path)
 
@@ -144,6 +154,15 @@ def privacy_params(cfg, settings: FederationSettings) -> dict[str, Any]:
     return out or {"dp": "off"}
 
 
+def provenance(fingerprint: str, settings: FederationSettings, listener: RoundLog) -> dict[str, str]:
+    """Tags of a registered ``nearl-adapters`` version: where the model came from and what it cost."""
+    tags = {"backbone_fingerprint": fingerprint, "code_version": package_version(),
+            "rounds": str(settings.num_rounds), "strategy": settings.strategy,
+            "sites": ",".join(sorted(listener.contributors)) or "-"}
+    tags.update({f"epsilon/{site}": f"{eps:.6g}" for site, eps in sorted(listener.final_epsilon.items())})
+    return tags
+
+
 def build_server_model(settings: FederationSettings) -> NearlCLIP:
     cfg = settings.nearl_config()
     return build_model(cfg, cfg.task.classes)
@@ -158,6 +177,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         model = build_server_model(settings)
         cfg = model.cfg
         schema = adapter_schema(model)
+        fingerprint = model_fingerprint(model)
         start_round, ckpt = 0, None
         root = settings.checkpoint_path()
         if settings.resume:
@@ -181,11 +201,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
                               run_name=f"federation-{time.strftime('%Y%m%d-%H%M%S')}",
                               tags={"nearl.strategy": settings.strategy, "nearl.backbone": cfg.model.name})
             tracker.log_params({**cfg.flat(), **settings.params(), "backbone": cfg.model.name,
-                                "backbone_source": model.backbone_source, "strategy": settings.strategy,
-                                "trainable_parameters": sum(int(np.prod(s)) for s, _ in schema.values()),
+                                "backbone_source": model.backbone_source, "backbone_fingerprint": fingerprint,
+                                "strategy": settings.strategy, "trainable_parameters": parameter_count(schema),
                                 **privacy_params(cfg, settings)})
-        payload = int(sum(int(np.prod(s)) * np.dtype(d).itemsize
-                          for s, d in wire_schema(schema, settings.transport_dtype).values()))
+        payload = payload_bytes(wire_schema(schema, settings.transport_dtype))
         ckpt_meta = {"mlflow_run_id": tracker.run_id if tracker else None, "mlflow_uri": uri,
                      "strategy": settings.strategy, "num_rounds": settings.num_rounds, "config": cfg.to_dict(),
                      "schema": {k: [list(s), d] for k, (s, d) in schema.items()}}
@@ -194,13 +213,14 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         remaining = settings.num_rounds - start_round
         progress.emit("start", rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
                       min_nodes=settings.min_nodes, run_id=tracker.run_id if tracker else None, mlflow_uri=uri,
-                      payload_bytes=payload, trainable_parameters=sum(int(np.prod(s)) for s, _ in schema.values()),
+                      payload_bytes=payload, trainable_parameters=parameter_count(schema), backbone=fingerprint,
                       resumed=ckpt is not None)
         strategy = make_strategy(
             settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
             listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
             evaluate_in_train=settings.evaluate_in_train, wait_timeout=settings.wait_timeout,
-            options={**settings.strategy_options(), "client-lr": cfg.train.lr}, transport=settings.transport_dtype)
+            options={**settings.strategy_options(), "client-lr": cfg.train.lr}, transport=settings.transport_dtype,
+            registry=load_registry(settings.site_registry))
         if ckpt is not None:
             strategy.load_strategy_state(ckpt.strategy_state)
         runner = strategy
@@ -210,11 +230,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
                                        releases_so_far=start_round)
         final = initial
         if remaining > 0:
-            train_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
-                                         "local-epochs": settings.local_epochs, "total-rounds": settings.num_rounds,
-                                         "transport-dtype": settings.transport_dtype})
-            eval_config = ConfigRecord({CLIENT_CONFIG_KEY: json.dumps(cfg.to_dict()),
-                                        "transport-dtype": settings.transport_dtype})
+            common = dict(nearl_config=cfg.to_dict(), transport=settings.transport_dtype, backbone=fingerprint)
+            train_config = instruction_config(**common, local_epochs=settings.local_epochs,
+                                              total_rounds=settings.num_rounds)
+            eval_config = instruction_config(**common)
             result = runner.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
                                     timeout=settings.round_timeout, train_config=train_config,
                                     evaluate_config=eval_config)
@@ -225,7 +244,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
                                        "mlflow_run_id": tracker.run_id if tracker else None}, overwrite=True)
         version = None
         if tracker is not None:
-            version = tracker.log_adapters(out_dir, "final_adapters", registered_name=REGISTERED_MODEL)
+            version = tracker.log_adapters(out_dir, "final_adapters", registered_name=REGISTERED_MODEL,
+                                           version_tags=provenance(fingerprint, settings, listener))
             tracker.end("FINISHED")
         progress.emit("done", round=settings.num_rounds, adapters=str(out_dir.resolve()),
                       run_id=tracker.run_id if tracker else None, model_version=version)

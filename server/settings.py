@@ -1,14 +1,21 @@
 """Flower run config (kebab-case keys) -> federation settings + the NEARL config.
 
-The run config holds two kinds of keys (see ``[tool.flwr.app.config]`` in pyproject.toml):
-federation keys such as ``num-server-rounds`` or ``strategy``, and NEARL config keys
-``section.key`` (``train.lr``, ``adapter.rank``...), where ``""`` means "keep the value
-of the config file named by ``config``".
+The federation's settings are defined once, here: each field of
+:class:`FederationSettings` carries its default and help text; ``nearl-server`` takes its
+flag defaults and help from :func:`default` and :func:`help_of`, and the run config
+declared in pyproject.toml (``[tool.flwr.app.config]``) must agree with them
+(``tests/test_settings.py`` checks it).
+
+The run config holds two kinds of keys: federation keys such as ``num-server-rounds`` or
+``strategy``, and NEARL config keys ``section.key`` (``train.lr``, ``adapter.rank``...),
+where ``""`` means "keep the value of the config file named by ``config``".  Any other
+key is refused, naming the closest valid one: a typo must not silently run the defaults.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+import difflib
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -19,6 +26,11 @@ from server.central_dp import check_central_dp
 from server.strategy import STRATEGIES
 
 SECTIONS = tuple(f.name for f in fields(NearlConfig))
+ROUNDS_KEY = "num-server-rounds"  # Flower's name for the number of rounds
+
+
+def _opt(default: Any, help: str) -> Any:  # noqa: A002 - the argparse word
+    return field(default=default, metadata={"help": help})
 
 
 def _bool(value: Any) -> bool:
@@ -33,81 +45,78 @@ def _bool(value: Any) -> bool:
 
 @dataclass(frozen=True)
 class FederationSettings:
-    num_rounds: int = 3
-    config: str = "demo"
-    strategy: str = "fedavg"
-    min_nodes: int = 2
-    fraction_train: float = 1.0
-    round_timeout: float = 3600.0
-    wait_timeout: float = 600.0
-    local_epochs: int = 1
-    evaluate_in_train: bool = True
-    proximal_mu: float = 0.01
-    server_lr: float = 0.01
-    trim_beta: float = 0.2
-    krum_malicious: int = 0
-    server_dp_noise: float = 0.0  # client-level DP at the server (server/central_dp.py); 0 = off
-    server_dp_clip: float = 0.0
-    server_dp_delta: float = 1e-5
-    transport_dtype: str = "float32"  # adapters on the wire: float32, fp16 or bf16 (aggregation stays float32)
-    mlflow_uri: str = "sqlite:///mlflow.db"
-    mlflow_experiment: str = "nearl-federated"
-    checkpoint_dir: str = "checkpoints"
-    keep_checkpoints: int = 3
-    resume: bool = False
-    progress_file: str = ""
+    num_rounds: int = _opt(3, "global rounds")
+    config: str = _opt("demo", "NEARL config: shipped name (demo, vit-b16) or YAML file")
+    strategy: str = _opt("fedavg", "fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum")
+    min_nodes: int = _opt(2, "sites that must be connected before a round starts, and per round")
+    fraction_train: float = _opt(1.0, "fraction of connected sites sampled per round")
+    round_timeout: float = _opt(3600.0, "seconds a round waits for replies before going on without a site")
+    wait_timeout: float = _opt(600.0, "seconds to wait for the minimum number of sites before failing")
+    local_epochs: int = _opt(1, "local epochs per site per round")
+    evaluate_in_train: bool = _opt(True, "sites evaluate the incoming global adapters inside the train message")
+    proximal_mu: float = _opt(0.01, "FedProx proximal term mu")
+    server_lr: float = _opt(0.01, "FedAdam/FedYogi server learning rate (eta)")
+    trim_beta: float = _opt(0.2, "FedTrimmedAvg: fraction trimmed at each end")
+    krum_malicious: int = _opt(0, "Krum: assumed number of malicious sites")
+    server_dp_noise: float = _opt(0.0, "client-level DP at the server: noise multiplier (0 = off); fedavg/fedprox")
+    server_dp_clip: float = _opt(0.0, "L2 bound of each site's update for server-side DP")
+    server_dp_delta: float = _opt(1e-5, "client-level delta of the server-side epsilon")
+    transport_dtype: str = _opt("float32", "adapters on the wire: float32, fp16 or bf16 (aggregation in float32)")
+    mlflow_uri: str = _opt("sqlite:///mlflow.db", "MLflow tracking URI")
+    mlflow_experiment: str = _opt("nearl-federated", "MLflow experiment name")
+    checkpoint_dir: str = _opt("checkpoints", "where rounds are checkpointed")
+    keep_checkpoints: int = _opt(3, "most recent rounds kept (0 = all)")
+    resume: bool = _opt(False, "continue the run checkpointed in checkpoint-dir")
+    progress_file: str = _opt("", "JSON lines of progress for nearl-server ('' = none)")
+    site_registry: str = _opt("", "site registry file (name -> public key, node id) written by nearl-server")
     overrides: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
     def from_run_config(cls, run_config: Mapping[str, Any]) -> "FederationSettings":
-        names = {f.name for f in fields(cls)} - {"overrides", "num_rounds"}
+        """Parse a run config, refusing any key that is neither a federation key nor ``section.key``."""
+        known = {run_config_key(f.name): f.name for f in setting_fields()}
         kwargs: dict[str, Any] = {}
         overrides = []
         for key, value in run_config.items():
-            attr = key.replace("-", "_")
-            if key == "num-server-rounds":
-                kwargs["num_rounds"] = int(value)
-            elif attr in names:
-                kwargs[attr] = value
+            if key in known:
+                kwargs[known[key]] = value
             elif key.partition(".")[0] in SECTIONS:
                 if value != "":
                     overrides.append((key, value))
-            # other keys belong to other components (e.g. a simulation launcher); ignore them
-        s = cls(**kwargs, overrides=tuple(sorted(overrides)))
-        return s._coerced()
+            else:
+                raise ConfigError(f"run config key {key!r} is not a NEARL federation key{_closest(key, known)}")
+        return cls(**kwargs, overrides=tuple(sorted(overrides)))._coerced()
 
     def _coerced(self) -> "FederationSettings":
+        values: dict[str, Any] = {}
         try:
-            s = FederationSettings(
-                num_rounds=int(self.num_rounds), config=str(self.config), strategy=str(self.strategy).lower(),
-                min_nodes=int(self.min_nodes), fraction_train=float(self.fraction_train),
-                round_timeout=float(self.round_timeout), wait_timeout=float(self.wait_timeout),
-                local_epochs=int(self.local_epochs), evaluate_in_train=_bool(self.evaluate_in_train),
-                proximal_mu=float(self.proximal_mu), server_lr=float(self.server_lr),
-                trim_beta=float(self.trim_beta), krum_malicious=int(self.krum_malicious),
-                server_dp_noise=float(self.server_dp_noise), server_dp_clip=float(self.server_dp_clip),
-                server_dp_delta=float(self.server_dp_delta), transport_dtype=str(self.transport_dtype).lower(),
-                mlflow_uri=str(self.mlflow_uri), mlflow_experiment=str(self.mlflow_experiment),
-                checkpoint_dir=str(self.checkpoint_dir), keep_checkpoints=int(self.keep_checkpoints),
-                resume=_bool(self.resume), progress_file=str(self.progress_file), overrides=self.overrides)
+            for f in setting_fields():
+                kind = type(f.default)
+                raw = getattr(self, f.name)
+                values[f.name] = _bool(raw) if kind is bool else kind(raw)
         except (TypeError, ValueError) as err:
             raise ConfigError(f"run config: {err}") from None
+        s = FederationSettings(**{**values, "strategy": values["strategy"].lower(),
+                                  "transport_dtype": values["transport_dtype"].lower()}, overrides=self.overrides)
+        s._check()
+        return s
+
+    def _check(self) -> None:
         checks = [
-            (s.num_rounds >= 1, "num-server-rounds must be >= 1"),
-            (s.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
-            (s.min_nodes >= 1, "min-nodes must be >= 1"),
-            (0 < s.fraction_train <= 1, "fraction-train must be in (0, 1]"),
-            (s.round_timeout > 0 and s.wait_timeout > 0, "round-timeout and wait-timeout must be > 0"),
-            (s.local_epochs >= 1, "local-epochs must be >= 1"),
-            (0 <= s.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
-            (s.transport_dtype in TRANSPORT_DTYPES, f"transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}"),
+            (self.num_rounds >= 1, f"{ROUNDS_KEY} must be >= 1"),
+            (self.strategy in STRATEGIES, f"strategy must be one of {', '.join(STRATEGIES)}"),
+            (self.min_nodes >= 1, "min-nodes must be >= 1"),
+            (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
+            (self.round_timeout > 0 and self.wait_timeout > 0, "round-timeout and wait-timeout must be > 0"),
+            (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (0 <= self.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
+            (self.transport_dtype in TRANSPORT_DTYPES, f"transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}"),
         ]
-        central = check_central_dp(s.strategy, s.server_dp_noise, s.server_dp_clip, s.server_dp_delta)
+        central = check_central_dp(self.strategy, self.server_dp_noise, self.server_dp_clip, self.server_dp_delta)
         checks.append((central is None, central or ""))
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run config: {message}")
-        return s
 
     @property
     def central_dp(self) -> bool:
@@ -128,4 +137,28 @@ class FederationSettings:
 
     def params(self) -> dict[str, Any]:
         """For MLflow: the federation settings under ``federation.``."""
-        return {f"federation.{f.name}": getattr(self, f.name) for f in fields(self) if f.name != "overrides"}
+        return {f"federation.{f.name}": getattr(self, f.name) for f in setting_fields()}
+
+
+def setting_fields() -> list:
+    return [f for f in fields(FederationSettings) if f.name != "overrides"]
+
+
+def run_config_key(name: str) -> str:
+    """``min_nodes`` -> ``min-nodes``; ``num_rounds`` -> Flower's ``num-server-rounds``."""
+    return ROUNDS_KEY if name == "num_rounds" else name.replace("_", "-")
+
+
+def default(name: str) -> Any:
+    f = next(f for f in setting_fields() if f.name == name)
+    return f.default if f.default is not MISSING else None
+
+
+def help_of(name: str, extra: str = "") -> str:
+    f = next(f for f in setting_fields() if f.name == name)
+    return f"{f.metadata['help']}{extra} (default {f.default})"
+
+
+def _closest(key: str, known: Mapping[str, str]) -> str:
+    match = difflib.get_close_matches(key, list(known), n=1, cutoff=0.6)
+    return f"; did you mean {match[0]!r}?" if match else f"; valid keys: {', '.join(sorted(known))} or section.key"

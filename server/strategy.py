@@ -31,14 +31,21 @@ import math
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Protocol
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from nearl_core.transport import check_transport, decode, encode, wire_schema
-from server.arrays import decode_array, weighted_mean
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+
+from nearl_core.transport import check_transport, decode, encode, wire_schema
+from nearl_protocol import keys
+from nearl_protocol.arrays import PayloadError, decode_array, payload_sha256
+from nearl_protocol.messages import metrics_of, read_reply, record_bytes
+from nearl_protocol.schema import Schema
+from server.arrays import weighted_mean
+from server.screening import (SiteIdentities, aggregate_metrics, check_metrics, check_update, declined,
+                              declined_reason, site_metrics, split_metrics)
 
 log = logging.getLogger("nearl.strategy")
 
@@ -51,11 +58,8 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
 }
-WEIGHT_KEY = "num-examples"
-COUNT_KEYS = ("num-examples", "eval_examples", "test_examples")
 UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each update by server-side DP (equal weights); never logged
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # strategy arrays that must survive a resume
-Schema = Mapping[str, tuple[tuple[int, ...], str]]
 
 
 class NotEnoughSites(RuntimeError):
@@ -69,6 +73,7 @@ class SiteReply:
     metrics: dict[str, float]
     nbytes: int
     declined: str | None = None  # the site declined to train (its privacy budget); no update
+    payload: str | None = None  # sha256 of the adapter bytes received
 
 
 @dataclass
@@ -88,6 +93,7 @@ class RoundReport:
     bytes_received: int = 0
     seconds: float = 0.0
     aggregated: bool = False  # False when no update was accepted (global adapters unchanged)
+    payload_sha256: dict[str, str] = field(default_factory=dict)  # site -> hash of the update it sent
 
 
 class RoundListener(Protocol):
@@ -96,131 +102,9 @@ class RoundListener(Protocol):
     def round_finished(self, report: RoundReport, strategy: "NearlStrategyMixin") -> None: ...
 
 
-# -- pure helpers (unit-tested without Flower processes) ------------------------------------------
-def record_bytes(content: RecordDict) -> int:
-    """Serialized payload size of a message's records (array bytes dominate)."""
-    return int(sum(rec.count_bytes() for rec in content.values()))
-
-
-def site_of(content: RecordDict | None, node_id: int, known: Mapping[int, str]) -> str:
-    if content is not None:
-        rec = content.config_records.get("site")
-        if rec is not None and isinstance(rec.get("name"), str) and rec["name"]:
-            return str(rec["name"])
-    return known.get(node_id, f"node-{node_id}")
-
-
-def check_update(content: RecordDict, schema: Schema, arrayrecord_key: str = "arrays") -> str | None:
-    """Why this train reply must not be aggregated, or None when it is sound."""
-    arrays = content.array_records
-    if set(arrays) != {arrayrecord_key}:
-        return f"expected one ArrayRecord '{arrayrecord_key}', got {sorted(arrays)}"
-    rec = arrays[arrayrecord_key]
-    missing, extra = sorted(set(schema) - set(rec)), sorted(set(rec) - set(schema))
-    if missing or extra:
-        return f"adapter tensors differ from the schema (missing {missing[:3]}, unexpected {extra[:3]})"
-    for name, (shape, dtype) in schema.items():
-        arr = rec[name]
-        if tuple(arr.shape) != tuple(shape):
-            return f"tensor '{name}' has shape {tuple(arr.shape)}, expected {tuple(shape)}"
-        if str(arr.dtype) != dtype:
-            return f"tensor '{name}' has dtype {arr.dtype}, expected {dtype}"
-        try:
-            values = decode_array(arr)
-        except Exception as err:  # noqa: BLE001 - corrupt bytes
-            return f"tensor '{name}' cannot be decoded ({err})"
-        if not np.isfinite(values).all():
-            return f"tensor '{name}' holds NaN or Inf values"
-    problem = check_metrics(content)
-    if problem:
-        return problem
-    return None
-
-
-def check_metrics(content: RecordDict) -> str | None:
-    metrics = content.metric_records
-    if len(metrics) != 1:
-        return f"expected one MetricRecord, got {len(metrics)}"
-    rec = next(iter(metrics.values()))
-    n = rec.get(WEIGHT_KEY)
-    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
-        return f"'{WEIGHT_KEY}' must be a positive number, got {n!r}"
-    return None
-
-
-def metrics_of_raw(content: RecordDict) -> dict[str, float]:
-    """Every numeric metric of a reply, internal weights included (for aggregation)."""
-    rec = next(iter(content.metric_records.values()), None)
-    if rec is None:
-        return {}
-    return {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
-def metrics_of(content: RecordDict) -> dict[str, float]:
-    """A reply's metrics as the site reported them (the server's internal weight left out)."""
-    return {k: v for k, v in metrics_of_raw(content).items() if k != UNIT_WEIGHT_KEY}
-
-
-def declined_reason(metrics: Mapping[str, float]) -> str:
-    """The one-line reason a site's ledger gives for declining (from its scalar metrics)."""
-    return (f"declined: privacy budget (epsilon {metrics.get('epsilon', math.nan):.3f} spent, this round would "
-            f"reach {metrics.get('dp-epsilon-next', math.nan):.3f} > the site's max {metrics.get('dp-max-epsilon', math.nan):g})")
-
-
-def site_metric_key(key: str) -> str:
-    """Per-site MLflow names: ``num-examples`` -> ``train_examples``, ``dp-steps`` -> ``dp_steps``."""
-    return "train_examples" if key == WEIGHT_KEY else key.replace("-", "_")
-
-
-def _weight_key(key: str, sample: Mapping[str, float]) -> str:
-    for prefix, count in (("eval_", "eval_examples"), ("test_", "test_examples")):
-        if key.startswith(prefix) and count in sample:
-            return count
-    return WEIGHT_KEY
-
-
-def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
-    """Example-weighted means per key (each key weighted by its own split's count), NaN-aware.
-
-    Count keys are summed (``num-examples`` becomes ``train_examples``); ``epsilon`` becomes
-    ``epsilon_max``, the worst privacy loss over sites; the other ``dp-*`` ledger values
-    (steps, sample rate, noise multiplier) are per-site facts and are not averaged.
-    """
-    out: dict[str, float] = {}
-    keys = sorted({k for r in rows for k in r})
-    for key in keys:
-        if key in COUNT_KEYS:
-            out["train_examples" if key == WEIGHT_KEY else key] = float(sum(r.get(key, 0.0) for r in rows))
-            continue
-        if key == "epsilon":
-            eps = [r[key] for r in rows if key in r and math.isfinite(r[key])]
-            if eps:
-                out["epsilon_max"] = max(eps)
-            continue
-        if key.startswith("dp-"):
-            continue
-        num = den = 0.0
-        for r in rows:
-            v = r.get(key)
-            w = r.get(_weight_key(key, r), 0.0)
-            if v is None or not math.isfinite(v) or w <= 0:
-                continue
-            num, den = num + w * v, den + w
-        out[key] = num / den if den > 0 else math.nan
-    return out
-
-
-def _flower_aggr(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
+def _flower_aggr(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:  # noqa: ARG001
     """Flower's metric hook: the same NaN-aware aggregation (Flower's own propagates NaN)."""
-    agg = aggregate_metrics([metrics_of(r) for r in records])
-    return MetricRecord({k: v for k, v in agg.items()})
-
-
-def split_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
-    """(train-side, eval-side) views of one reply's metrics."""
-    evals = {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))}
-    train = {k: v for k, v in metrics.items() if k not in evals}
-    return train, evals
+    return MetricRecord(aggregate_metrics([site_metrics(r) for r in records]))
 
 
 # -- the mixin -------------------------------------------------------------------------------------
@@ -233,19 +117,20 @@ class NearlStrategyMixin:
 
     def _nearl_setup(self, *, schema: Schema, listener: RoundListener | None, round_offset: int,
                      total_rounds: int, evaluate_in_train: bool, wait_timeout: float, min_nodes: int,
-                     transport: str = "float32") -> None:
+                     transport: str = "float32", registry: Mapping[int, str] | None = None) -> None:
         self.schema = dict(schema)
         self.plain_mean = getattr(type(self), "aggregate_train_base", None) is FedAvg.aggregate_train
         self.transport = check_transport(transport)
         self.wire_schema = wire_schema(self.schema, self.transport)
         self._wire_bytes: dict[int, int] = {}  # reply -> its size as received, before widening
+        self._wire_hash: dict[int, str] = {}  # reply -> sha256 of its adapter bytes as received
         self.listener = listener
         self.round_offset = round_offset
         self.total_rounds = total_rounds
         self.evaluate_in_train = evaluate_in_train
         self.wait_timeout = wait_timeout
         self.min_nodes = min_nodes
-        self.node_sites: dict[int, str] = {}
+        self.identities = SiteIdentities(registry)
         self._round: RoundReport | None = None
         self._round_start = 0.0
         self._sampled: list[int] = []
@@ -271,7 +156,16 @@ class NearlStrategyMixin:
             time.sleep(1.0)
 
     def _site_names(self, node_ids: Iterable[int]) -> list[str]:
-        return [self.node_sites.get(n, f"node-{n}") for n in node_ids]
+        return [self.identities.label(n) for n in node_ids]
+
+    def _tell_refused_nodes(self, messages: list[Message]) -> None:
+        """A node whose replies are refused (e.g. a duplicate site name) is told why in its instruction."""
+        for m in messages:
+            why = self.identities.refused.get(m.metadata.dst_node_id)
+            if why:
+                config = ConfigRecord(dict(m.content[keys.CONFIG]))
+                config[keys.NODE_REFUSED] = why
+                m.content[keys.CONFIG] = config
 
     # -- train ---------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -279,8 +173,9 @@ class NearlStrategyMixin:
         r = self.global_round(server_round)
         self._round_start = time.perf_counter()
         self._wait_for_sites(grid)
-        config["evaluate-first"] = bool(self.evaluate_in_train)
+        config[keys.EVALUATE_FIRST] = bool(self.evaluate_in_train)
         messages = self._narrowed(list(super().configure_train(r, arrays, config, grid)))  # type: ignore[misc]
+        self._tell_refused_nodes(messages)
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._outgoing = list(messages)
         self._round = RoundReport(round=r, arrays=arrays, sampled=len(messages),
@@ -291,12 +186,12 @@ class NearlStrategyMixin:
         """Send the global adapters in the transport dtype (the strategy itself keeps float32)."""
         if self.transport == "float32" or not messages:
             return messages
-        rec = messages[0].content.array_records.get("arrays")
+        rec = messages[0].content.array_records.get(keys.ARRAYS)
         if rec is not None:
             wire = ArrayRecord({k: Array(v) for k, v in encode({k: a.numpy() for k, a in rec.items()},
                                                                 self.transport).items()})
             for m in messages:
-                m.content["arrays"] = wire
+                m.content[keys.ARRAYS] = wire
         return messages
 
     def widen_replies(self, replies: Iterable[Message]) -> None:
@@ -308,51 +203,60 @@ class NearlStrategyMixin:
         if self.transport == "float32":
             return
         for msg in replies:
-            rec = msg.content.array_records.get("arrays") if msg.has_content() else None
+            rec = msg.content.array_records.get(keys.ARRAYS) if msg.has_content() else None
             if rec is None or set(rec) != set(self.wire_schema):
                 continue
             if all((tuple(rec[k].shape), str(rec[k].dtype)) == tuple(self.wire_schema[k]) for k in rec):
+                try:
+                    narrow = {k: decode_array(a) for k, a in rec.items()}
+                except PayloadError:
+                    continue  # screening rejects it with the reason
                 self._wire_bytes[id(msg)] = record_bytes(msg.content)  # what crossed the network
-                wide = decode({k: decode_array(a) for k, a in rec.items()}, self.schema, self.transport)
-                msg.content["arrays"] = ArrayRecord({k: Array(v) for k, v in wide.items()})
+                self._wire_hash[id(msg)] = payload_sha256(rec)
+                wide = decode(narrow, self.schema, self.transport)
+                msg.content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in wide.items()})
 
     def screen_replies(self, replies: Iterable[Message], *, train: bool) -> tuple[list[Message], list[SiteReply],
                                                                                   dict[str, str]]:
-        """Split replies into (accepted messages, their per-site data, rejected site -> reason)."""
+        """Split replies into (accepted messages, their per-site data, rejected site -> reason).
+
+        Each reply is attributed by the node it came from (an error the SuperLink writes for an
+        unreachable node is attributed to the node the instruction went to).
+        """
         accepted, sites, rejected = [], [], {}
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
         for msg in replies:
-            # an error the SuperLink writes for an unreachable node comes from the SuperLink itself:
-            # attribute it to the node the instruction went to
             node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            content = msg.content if msg.has_content() else None
-            site = site_of(content, node, self.node_sites)
-            self.node_sites[node] = site
-            if msg.has_error():
-                rejected[site] = f"site error: {msg.error.reason.strip().splitlines()[-1][:300] if msg.error.reason else msg.error.code}"
-            elif content is None:
-                rejected[site] = "empty reply"
-            elif train and metrics_of(content).get("dp-declined") == 1.0:
-                if content.array_records:
-                    rejected[site] = "the reply declines the round but carries adapter tensors"
-                else:
-                    sites.append(SiteReply(node, site, metrics_of(content), record_bytes(content),
-                                           declined=declined_reason(metrics_of(content))))
-                    log.warning("round %s: site %s %s", self._round.round if self._round else "?", site,
-                                sites[-1].declined)
-                    continue
+            reply = read_reply(msg)
+            site, problem = self.identities.attribute(node, reply.claimed_site)
+            if problem is None:
+                problem = self._judge(msg, reply.error, train)
+            if problem is None:
+                accepted.append(msg)
+                sites.append(SiteReply(node, site, site_metrics(msg.content),
+                                       self._wire_bytes.get(id(msg), record_bytes(msg.content)),
+                                       payload=self._payload_hash(msg) if train else None))
+            elif problem == "declined":
+                sites.append(SiteReply(node, site, site_metrics(msg.content), record_bytes(msg.content),
+                                       declined=declined_reason(site_metrics(msg.content))))
+                log.warning("round %s: site %s %s", self._round.round if self._round else "?", site, sites[-1].declined)
             else:
-                problem = check_update(content, self.schema) if train else check_metrics(content)
-                if problem:
-                    rejected[site] = problem
-                else:
-                    accepted.append(msg)
-                    sites.append(SiteReply(node, site, metrics_of(content),
-                                           self._wire_bytes.get(id(msg), record_bytes(content))))
-                    continue
-            log.warning("round %s: rejected the %s reply of site %s: %s", self._round.round if self._round else "?",
-                        "train" if train else "evaluate", site, rejected[site])
+                rejected[site] = problem
+                log.warning("round %s: rejected the %s reply of site %s: %s", self._round.round if self._round else "?",
+                            "train" if train else "evaluate", site, problem)
         return accepted, sites, rejected
+
+    def _judge(self, msg: Message, error: str | None, train: bool) -> str | None:
+        """None to accept, ``"declined"`` for a budget decline, else the reason to reject."""
+        if error is not None:
+            return error
+        if train and declined(msg.content):
+            return "the reply declines the round but carries adapter tensors" if msg.content.array_records else "declined"
+        return check_update(msg.content, self.schema) if train else check_metrics(msg.content)
+
+    def _payload_hash(self, msg: Message) -> str:
+        """sha256 of the adapter bytes as received (before widening): what the site's audit trail records."""
+        return self._wire_hash.get(id(msg)) or payload_sha256(msg.content[keys.ARRAYS])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -365,11 +269,13 @@ class NearlStrategyMixin:
         report.declined.update({s.site: s.declined for s in sites if s.declined})
         report.bytes_received = sum(s.nbytes for s in sites)
         self._wire_bytes.clear()
+        self._wire_hash.clear()
+        report.payload_sha256 = {s.site: s.payload for s in sites if s.payload}
         report.answered = sorted(s.site for s in sites if not s.declined)
         arrays = None
         if accepted and self.plain_mean:  # FedAvg / FedProx: the same mean as Flower's, on flat buffers
-            arrays = weighted_mean([m.content["arrays"] for m in accepted],
-                                   [metrics_of_raw(m.content)[self.weighted_by_key] for m in accepted], self.schema)
+            arrays = weighted_mean([m.content[keys.ARRAYS] for m in accepted],
+                                   [metrics_of(m.content)[self.weighted_by_key] for m in accepted], self.schema)
         elif accepted:
             arrays, _ = super().aggregate_train(r, accepted)  # type: ignore[misc]
         if arrays is not None:
@@ -381,17 +287,17 @@ class NearlStrategyMixin:
         for s in sites:
             train_m, eval_m = split_metrics(s.metrics)
             rows_train.append(train_m)
-            report.per_site[s.site] = {site_metric_key(k): v for k, v in train_m.items()}
+            report.per_site[s.site] = dict(train_m)
             if eval_m:
                 rows_eval.append(eval_m)
                 evals_per_site[s.site] = eval_m
         report.train_metrics = aggregate_metrics(rows_train)
         report.train_metrics.pop("train_examples", None)
-        report.train_metrics["train_examples"] = float(sum(s.metrics.get(WEIGHT_KEY, 0) for s in sites
+        report.train_metrics["train_examples"] = float(sum(s.metrics.get("train_examples", 0) for s in sites
                                                            if not s.declined))
         if rows_eval and self.listener is not None:  # incoming global = after round r-1
             self.listener.evaluated(r - 1, aggregate_metrics(rows_eval), evals_per_site)
-        known = set(self.node_sites.values()) | set(self._site_names(self._sampled))
+        known = set(self.identities.bound.values()) | set(self._site_names(self._sampled))
         report.missing = sorted(known - set(report.answered) - set(report.declined))
         self._round = report
         return arrays, MetricRecord({k: v for k, v in report.train_metrics.items() if math.isfinite(v)})
@@ -418,6 +324,7 @@ class NearlStrategyMixin:
             return []
         self._wait_for_sites(grid)
         messages = self._narrowed(list(super().configure_evaluate(r, arrays, config, grid)))  # type: ignore[misc]
+        self._tell_refused_nodes(messages)
         if self._round is not None:
             self._round.bytes_sent += sum(record_bytes(m.content) for m in messages)
         self._outgoing = list(messages)
@@ -431,7 +338,7 @@ class NearlStrategyMixin:
             accepted, sites, rejected = self.screen_replies(replies, train=False)
             if self._round is not None:
                 self._round.bytes_received += sum(s.nbytes for s in sites)
-            per_site = {s.site: {("eval_examples" if k == WEIGHT_KEY else k): v for k, v in s.metrics.items()}
+            per_site = {s.site: {("eval_examples" if k == "train_examples" else k): v for k, v in s.metrics.items()}
                         for s in sites}
             rows = list(per_site.values())
             agg = aggregate_metrics(rows)
@@ -476,13 +383,14 @@ def strategy_class(name: str) -> type:
 def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: float = 1.0,
                   listener: RoundListener | None = None, round_offset: int = 0, total_rounds: int = 1,
                   evaluate_in_train: bool = True, wait_timeout: float = 600.0,
-                  options: Mapping[str, Any] | None = None, transport: str = "float32") -> NearlStrategyMixin:
+                  options: Mapping[str, Any] | None = None, transport: str = "float32",
+                  registry: Mapping[int, str] | None = None) -> NearlStrategyMixin:
     """Build the configured strategy with explicit sampling settings and NEARL's hooks."""
     options = dict(options or {})
     cls = strategy_class(name)
     kwargs: dict[str, Any] = dict(fraction_train=fraction_train, fraction_evaluate=1.0,
                                   min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
-                                  min_available_nodes=min_nodes, weighted_by_key=WEIGHT_KEY,
+                                  min_available_nodes=min_nodes, weighted_by_key=keys.NUM_EXAMPLES,
                                   train_metrics_aggr_fn=_flower_aggr, evaluate_metrics_aggr_fn=_flower_aggr)
     base = name.lower()
     if base == "fedprox":
@@ -497,5 +405,5 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
     strategy = cls(**kwargs)
     strategy._nearl_setup(schema=schema, listener=listener, round_offset=round_offset, total_rounds=total_rounds,
                           evaluate_in_train=evaluate_in_train, wait_timeout=wait_timeout, min_nodes=min_nodes,
-                          transport=transport)
+                          transport=transport, registry=registry)
     return strategy

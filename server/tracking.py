@@ -112,7 +112,7 @@ class Tracker:
         return values
 
     def log_adapters(self, folder: str | Path, artifact_path: str = "final_adapters",
-                     registered_name: str | None = None) -> str | None:
+                     registered_name: str | None = None, version_tags: Mapping[str, str] | None = None) -> str | None:
         """Upload the adapter folder; register it as a model version when the store supports it."""
         self.client.log_artifacts(self.run_id, str(folder), artifact_path)
         if not registered_name:
@@ -125,7 +125,8 @@ class Tracker:
             except MlflowException:
                 self.client.create_registered_model(registered_name)
             source = f"runs:/{self.run_id}/{artifact_path}"
-            mv = self.client.create_model_version(registered_name, source, run_id=self.run_id)
+            mv = self.client.create_model_version(registered_name, source, run_id=self.run_id,
+                                                  tags={metric_key(k): str(v) for k, v in (version_tags or {}).items()})
             return str(mv.version)
         except Exception as err:  # noqa: BLE001 - registry support depends on the store
             log.warning("model registry unavailable at %s (%s); adapters are stored as run artifacts only",

@@ -9,16 +9,44 @@ Flower reports client failures only through the results, so the caller counts si
 from __future__ import annotations
 
 import json
+import shutil
 import time
+import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from server.flower import (CONNECTION, FlowerError, flower_env, flwr_json, free_port, run_logs, run_status,
+from nearl_protocol.processes import (CONNECTION, FlowerError, flower_env, flwr_json, free_port, run_logs, run_status,
                            start_process, stop_process, superlink_command, wait_for_port, write_connection,
                            write_run_config)
 
 ROOT = Path(__file__).resolve().parent.parent
+SITE_APP = "simulation.site_app"
+
+
+def app_dir(workdir: Path) -> Path:
+    """A Flower app folder for the simulation: the product's pyproject.toml with the simulation's
+    components (:mod:`simulation.site_app`) and its ``sim-*`` keys, and that module.
+
+    The product's own run config never carries simulation keys; nearl_core, client/ and
+    server/ come from this environment, exactly as a hospital runs them.
+    """
+    import tomli_w
+
+    from simulation.site_app import SIM_KEYS
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    app = project["tool"]["flwr"]["app"]
+    app["components"] = {"serverapp": f"{SITE_APP}:serverapp", "clientapp": f"{SITE_APP}:clientapp"}
+    app["fab-include"] = ["pyproject.toml", "simulation/__init__.py", "simulation/site_app.py"]
+    app["config"].update(SIM_KEYS)
+    folder = workdir / "app"
+    (folder / "simulation").mkdir(parents=True, exist_ok=True)
+    (folder / "pyproject.toml").write_text(tomli_w.dumps({"build-system": project["build-system"],
+                                                          "project": project["project"], "tool": {"flwr": {"app": app}}}))
+    for name in ("__init__.py", "site_app.py"):
+        shutil.copyfile(ROOT / "simulation" / name, folder / "simulation" / name)
+    return folder
 
 
 @dataclass
@@ -54,7 +82,7 @@ def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpu
         write_connection(flwr_home, f"127.0.0.1:{port}", None)
         config_file = write_run_config(workdir / "run-config.toml", {**run_config, "progress-file": str(progress)})
         federation = f"num-supernodes={sites} client-resources-num-cpus={cpus_per_site:g}"
-        submitted = flwr_json(["run", str(ROOT), CONNECTION, "--federation-config", federation,
+        submitted = flwr_json(["run", str(app_dir(workdir)), CONNECTION, "--federation-config", federation,
                                "--run-config", str(config_file)], env=env, cwd=ROOT)
         flwr_run = str(submitted.get("run-id") or submitted.get("run_id"))
         seen = 0

@@ -32,7 +32,7 @@ from nearl_core.config import load_config  # noqa: E402
 from nearl_core.data import scan_site  # noqa: E402
 from nearl_core.demo_data import generate_demo_data  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
-from server.flower import FlowerError  # noqa: E402
+from nearl_protocol.processes import FlowerError  # noqa: E402
 from simulation import compare  # noqa: E402
 from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
 
@@ -154,6 +154,7 @@ def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
         "mlflow-uri": args.mlflow_uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}",
         "checkpoint-dir": str(out / "checkpoints"),
         "sim-data-root": str(out / "sites"),
+        "sim-state-root": str(out / "site-state"),  # each virtual site's DP ledger and audit trail
         "train.seed": args.seed,
         "transport-dtype": args.transport_dtype,
         "server-dp-noise": args.server_dp_noise,
@@ -183,7 +184,7 @@ def dp_config(args: argparse.Namespace, out: Path) -> dict:
     ceilings = [_site_ceiling(item) for item in args.site_max_epsilon]
     out_cfg = {"privacy.enabled": True, "privacy.target-epsilon": args.dp_epsilon,
                "privacy.delta": args.dp_delta if args.dp_delta is not None else DEFAULT_DELTA,
-               "sim-state-root": str(out / "site-state"), "sim-max-epsilon": ",".join(ceilings)}
+               "sim-max-epsilon": ",".join(ceilings)}
     if args.dp_max_grad_norm is not None:
         out_cfg["privacy.max-grad-norm"] = args.dp_max_grad_norm
     return out_cfg

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
-from server import flower
+from nearl_protocol import processes as flower
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -47,7 +47,7 @@ def reply_from(node: int, content: RecordDict | None = None, *, error: str | Non
 
 
 def train_reply_content(site: str, arrays: dict[str, np.ndarray], n: int = 10, **metrics: float) -> RecordDict:
-    m = {"num-examples": n, "train_loss": 1.0, "train_accuracy": 0.5, **metrics}
+    m = {"num-examples": n, "train-loss": 1.0, "train-accuracy": 0.5, **metrics}
     return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
                        "metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
 

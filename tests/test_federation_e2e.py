@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from nearl_core.demo_data import generate_demo_data
-from server import flower
+from nearl_protocol import processes as flower
 from server.checkpoint import complete_rounds, load_latest
 from tests.fed_helpers import BIN, ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server
 

@@ -9,7 +9,7 @@ import pytest
 
 from nearl_core.config import NearlConfig, load_config
 from nearl_core.errors import ConfigError
-from server import flower
+from nearl_protocol import processes as flower
 from server.checkpoint import (
     Checkpoint,
     CheckpointError,

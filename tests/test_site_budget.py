@@ -42,6 +42,18 @@ def test_a_spent_budget_declines_before_training(tmp_path):
 def test_simulated_sites_get_their_own_ledger_and_ceiling(tmp_path):
     rc = {"sim-data-root": str(tmp_path / "sites"), "sim-state-root": str(tmp_path / "state"),
           "sim-max-epsilon": "site2=1.5"}
-    one, two = (task.site_binding({"partition-id": k}, rc) for k in (0, 1))
+    from simulation.site_app import simulated_site
+
+    one, two = (simulated_site(k, rc) for k in (0, 1))
     assert (one.site, one.data, one.max_epsilon) == ("site1", tmp_path / "sites" / "site1", None)
     assert (two.site, two.max_epsilon, two.privacy_dir()) == ("site2", 1.5, tmp_path / "state" / "site2")
+
+
+def test_a_node_without_a_site_binding_is_a_readable_error():
+    """A hospital's node config must name its site; the simulation's keys mean nothing to client/."""
+    import pytest
+
+    from nearl_core.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="nearl-client --site NAME"):
+        task.site_binding({"partition-id": 0})

@@ -1,0 +1,63 @@
+"""Every key on the wire, named once.
+
+One convention on the wire: kebab-case, as Flower's own keys (``num-examples``,
+``server-round``).  MLflow keeps the snake_case names users' dashboards read
+(``train_loss``, ``eval_accuracy``, ``<site>/dp_steps``): :func:`mlflow_name` derives them.
+"""
+
+from __future__ import annotations
+
+# -- records of a message -------------------------------------------------------------------------
+ARRAYS = "arrays"  # ArrayRecord: the adapter tensors (global in an instruction, the site's in a reply)
+CONFIG = "config"  # ConfigRecord of an instruction
+METRICS = "metrics"  # MetricRecord of a reply: scalars only
+SITE = "site"  # ConfigRecord of a reply: the site's self-reported name (never trusted for attribution)
+SITE_NAME = "name"
+
+# -- instruction config (server -> site) ----------------------------------------------------------
+NEARL_CONFIG = "nearl-config"  # the resolved NEARL config as JSON: every site builds the same model
+SERVER_ROUND = "server-round"  # set by Flower's strategies
+LOCAL_EPOCHS = "local-epochs"
+TOTAL_ROUNDS = "total-rounds"
+TRANSPORT = "transport-dtype"
+EVALUATE_FIRST = "evaluate-first"
+PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
+BACKBONE = "backbone-fingerprint"  # the coordinator's frozen backbone; a site with another one refuses
+NODE_REFUSED = "node-refused"  # why the server refuses this node's replies (e.g. a duplicate site name)
+
+# -- reply metrics (site -> server) ---------------------------------------------------------------
+NUM_EXAMPLES = "num-examples"  # Flower's weighting key
+TRAIN_LOSS = "train-loss"
+TRAIN_ACCURACY = "train-accuracy"
+TRAIN_SECONDS = "train-seconds"
+EVAL_PREFIX = "eval-"  # metrics of the incoming global adapters on the site's val split
+TEST_PREFIX = "test-"  # ... and on its test split (evaluate message)
+EVAL_EXAMPLES = "eval-examples"
+TEST_EXAMPLES = "test-examples"
+EPSILON = "epsilon"  # the site's DP ledger (nearl_core.privacy.PrivacyState.report)
+DP_STEPS = "dp-steps"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_DELTA = "dp-delta"
+LEDGER = (EPSILON, DP_STEPS, DP_SAMPLE_RATE, DP_NOISE_MULTIPLIER, DP_DELTA)
+DP_DECLINED = "dp-declined"  # 1: the round would pass the site's budget; no arrays in the reply
+DP_MAX_EPSILON = "dp-max-epsilon"
+DP_EPSILON_NEXT = "dp-epsilon-next"
+COUNT_KEYS = (NUM_EXAMPLES, EVAL_EXAMPLES, TEST_EXAMPLES)
+
+# -- error reasons a site sends instead of a reply ------------------------------------------------
+BACKBONE_MISMATCH = "backbone mismatch"
+
+
+def wire_metric(prefix: str, name: str) -> str:
+    """``('eval-', 'balanced_accuracy')`` -> ``eval-balanced-accuracy``; a class suffix is kept."""
+    head, sep, tail = name.partition("/")
+    return f"{prefix}{head.replace('_', '-')}{sep}{tail}"
+
+
+def mlflow_name(key: str) -> str:
+    """The MLflow name of a wire key: ``train-loss`` -> ``train_loss``, ``num-examples`` -> ``train_examples``."""
+    if key == NUM_EXAMPLES:
+        return "train_examples"
+    head, sep, tail = key.partition("/")
+    return f"{head.replace('-', '_')}{sep}{tail}"

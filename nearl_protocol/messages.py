@@ -1,0 +1,129 @@
+"""The messages of a round, one builder and one reader each.
+
+Server -> site: a train or evaluate *instruction*: the global adapters (``arrays``) and a
+``config`` record built by :func:`instruction_config` (Flower's strategies add
+``server-round`` and, for FedProx, ``proximal-mu``), read at the site by
+:func:`read_instruction`.
+
+Site -> server: a *reply* built by :func:`build_reply` (``metrics``, ``site`` and, for
+a train reply, ``arrays``) or, when the site refuses the instruction, an error reply
+from :func:`refusal`; the server reads either with :func:`read_reply`.  Which site a
+reply belongs to is decided by the server from the node that sent it; the ``site``
+record is only a claim.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from nearl_protocol import keys
+
+REFUSAL_CODE = 4001  # an error reply the site chose to send (its reason is one readable line)
+
+
+class ProtocolError(ValueError):
+    """A message does not follow the contract (e.g. a server of another version)."""
+
+
+@dataclass(frozen=True)
+class Instruction:
+    nearl_config: dict[str, Any]
+    server_round: int = 0
+    local_epochs: int = 1
+    total_rounds: int = 1
+    transport: str = "float32"
+    evaluate_first: bool = False
+    proximal_mu: float = 0.0
+    backbone: str = ""  # the coordinator's backbone fingerprint ("" = not checked)
+    node_refused: str = ""  # why the coordinator refuses this node's replies ("" = it does not)
+
+
+def instruction_config(*, nearl_config: Mapping[str, Any], transport: str, backbone: str,
+                       local_epochs: int | None = None, total_rounds: int | None = None) -> ConfigRecord:
+    """The ``config`` record the ServerApp hands to its strategy for every train/evaluate instruction."""
+    values: dict[str, Any] = {keys.NEARL_CONFIG: json.dumps(dict(nearl_config)), keys.TRANSPORT: transport,
+                              keys.BACKBONE: backbone}
+    if local_epochs is not None:
+        values[keys.LOCAL_EPOCHS] = int(local_epochs)
+    if total_rounds is not None:
+        values[keys.TOTAL_ROUNDS] = int(total_rounds)
+    return ConfigRecord(values)
+
+
+def read_instruction(msg: Message) -> Instruction:
+    config = msg.content.config_records.get(keys.CONFIG)
+    raw = config.get(keys.NEARL_CONFIG) if config is not None else None
+    if not isinstance(raw, str):
+        raise ProtocolError("the server sent no NEARL config; server and client versions do not match")
+    try:
+        nearl_config = json.loads(raw)
+    except json.JSONDecodeError as err:
+        raise ProtocolError(f"the server's NEARL config is not JSON ({err})") from None
+    return Instruction(
+        nearl_config=nearl_config, server_round=int(config.get(keys.SERVER_ROUND, 0)),
+        local_epochs=int(config.get(keys.LOCAL_EPOCHS, 1)), total_rounds=int(config.get(keys.TOTAL_ROUNDS, 1)),
+        transport=str(config.get(keys.TRANSPORT, "float32")), evaluate_first=bool(config.get(keys.EVALUATE_FIRST, False)),
+        proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)), backbone=str(config.get(keys.BACKBONE, "")),
+        node_refused=str(config.get(keys.NODE_REFUSED, "")))
+
+
+def instruction_arrays(msg: Message) -> dict[str, np.ndarray] | None:
+    rec = msg.content.array_records.get(keys.ARRAYS)
+    return None if rec is None else {k: a.numpy() for k, a in rec.items()}
+
+
+def build_reply(msg: Message, *, site: str, metrics: Mapping[str, float],
+                arrays: Mapping[str, np.ndarray] | None = None) -> Message:
+    """A reply to ``msg``: scalar metrics, the site's name and (train replies) the adapter tensors."""
+    records: dict[str, Any] = {keys.METRICS: MetricRecord(dict(metrics)),
+                               keys.SITE: ConfigRecord({keys.SITE_NAME: site})}
+    if arrays is not None:
+        records[keys.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    return Message(content=RecordDict(records), reply_to=msg)
+
+
+def refusal(msg: Message, reason: str) -> Message:
+    """An error reply: the site refuses the instruction and says why in one line; nothing else leaves."""
+    return Message(error=Error(code=REFUSAL_CODE, reason=reason.splitlines()[0][:500]), reply_to=msg)
+
+
+@dataclass
+class Reply:
+    """What a reply says, as read by the server (the site name is the reply's claim, not its identity)."""
+
+    claimed_site: str | None
+    metrics: dict[str, float] = field(default_factory=dict)
+    arrays: ArrayRecord | None = None
+    error: str | None = None
+
+
+def read_reply(msg: Message) -> Reply:
+    if msg.has_error():
+        reason = (msg.error.reason or "").strip()
+        line = reason.splitlines()[-1][:300] if reason else f"error code {msg.error.code}"
+        return Reply(None, error=line if msg.error.code == REFUSAL_CODE else f"site error: {line}")
+    if not msg.has_content():
+        return Reply(None, error="empty reply")
+    content = msg.content
+    site_rec = content.config_records.get(keys.SITE)
+    name = site_rec.get(keys.SITE_NAME) if site_rec is not None else None
+    return Reply(name if isinstance(name, str) and name else None, metrics_of(content),
+                 content.array_records.get(keys.ARRAYS))
+
+
+def metrics_of(content: RecordDict) -> dict[str, float]:
+    """Every numeric metric of a reply, by wire key."""
+    rec = next(iter(content.metric_records.values()), None)
+    if rec is None:
+        return {}
+    return {k: float(v) for k, v in rec.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+
+
+def record_bytes(content: RecordDict) -> int:
+    """Serialized payload size of a message's records (array bytes dominate)."""
+    return int(sum(rec.count_bytes() for rec in content.values()))

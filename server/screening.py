@@ -1,0 +1,156 @@
+"""What the server decides about each reply before anything is aggregated.
+
+* :class:`SiteIdentities`: which site a reply belongs to.  A reply is attributed by the
+  node that sent it, never by the name it carries: the first node to use a name in a run
+  owns it (with SuperNode authentication the registry of registered keys decides), and a
+  second node claiming a taken name is refused with ``duplicate site name``.
+* :func:`check_update`: a train reply is aggregated only when every tensor decodes
+  against its own metadata, matches the agreed schema and is finite, and its example
+  count is a positive finite number.
+* :func:`aggregate_metrics`: example-weighted, NaN-aware means of the sites' metrics
+  under their MLflow names (:func:`nearl_protocol.keys.mlflow_name`).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+from flwr.app import RecordDict
+
+from nearl_protocol import keys
+from nearl_protocol.arrays import PayloadError, decode_array
+from nearl_protocol.messages import metrics_of
+from nearl_protocol.schema import Schema, schema_problem
+
+DUPLICATE = "duplicate site name"
+MLFLOW_COUNTS = ("train_examples", "eval_examples", "test_examples")
+
+
+class SiteIdentities:
+    """node id -> site name for one run; ``registered`` comes from the coordinator's key registry."""
+
+    def __init__(self, registered: Mapping[int, str] | None = None):
+        self.registered = dict(registered or {})
+        self.bound: dict[int, str] = dict(self.registered)
+        self.refused: dict[int, str] = {}  # node -> why its replies are refused (told to the node next round)
+
+    def owner(self, name: str) -> int | None:
+        return next((n for n, s in self.bound.items() if s == name), None)
+
+    def label(self, node: int) -> str:
+        return self.bound.get(node) or f"node-{node}"
+
+    def attribute(self, node: int, claimed: str | None) -> tuple[str, str | None]:
+        """(the name this node's reply is recorded under, why it must be refused or None)."""
+        if claimed is None:  # an error reply carries no name
+            return self.label(node), None
+        if node in self.bound:
+            own = self.bound[node]
+            if claimed == own:
+                return own, None
+            other = self.owner(claimed)
+            why = (f"{DUPLICATE}: {claimed} belongs to node {other}" if other is not None
+                   else f"site name {claimed!r} is not this node's ({own})")
+            self.refused[node] = why
+            return own, why
+        other = self.owner(claimed)
+        if other is not None:
+            why = f"{DUPLICATE}: {claimed} belongs to node {other}"
+            self.refused[node] = why
+            return f"{claimed}@node-{node}", why
+        self.bound[node] = claimed
+        return claimed, None
+
+
+def load_registry(path: str | Path | None) -> dict[int, str]:
+    """node id -> site name from the registry file nearl-server writes when it registers site keys."""
+    if not path:
+        return {}
+    raw = json.loads(Path(path).read_text())
+    return {int(entry["node_id"]): site for site, entry in raw.get("sites", {}).items() if entry.get("node_id")}
+
+
+def check_update(content: RecordDict, schema: Schema) -> str | None:
+    """Why this train reply must not be aggregated, or None when it is sound."""
+    arrays = content.array_records
+    if set(arrays) != {keys.ARRAYS}:
+        return f"expected one ArrayRecord '{keys.ARRAYS}', got {sorted(arrays)}"
+    rec = arrays[keys.ARRAYS]
+    problem = schema_problem(rec, schema)
+    if problem:
+        return problem
+    for name in schema:
+        try:
+            values = decode_array(rec[name])
+        except PayloadError as err:
+            return f"tensor '{name}': {err}"
+        if not np.isfinite(values).all():
+            return f"tensor '{name}' holds NaN or Inf values"
+    return check_metrics(content)
+
+
+def check_metrics(content: RecordDict) -> str | None:
+    if len(content.metric_records) != 1:
+        return f"expected one MetricRecord, got {len(content.metric_records)}"
+    n = next(iter(content.metric_records.values())).get(keys.NUM_EXAMPLES)
+    if isinstance(n, bool) or not isinstance(n, (int, float)) or not math.isfinite(n) or n <= 0:
+        return f"'{keys.NUM_EXAMPLES}' must be a positive number, got {n!r}"
+    return None
+
+
+def site_metrics(content: RecordDict) -> dict[str, float]:
+    """A reply's metrics under their MLflow names (``train_loss``, ``eval_accuracy``, ``dp_steps``)."""
+    return {keys.mlflow_name(k): v for k, v in metrics_of(content).items()}
+
+
+def declined(content: RecordDict) -> bool:
+    return metrics_of(content).get(keys.DP_DECLINED) == 1.0
+
+
+def declined_reason(metrics: Mapping[str, float]) -> str:
+    """The one-line reason a site's ledger gives for declining (from its metrics, MLflow names)."""
+    return (f"declined: privacy budget (epsilon {metrics.get('epsilon', math.nan):.3f} spent, this round would "
+            f"reach {metrics.get('dp_epsilon_next', math.nan):.3f} > the site's max "
+            f"{metrics.get('dp_max_epsilon', math.nan):g})")
+
+
+def _weight_key(key: str, sample: Mapping[str, float]) -> str:
+    for prefix, count in (("eval_", "eval_examples"), ("test_", "test_examples")):
+        if key.startswith(prefix) and count in sample:
+            return count
+    return "train_examples"
+
+
+def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
+    """Example-weighted means per key (each key weighted by its own split's count), NaN-aware.
+
+    Count keys are summed; ``epsilon`` becomes ``epsilon_max``, the worst privacy loss over
+    sites; the other ``dp_*`` ledger values (steps, sample rate, noise multiplier) are
+    per-site facts and are not averaged.
+    """
+    out: dict[str, float] = {}
+    for key in sorted({k for r in rows for k in r}):
+        if key in MLFLOW_COUNTS:
+            out[key] = float(sum(r.get(key, 0.0) for r in rows))
+        elif key == "epsilon":
+            eps = [r[key] for r in rows if key in r and math.isfinite(r[key])]
+            if eps:
+                out["epsilon_max"] = max(eps)
+        elif not key.startswith("dp_"):
+            num = den = 0.0
+            for r in rows:
+                v, w = r.get(key), r.get(_weight_key(key, r), 0.0)
+                if v is not None and math.isfinite(v) and w > 0:
+                    num, den = num + w * v, den + w
+            out[key] = num / den if den > 0 else math.nan
+    return out
+
+
+def split_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
+    """(train-side, eval-side) views of one reply's metrics (MLflow names)."""
+    evals = {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))}
+    return {k: v for k, v in metrics.items() if k not in evals}, evals
