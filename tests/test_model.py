@@ -1,4 +1,4 @@
-"""The NEARL model's invariants (DESIGN.md §3), on tiny registered CLIP configs.
+"""The NEARL model's invariants (docs/architecture.md: tower layouts, privacy constraint), on tiny CLIP configs.
 
 Every invariant runs on each tower layout in ``TINY_MODELS``: open_clip's native towers
 (two configs) and a timm ViT with a Hugging Face BERT text encoder (BiomedCLIP's layout).
