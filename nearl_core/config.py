@@ -36,7 +36,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """NEARL adapter dimensions (DESIGN.md §3); the defaults give ~1.46M on ViT-B-16."""
+    """NEARL adapter dimensions (docs/architecture.md); the defaults give 1.449M on ViT-B-16 (budget 1.46M)."""
 
     queries: int = 16  # M learnable synergy query tokens
     width: int = 32  # d, width of the USEformer

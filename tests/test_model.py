@@ -1,4 +1,4 @@
-"""The NEARL model's invariants (DESIGN.md §3), on tiny registered CLIP configs.
+"""The NEARL model's invariants (docs/architecture.md: tower layouts, privacy constraint), on tiny CLIP configs.
 
 Every invariant runs on each tower layout in ``TINY_MODELS``: open_clip's native towers
 (two configs) and a timm ViT with a Hugging Face BERT text encoder (BiomedCLIP's layout).
@@ -177,4 +177,5 @@ def test_biomedclip_architecture_counts():
     assert (d["vision_layers"], d["text_layers"], d["vision_width"], d["text_width"]) == (12, 12, 768, 768)
     assert c["oca_vision"] == c["oca_text"] == 489_324  # equal widths: equal per-modality OCA budgets
     assert report["trainable"] == 1_709_912
-    assert c["backbone_frozen"] == 195_902_721  # BiomedCLIP's ~196M
+    # the frozen count comes from timm's ViT and transformers' BERT, so only its size is checked
+    assert abs(c["backbone_frozen"] - 196e6) / 196e6 < 0.01  # BiomedCLIP's ~196M

@@ -30,6 +30,8 @@ EXPECTED_LAYOUT = {
     "nearl-tiny-deep-text": (NativeVisionTower, CausalTextTower),
     TIMM_BERT: (TimmVisionTower, HFTextTower),
 }
+# (vision blocks, text blocks) as the shipped configs in nearl_core/model_configs declare them
+EXPECTED_DEPTHS = {"nearl-tiny": (4, 4), "nearl-tiny-deep-text": (2, 3), TIMM_BERT: (3, 2)}
 
 
 @pytest.mark.parametrize("name", TINY_MODELS)
@@ -37,7 +39,7 @@ def test_layout_is_chosen_by_inspecting_the_modules(name):
     model = tiny_model(name)
     vision_cls, text_cls = EXPECTED_LAYOUT[name]
     assert type(model.vision) is vision_cls and type(model.text) is text_cls
-    assert len(model.vision.blocks) > 0 and len(model.text.blocks) > 0
+    assert (len(model.vision.blocks), len(model.text.blocks)) == EXPECTED_DEPTHS[name]  # every block is found
 
 
 def test_hf_text_view_needs_the_padding_mask():

@@ -32,7 +32,6 @@ def test_one_round_two_sites_on_timm_bert(tmp_path, monkeypatch):
     with open(out / "results.csv", newline="") as fh:
         rows = [r for r in csv.DictReader(fh) if r["arm"] == "federated"]
     assert {r["site"] for r in rows} == {"site1", "site2", "mean"}
-    assert all(0.0 <= float(r["accuracy"]) <= 1.0 for r in rows)
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     runs = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])
     assert [r.data.tags["nearl.backbone"] for r in runs] == ["nearl-tiny-timm-bert"]
