@@ -39,7 +39,7 @@ def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, eps
                             "epsilon_before": eps_before, "epsilon_after": eps_after,
                             "declined": None, "refused": None}
     if reply.has_error():
-        line["refused"] = reply.error.reason
+        line["refused"] = reply.error.reason.removeprefix(f"{site}: ")
         return line
     arrays = reply.content.array_records.get(keys.ARRAYS)
     metrics = metrics_of(reply.content)

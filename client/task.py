@@ -244,7 +244,7 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
     except (NearlError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         log(f"[{binding.site}] round {server_round} refused: {reason}", flush=True)
-        outcome, reply = Outcome({}), refusal(msg, reason)
+        outcome, reply = Outcome({}), refusal(msg, reason, site=binding.site)
     audit.append(binding.audit_file(), audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
                                                         eps_before=outcome.eps_before, eps_after=outcome.eps_after))
     if not reply.has_error() and reply.content.array_records:

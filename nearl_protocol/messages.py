@@ -87,9 +87,12 @@ def build_reply(msg: Message, *, site: str, metrics: Mapping[str, float],
     return Message(content=RecordDict(records), reply_to=msg)
 
 
-def refusal(msg: Message, reason: str) -> Message:
-    """An error reply: the site refuses the instruction and says why in one line; nothing else leaves."""
-    return Message(error=Error(code=REFUSAL_CODE, reason=reason.splitlines()[0][:500]), reply_to=msg)
+def refusal(msg: Message, reason: str, *, site: str) -> Message:
+    """An error reply: the site refuses the instruction and says why in one line; nothing else leaves.
+
+    The reason travels as ``<site>: <reason>`` (an error reply has no records to carry the name).
+    """
+    return Message(error=Error(code=REFUSAL_CODE, reason=f"{site}: {reason.splitlines()[0][:500]}"), reply_to=msg)
 
 
 @dataclass
@@ -105,8 +108,11 @@ class Reply:
 def read_reply(msg: Message) -> Reply:
     if msg.has_error():
         reason = (msg.error.reason or "").strip()
-        line = reason.splitlines()[-1][:300] if reason else f"error code {msg.error.code}"
-        return Reply(None, error=line if msg.error.code == REFUSAL_CODE else f"site error: {line}")
+        line = reason.splitlines()[-1][:600] if reason else f"error code {msg.error.code}"
+        if msg.error.code == REFUSAL_CODE:
+            site, _, why = line.partition(": ")
+            return Reply(site or None, error=why)
+        return Reply(None, error=f"site error: {line[:300]}")
     if not msg.has_content():
         return Reply(None, error="empty reply")
     content = msg.content

@@ -162,10 +162,9 @@ class NearlStrategyMixin:
         """A node whose replies are refused (e.g. a duplicate site name) is told why in its instruction."""
         for m in messages:
             why = self.identities.refused.get(m.metadata.dst_node_id)
-            if why:
-                config = ConfigRecord(dict(m.content[keys.CONFIG]))
-                config[keys.NODE_REFUSED] = why
-                m.content[keys.CONFIG] = config
+            if why:  # Flower's messages share one content object: give this one its own
+                config = ConfigRecord({**m.content[keys.CONFIG], keys.NODE_REFUSED: why})
+                m.content = RecordDict({**{k: v for k, v in m.content.items()}, keys.CONFIG: config})
 
     # -- train ---------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

@@ -122,7 +122,7 @@ def test_a_handler_whose_reply_breaks_the_schema_fails(site, monkeypatch, tmp_pa
     assert reply.has_error() and not reply.has_content()  # nothing but the reason leaves
     assert "unexpected ['leak']" in reply.error.reason and "refusing to send" in reply.error.reason
     line = json.loads((state_dir / "audit.jsonl").read_text().splitlines()[-1])
-    assert line["refused"] == reply.error.reason and line["arrays"] == [] and line["bytes_sent"] == 0
+    assert reply.error.reason == f"siteA: {line['refused']}" and line["arrays"] == [] and line["bytes_sent"] == 0
 
 
 def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_path):
