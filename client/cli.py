@@ -2,24 +2,31 @@
 
     nearl-client --site siteA --data /path/to/site [--server host:port] [--certs DIR | --insecure]
                  [--auth-key KEY] [--config X] [--port P] [--device auto|cpu|cuda]
+                 [--connect-timeout S]
 
 First the site folder is checked exactly like ``nearl check-data`` (layout, class
-folders, every image decodes); a folder that fails never joins.  Then this process
-becomes a Flower SuperNode (``exec``) with the site passed as node config.  Images stay
-on this machine: the ClientApp sends only adapter tensors and scalar metrics, and its
-egress check refuses anything else.
+folders, every image decodes); a folder that fails never joins.  Then the coordinator
+must answer on its port within ``--connect-timeout`` seconds, and this process becomes
+a Flower SuperNode (``exec``) with the site passed as node config; the SuperNode gives
+up after the same time when the coordinator becomes unreachable later (Flower's
+``--max-wait-time``), instead of retrying for ever.  Images stay on this machine: the
+ClientApp sends only adapter tensors and scalar metrics, and its egress check refuses
+anything else.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import socket
 import sys
+import time
 from pathlib import Path
 
 from nearl_core.errors import NearlError
 
 PROG = "nearl-client"
+DEFAULT_CONNECT_TIMEOUT = 180.0  # seconds: long enough for a coordinator restart, short enough to notice
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -42,6 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this site's own DP budget ceiling; the server's config can lower it, never raise it")
     p.add_argument("--state-dir", type=Path, default=None,
                    help="this site's state: DP ledger and audit trail (default ~/.nearl/sites/SITE/state)")
+    p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
+                   help="seconds to wait for the coordinator, at start and after a later outage, before "
+                        f"giving up with an error (default {DEFAULT_CONNECT_TIMEOUT:g})")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
     return p
 
@@ -53,11 +63,12 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         cmd, env = prepare(args)
+        if args.check_only:
+            return 0
+        wait_for_coordinator(args.server, args.connect_timeout)
     except NearlError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
-    if args.check_only:
-        return 0
     print(f"{PROG}: site {args.site} joining {args.server} ({'INSECURE, no TLS' if args.insecure else 'TLS'}"
           f"{', authenticated' if args.auth_key else ''})", flush=True)
     sys.stdout.flush()
@@ -74,9 +85,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
     if not valid_site_name(args.site):
         raise NearlError(f"--site {args.site!r}: use 1-64 letters, digits, '_', '.' or '-' (e.g. siteA)")
-    host, sep, port = args.server.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise NearlError(f"--server {args.server!r}: expected host:port, e.g. fl.hospital.org:9092")
+    split_server(args.server)
+    if not args.connect_timeout > 0:  # also refuses nan
+        raise NearlError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds, e.g. 180")
     data = args.data.expanduser().resolve()
     overrides = {"model.pretrained": args.pretrained} if args.pretrained else {}
     cfg = load_config(args.config, overrides)
@@ -112,6 +123,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         node_config["max-epsilon"] = float(args.max_epsilon)
     cmd = flower.supernode_command(superlink=args.server, port=args.port or flower.free_port(),
                                    node_config=node_config, certs=certs, auth_key=auth_key)
+    cmd += ["--max-wait-time", f"{args.connect_timeout:g}"]  # later outages: Flower's own bounded retry
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env
@@ -147,6 +159,39 @@ def audit_main(argv: list[str]) -> int:
         return 2
     print(json.dumps(runs, indent=2) if args.json else audit.format_summary(runs))
     return 0
+
+
+def split_server(server: str) -> tuple[str, int]:
+    """``host:port`` (IPv6 as ``[::1]:9092``) as a (host, port) pair; NearlError otherwise."""
+    host, sep, port = server.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        raise NearlError(f"--server {server!r}: expected host:port, e.g. fl.hospital.org:9092")
+    return host.removeprefix("[").removesuffix("]"), int(port)
+
+
+def wait_for_coordinator(server: str, timeout: float, *, interval: float = 1.0) -> None:
+    """Return once a TCP connection to ``server`` opens; NearlError after ``timeout`` seconds.
+
+    Flower's SuperNode, by default, retries an unreachable SuperLink for ever and logs
+    every try; a wrong address or a closed firewall port is then a process that never
+    ends.  A plain connect before the ``exec`` turns that into one line naming the
+    address.  It waits rather than trying once, so sites may start before the server.
+    """
+    host, port = split_server(server)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host, port), timeout=min(10.0, max(0.1, deadline - time.monotonic()))):
+                return
+        except OSError as err:
+            reason = err.strerror or str(err) or type(err).__name__
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise NearlError(
+                f"the coordinator at {server} could not be reached within {timeout:g}s ({reason}); check --server, "
+                f"that nearl-server is running there, and that a firewall lets this machine reach port {port}"
+            )
+        time.sleep(min(interval, left))
 
 
 if __name__ == "__main__":  # pragma: no cover

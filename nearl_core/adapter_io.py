@@ -6,27 +6,39 @@ which :func:`nearl_core.model.is_adapter_param` holds, without the prefix) and
 config and the package version).  Loading refuses a file made for another backbone or
 another class list: silently loading adapters into the wrong model would give
 plausible-looking but meaningless predictions.
+
+``adapters.json`` also records the sha256 of ``adapters.safetensors``
+(``weights_sha256``) and loading checks it: a file damaged in a copy can still parse
+(a flipped byte in a tensor changes predictions, not structure).  Folders written
+before the checksum existed are loaded with an :class:`UncheckedAdapterWarning`
+rather than refused: they can only be recreated by retraining, and the checksum
+guards against damage, not tampering (whoever can edit the weights can edit the
+JSON next to them).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Any, Mapping
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
 
-from nearl_core.errors import AdapterFileError
+from nearl_core.errors import AdapterFileError, UncheckedAdapterWarning
 from nearl_core.model import ADAPTER_PREFIX, NearlCLIP, is_adapter_param
 from nearl_protocol.schema import schema_of, schema_problem
 
 WEIGHTS_FILE = "adapters.safetensors"
 META_FILE = "adapters.json"
+CHECKSUM_KEY = "weights_sha256"  # in META_FILE: sha256 (hex) of the bytes of WEIGHTS_FILE
 
 
 def package_version() -> str:
@@ -85,14 +97,18 @@ def save_adapters(model: NearlCLIP, out_dir: str | Path, extra: Mapping[str, Any
         raise AdapterFileError(f"{out / WEIGHTS_FILE} already exists; choose another --out or pass --overwrite")
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.contiguous() for k, v in get_adapter_state(model).items()}
-    meta = model_metadata(model, extra)
-    _atomic_write(out / WEIGHTS_FILE, lambda p: save_file(state, str(p), metadata={"format": "pt"}))
+    weights = save_safetensors(state, metadata={"format": "pt"})
+    meta = {**model_metadata(model, extra), CHECKSUM_KEY: hashlib.sha256(weights).hexdigest()}
+    _atomic_write(out / WEIGHTS_FILE, lambda p: Path(p).write_bytes(weights))
     _atomic_write(out / META_FILE, lambda p: Path(p).write_text(json.dumps(meta, indent=2)))
     return out
 
 
 def read_adapters(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read (tensors, metadata) from an adapter directory (or its .safetensors file)."""
+    """Read (tensors, metadata) from an adapter directory (or its .safetensors file).
+
+    The weights are read once, checked against the recorded sha256, then parsed.
+    """
     p = Path(path)
     folder = p.parent if p.suffix == ".safetensors" else p
     weights, meta_file = folder / WEIGHTS_FILE, folder / META_FILE
@@ -100,11 +116,33 @@ def read_adapters(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, 
         if not f.is_file():
             raise AdapterFileError(f"adapter file {f} not found; point --adapters at a folder written by nearl train")
     try:
-        state = load_file(str(weights))
         meta = json.loads(meta_file.read_text())
-    except (SafetensorError, json.JSONDecodeError, OSError) as err:
+        if not isinstance(meta, dict):
+            raise ValueError(f"{META_FILE} holds a JSON {type(meta).__name__}, not an object")
+        data = weights.read_bytes()
+        _check_checksum(folder, data, meta)
+        state = load_safetensors(data)
+    except (SafetensorError, ValueError, OSError) as err:  # JSONDecodeError is a ValueError
         raise AdapterFileError(f"{folder}: adapter files are corrupt ({str(err).splitlines()[0]}); re-export them") from None
     return state, meta
+
+
+def _check_checksum(folder: Path, data: bytes, meta: Mapping[str, Any]) -> None:
+    """Refuse weights whose sha256 differs from the recorded one; warn when none is recorded."""
+    recorded = meta.get(CHECKSUM_KEY)
+    if recorded is None:
+        warnings.warn(
+            f"{folder / META_FILE} records no sha256 of {WEIGHTS_FILE} (written by an older nearl), "
+            "so the weights are loaded unchecked; adapters written by this version carry one",
+            UncheckedAdapterWarning, stacklevel=3,
+        )
+        return
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != str(recorded).lower():
+        raise AdapterFileError(
+            f"{folder / WEIGHTS_FILE} is corrupt: its sha256 is {actual[:16]}..., {META_FILE} records "
+            f"{str(recorded)[:16]}...; copy the adapter folder again from where it was written, or retrain"
+        )
 
 
 def check_compatible(meta: Mapping[str, Any], model: NearlCLIP, source: str = "adapter file") -> None:

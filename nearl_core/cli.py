@@ -16,9 +16,11 @@ import json
 import logging
 import os
 import sys
+import warnings
+from collections.abc import Callable
 from pathlib import Path
 
-from nearl_core.errors import NearlError
+from nearl_core.errors import NearlError, NearlWarning
 from nearl_core import workflows
 
 
@@ -83,14 +85,27 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
     logging.basicConfig(level=logging.ERROR)
     args = build_parser().parse_args(argv)
-    try:
-        return _dispatch(args)
-    except NearlError as err:
-        print(f"nearl {args.command}: error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"nearl {args.command}: interrupted", file=sys.stderr)
-        return 130
+    with warnings.catch_warnings():  # restores the filters and showwarning when the command ends
+        warnings.simplefilter("always", NearlWarning)
+        warnings.showwarning = _one_line_warnings(args.command, warnings.showwarning)
+        try:
+            return _dispatch(args)
+        except NearlError as err:
+            print(f"nearl {args.command}: error: {err}", file=sys.stderr)
+            return 2
+        except KeyboardInterrupt:
+            print(f"nearl {args.command}: interrupted", file=sys.stderr)
+            return 130
+
+
+def _one_line_warnings(command: str, fallback: Callable[..., None]) -> Callable[..., None]:
+    """Print a :class:`NearlWarning` like an error line (no file and line number); others as usual."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:
+        if issubclass(category, NearlWarning):
+            print(f"nearl {command}: warning: {message}", file=sys.stderr)
+        else:
+            fallback(message, category, filename, lineno, file, line)
+    return show
 
 
 def _dispatch(args: argparse.Namespace) -> int:

@@ -10,6 +10,10 @@ A site keeps its images on its own disk in one of two layouts:
 :func:`scan_site` turns either layout into a :class:`SiteData` index and checks it up
 front, so that a misplaced file or a corrupt image is reported in one readable line
 before training starts rather than as a traceback halfway through a federated round.
+Checking decodes every image completely (a file cut short in a copy is otherwise only
+noticed by the epoch that reaches it), refuses the same image in two splits (it would
+leak training images into the validation or test metrics) and turns symbolic link
+loops and unreadable folders into one-line errors.
 A site that has no images of some class is valid (federations are rarely IID); it is
 reported by :meth:`SiteData.missing_classes`, not refused.
 """
@@ -17,8 +21,12 @@ reported by :meth:`SiteData.missing_classes`, not refused.
 from __future__ import annotations
 
 import csv
+import errno
+import hashlib
+import io
 import os
-from collections.abc import Callable, Iterator, Sequence
+import stat
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -114,9 +122,9 @@ def infer_classes(root: str | Path) -> tuple[str, ...]:
     if not _has_folder_layout(root):
         raise _no_layout(root)
     train = root / "train"
-    if not train.is_dir():
+    if not _split_exists(train) or not train.is_dir():
         raise _missing_split(train)
-    classes = tuple(sorted(entry.name for entry in _visible_entries(train) if entry.is_dir()))
+    classes = tuple(sorted(entry.name for entry in _visible_entries(train) if _is_folder(entry)))
     if not classes:
         raise DataError(f"{train} has no class folders; put images in {train}/<class>/")
     return classes
@@ -129,8 +137,9 @@ def scan_site(
 
     ``classes`` fixes the class order (the federation's task classes); without it the
     site's own classes are used (:func:`infer_classes`). With ``verify`` every image is
-    opened once, which costs a little time but turns a corrupt file into an error
-    naming that file instead of a crash in the middle of an epoch.
+    read once and decoded completely (:func:`verify_images`), which costs about one
+    epoch of image decoding but turns a corrupt file into an error naming that file
+    instead of a crash in the middle of an epoch.
     """
     root = _check_root(root)
     class_names = tuple(classes) if classes is not None else infer_classes(root)
@@ -143,16 +152,19 @@ def scan_site(
     else:
         raise _no_layout(root)
     if verify:
-        for samples in splits.values():
-            for sample in samples:
-                verify_image(sample.path)
+        verify_images(splits)
     return SiteData(root=root, classes=class_names, splits=splits)
 
 
 def _check_root(root: str | Path) -> Path:
     path = Path(root).expanduser()
-    if not path.exists():
-        raise DataError(f"site data folder {path} does not exist; check the --data path")
+    try:
+        path.stat()
+    except FileNotFoundError:
+        raise DataError(f"site data folder {path} does not exist; check the --data path") from None
+    except OSError as err:
+        raise DataError(f"site data folder {path} cannot be opened ({_os_reason(err)}); "
+                        "fix the link or the permissions, or check the --data path") from None
     if not path.is_dir():
         raise DataError(f"site data path {path} is not a folder; point --data at the site folder")
     return path
@@ -176,7 +188,21 @@ def _no_layout(root: Path) -> DataError:
 
 
 def _has_folder_layout(root: Path) -> bool:
-    return any((root / split).exists() for split in SPLITS)
+    return any(_split_exists(root / split) for split in SPLITS)
+
+
+def _split_exists(folder: Path) -> bool:
+    """Whether a split folder exists; a link to nowhere (or a loop) is an error, not absence.
+
+    ``Path.exists`` answers False for a symbolic link loop, which would make a looped
+    ``test/`` silently vanish from the evaluation.
+    """
+    if folder.exists():
+        return True
+    if folder.is_symlink():
+        raise DataError(f"{folder} is a symbolic link that cannot be followed (broken or a loop); "
+                        "remove or fix the link")
+    return False
 
 
 def _missing_split(folder: Path) -> DataError:
@@ -187,11 +213,50 @@ def _missing_split(folder: Path) -> DataError:
 
 def _visible_entries(folder: Path) -> list[os.DirEntry[str]]:
     """Entries of ``folder`` minus hidden and OS clutter files, sorted by name."""
-    with os.scandir(folder) as it:
-        entries = [
-            e for e in it if not e.name.startswith(".") and e.name.lower() not in _IGNORED_NAMES
-        ]
+    try:
+        with os.scandir(folder) as it:
+            entries = [
+                e for e in it if not e.name.startswith(".") and e.name.lower() not in _IGNORED_NAMES
+            ]
+    except OSError as err:  # typically a folder copied with permissions only its owner can read
+        raise DataError(
+            f"cannot list folder {folder} ({_os_reason(err)}); give the account running nearl "
+            "read access to it (e.g. chmod -R u+rX) or move it out of the site folder"
+        ) from None
     return sorted(entries, key=lambda e: e.name)
+
+
+def _is_folder(entry: os.DirEntry[str]) -> bool:
+    """Whether ``entry`` is a folder (following links); a link that cannot be followed is an error.
+
+    ``DirEntry.is_dir`` raises for a symbolic link loop (``a -> b -> a``) or a link into
+    a folder nobody may read; without this it would surface as a traceback.
+    """
+    try:
+        return entry.is_dir()
+    except OSError as err:
+        what = "is a symbolic link loop" if err.errno == errno.ELOOP else f"cannot be opened ({_os_reason(err)})"
+        raise DataError(f"{entry.path} {what}; remove or fix the link") from None
+
+
+def _enter(folder: Path, ancestors: frozenset[str]) -> frozenset[str]:
+    """``ancestors`` plus ``folder``; refuses a folder that links back to one containing it.
+
+    A link such as ``train/a/scans -> ../..`` would otherwise be walked until the path
+    grows too long, and would list every image many times.
+    """
+    real = os.path.realpath(folder)
+    if real in ancestors:
+        raise DataError(
+            f"{folder} links back to {real}, a folder that contains it (a symbolic link loop); "
+            "remove the link"
+        )
+    return ancestors | {real}
+
+
+def _os_reason(err: OSError) -> str:
+    """The operating system's words for ``err`` (e.g. 'Permission denied'), without the path."""
+    return err.strerror or type(err).__name__
 
 
 def _is_image_name(name: str) -> bool:
@@ -209,13 +274,13 @@ def _splits_from_folders(root: Path, classes: tuple[str, ...]) -> dict[str, tupl
     splits: dict[str, tuple[Sample, ...]] = {}
     for split in SPLITS:
         folder = root / split
-        if not folder.exists():
+        if not _split_exists(folder):
             if split in REQUIRED_SPLITS:
                 raise _missing_split(folder)
             continue
         if not folder.is_dir():
             raise DataError(f"{folder} is a file, not a folder; make it a folder of class folders")
-        samples = _scan_split_folder(folder, index)
+        samples = _scan_split_folder(folder, index, frozenset({os.path.realpath(root)}))
         if not samples:
             raise DataError(
                 f"split folder {folder} contains no images; put images in {folder}/<class>/ "
@@ -225,14 +290,18 @@ def _splits_from_folders(root: Path, classes: tuple[str, ...]) -> dict[str, tupl
     return splits
 
 
-def _scan_split_folder(folder: Path, index: dict[str, int]) -> tuple[Sample, ...]:
+def _scan_split_folder(
+    folder: Path, index: dict[str, int], ancestors: frozenset[str]
+) -> tuple[Sample, ...]:
     samples: list[Sample] = []
+    ancestors = _enter(folder, ancestors)
     for entry in _visible_entries(folder):
-        if entry.is_dir():
+        if _is_folder(entry):
             if entry.name not in index:
                 raise _unknown_class(entry.name, Path(entry.path))
             label = index[entry.name]
-            samples.extend(Sample(path, label) for path in _images_in_class_folder(Path(entry.path)))
+            images = _images_in_class_folder(Path(entry.path), ancestors)
+            samples.extend(Sample(path, label) for path in images)
         elif _is_split_level_note(entry.name):
             continue
         elif _is_image_name(entry.name):
@@ -251,16 +320,18 @@ def _is_split_level_note(name: str) -> bool:
     return lowered.startswith("readme") or Path(lowered).suffix in _SPLIT_LEVEL_NOTE_SUFFIXES
 
 
-def _images_in_class_folder(folder: Path) -> Iterator[Path]:
+def _images_in_class_folder(folder: Path, ancestors: frozenset[str]) -> Iterator[Path]:
     """Image files in a class folder and its sub-folders; any other file is an error.
 
     Sub-folders are allowed (e.g. one per patient or per acquisition date), as in
-    torchvision's ImageFolder.
+    torchvision's ImageFolder. ``ancestors`` holds the real paths of the folders above,
+    so that a linked sub-folder pointing back up is refused instead of walked for ever.
     """
+    ancestors = _enter(folder, ancestors)
     for entry in _visible_entries(folder):
         path = Path(entry.path)
-        if entry.is_dir():
-            yield from _images_in_class_folder(path)
+        if _is_folder(entry):
+            yield from _images_in_class_folder(path, ancestors)
         elif _is_image_name(entry.name):
             yield path
         else:
@@ -356,8 +427,20 @@ def _check_manifest_row(row: _ManifestRow, where: str) -> None:
         )
     if not _is_image_name(row.path.name):
         raise DataError(f"{where}: {row.path} is not an image ({_suffix_list()}); remove the row")
-    if not row.path.is_file():
-        raise DataError(f"{where}: {row.path} does not exist; fix the path or remove the row")
+    problem = _file_problem(row.path)
+    if problem:
+        raise DataError(f"{where}: {row.path} {problem}; fix the path or remove the row")
+
+
+def _file_problem(path: Path) -> str | None:
+    """Why ``path`` is not a readable regular file, in words (None when it is one)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        return "does not exist"
+    except OSError as err:
+        return "is a symbolic link loop" if err.errno == errno.ELOOP else f"cannot be opened ({_os_reason(err)})"
+    return None if stat.S_ISREG(mode) else "is not a file"
 
 
 def _splits_from_manifest(
@@ -388,17 +471,60 @@ def _splits_from_manifest(
 # Images
 
 
-def verify_image(path: str | Path) -> None:
-    """Cheaply check that ``path`` is a readable image, without decoding all pixels."""
+def verify_images(splits: Mapping[str, Sequence[Sample]]) -> None:
+    """Decode every image and refuse the same image (by content) in two splits.
+
+    An image in both train and val/test makes the reported metrics partly measure
+    memorisation; copies under another name or path are common after merging exports,
+    so files are compared by the sha256 of their bytes, not by path.
+    """
+    first_seen: dict[str, tuple[str, Path]] = {}
+    for split, samples in splits.items():
+        for sample in samples:
+            digest = verify_image(sample.path)
+            other_split, other_path = first_seen.setdefault(digest, (split, sample.path))
+            if other_split != split:
+                raise DataError(
+                    f"the same image is in split '{other_split}' as {other_path} and in split "
+                    f"'{split}' as {sample.path} (sha256 {digest[:16]}); keep each image in one "
+                    "split only, or metrics will count training images"
+                )
+
+
+def verify_image(path: str | Path) -> str:
+    """Decode ``path`` completely, as training would, and return the sha256 of its bytes.
+
+    The file is read once; hashing and decoding both work on those bytes. PIL's
+    ``verify()`` checks structure and checksums (it catches a PNG without its end) but
+    decodes no pixels, so a JPEG cut short passes it; ``load()`` decodes them and needs
+    a fresh image object after ``verify()``. DICOM pixel data is decoded and passed
+    through the rescale/window tags, so a short PixelData element fails here.
+    """
     path = Path(path)
+    data = _read_bytes(path)
     if _is_dicom(path):
-        ds = _read_dicom(path)
+        ds = _read_dicom(path, data)
         if "PixelData" not in ds or "Rows" not in ds or "Columns" not in ds:
             raise DataError(f"DICOM file {path} has no pixel data; remove it or export the image")
-        return
+        _dicom_values(ds, path)
+    else:
+        _decode_pil(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def _read_bytes(path: Path) -> bytes:
     try:
-        with Image.open(path) as image:
+        return path.read_bytes()
+    except OSError as err:
+        raise _unreadable(path, err) from None
+
+
+def _decode_pil(path: Path, data: bytes) -> None:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
             image.verify()
+        with Image.open(io.BytesIO(data)) as image:
+            image.load()
     except Exception as err:  # PIL raises many types for damaged files
         raise _unreadable(path, err) from None
 
@@ -428,20 +554,28 @@ def _is_dicom(path: Path) -> bool:
 
 
 def _unreadable(path: Path, err: BaseException) -> DataError:
+    if isinstance(err, OSError) and err.strerror:  # from the file system: no path repeated
+        fix = ("give the account running nearl read access to it" if isinstance(err, PermissionError)
+               else "replace or remove the file")
+        return DataError(f"cannot read image {path} ({err.strerror}); {fix}")
     reason = " ".join(str(err).split()) or type(err).__name__
     return DataError(f"cannot read image {path} ({reason}); replace or remove the file")
 
 
-def _read_dicom(path: Path):  # -> pydicom.Dataset
+def _read_dicom(path: Path, data: bytes | None = None):  # -> pydicom.Dataset
+    """Parse a DICOM file, from ``data`` when its bytes were already read."""
     import pydicom
     from pydicom.errors import InvalidDicomError
 
+    def source():
+        return path if data is None else io.BytesIO(data)
+
     try:
         try:
-            return pydicom.dcmread(path)
+            return pydicom.dcmread(source())
         except InvalidDicomError:
             # Files written without the 128-byte preamble are common in PACS exports.
-            ds = pydicom.dcmread(path, force=True)
+            ds = pydicom.dcmread(source(), force=True)
             if "PixelData" not in ds:
                 raise
             return ds
@@ -451,29 +585,36 @@ def _read_dicom(path: Path):  # -> pydicom.Dataset
 
 def _load_dicom(path: Path) -> Image.Image:
     ds = _read_dicom(path)
+    values = _dicom_values(ds, path)
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        return _to_rgb(values, invert=False)
+    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    return _to_rgb(values, invert=photometric == "MONOCHROME1")
+
+
+def _dicom_values(ds, path: Path) -> np.ndarray:
+    """Decoded pixels of the first frame, through the modality and VOI LUTs for grayscale."""
     try:
         pixels = ds.pixel_array
     except Exception as err:
         syntax = getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", "unknown")
         raise DataError(
             f"cannot decode pixel data of DICOM file {path} (transfer syntax {syntax}: "
-            f"{' '.join(str(err).split())}); install a decoder plugin or convert the file"
+            f"{' '.join(str(err).split())}); replace the file if it was cut short, "
+            "or install a decoder plugin or convert it if it is compressed"
         ) from None
-    samples_per_pixel = int(ds.get("SamplesPerPixel", 1))
     if int(ds.get("NumberOfFrames", 1) or 1) > 1:
         pixels = pixels[0]  # multi-frame: the first frame stands for the image
-    if samples_per_pixel == 3:
-        return _to_rgb(pixels.astype(np.float64), invert=False)
-    photometric = str(ds.get("PhotometricInterpretation", "MONOCHROME2")).upper()
+    if int(ds.get("SamplesPerPixel", 1)) == 3:
+        return pixels.astype(np.float64)
     try:
         values = apply_modality_lut(pixels, ds).astype(np.float64)
-        values = apply_voi_lut(values, ds).astype(np.float64)
+        return apply_voi_lut(values, ds).astype(np.float64)
     except Exception as err:
         raise DataError(
             f"cannot apply the rescale/window tags of DICOM file {path} "
             f"({' '.join(str(err).split())}); fix or remove the tags"
         ) from None
-    return _to_rgb(values, invert=photometric == "MONOCHROME1")
 
 
 def _to_rgb(values: np.ndarray, *, invert: bool) -> Image.Image:

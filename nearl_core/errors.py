@@ -28,3 +28,15 @@ class AdapterFileError(NearlError):
 
 class BackboneError(NearlError):
     """The CLIP backbone cannot be built or its weights cannot be obtained."""
+
+
+class ModelOutputError(NearlError):
+    """A model gave NaN or infinite outputs: there is no prediction to report."""
+
+
+class NearlWarning(UserWarning):
+    """Something worth one line on stderr that does not stop the command."""
+
+
+class UncheckedAdapterWarning(NearlWarning):
+    """An adapter folder records no checksum (written before checksums), so it is loaded unchecked."""

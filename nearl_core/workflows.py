@@ -10,16 +10,18 @@ import csv
 import json
 import math
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Sequence
 
 import torch
 
-from nearl_core.adapter_io import load_adapters, read_adapters, save_adapters
+from nearl_core.adapter_io import check_compatible, read_adapters, save_adapters, set_adapter_state
 from nearl_core.config import NearlConfig, from_dict, load_config
 from nearl_core.data import SiteData, format_counts, infer_classes, load_image, scan_site
 from nearl_core.demo_data import generate_demo_data
-from nearl_core.errors import AdapterFileError, ConfigError, NearlError
+from nearl_core.errors import AdapterFileError, ConfigError, ModelOutputError, NearlError
 from nearl_core.metrics import METRIC_NAMES
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.params import format_report, parameter_report
@@ -142,8 +144,11 @@ def _train_private(model: NearlCLIP, loaders: dict, cfg: NearlConfig, device: to
 
 
 def model_from_adapters(adapters: Path, pretrained: str | None = None) -> NearlCLIP:
-    """Rebuild the exact model an adapter folder was trained with, then load it (checked)."""
-    _, meta = read_adapters(adapters)
+    """Rebuild the exact model an adapter folder was trained with, then load it (checked).
+
+    The folder is read (and its checksum verified) once; its metadata says how to build the model.
+    """
+    state, meta = read_adapters(adapters)
     raw = meta.get("config")
     if not isinstance(raw, dict):
         raise AdapterFileError(f"{adapters}: metadata has no config; re-export the adapters with nearl train")
@@ -151,7 +156,8 @@ def model_from_adapters(adapters: Path, pretrained: str | None = None) -> NearlC
         raw = {**raw, "model": {**raw["model"], "pretrained": pretrained}}
     cfg = from_dict(raw, source=f"{adapters}/adapters.json")
     model = build_model(cfg, tuple(meta["classes"]))
-    load_adapters(model, adapters)
+    check_compatible(meta, model, source=str(adapters))
+    set_adapter_state(model, state)
     return model
 
 
@@ -162,7 +168,8 @@ def evaluate_folder(adapters: Path, data: Path, *, split: str | None = None, pre
     device = select_device(model.cfg.train.device)
     model.to(device)
     loader = make_loader(site.samples(split), model.preprocess, model.cfg.train, device, shuffle=False)
-    metrics = evaluate(model, loader, device, amp=model.cfg.train.amp)
+    with finite_outputs(model, adapters):
+        metrics = evaluate(model, loader, device, amp=model.cfg.train.amp)
     print(f"{split} split of {data}: {metrics['examples']} images")
     return metrics
 
@@ -177,10 +184,35 @@ def predict(adapters: Path, images: Sequence[Path], *, pretrained: str | None = 
         if not Path(path).is_file():
             raise NearlError(f"image {path} not found; check the path")
         x = model.preprocess(load_image(path)).unsqueeze(0).to(device)
-        probs = torch.softmax(model(x).logits.float(), dim=-1)[0].cpu()
+        with finite_outputs(model, adapters):
+            logits = model(x).logits
+        probs = torch.softmax(logits.float(), dim=-1)[0].cpu()
         rows.append({"image": str(path), "class": model.classes[int(probs.argmax())],
                      "probabilities": {c: round(float(p), 4) for c, p in zip(model.classes, probs)}})
     return rows
+
+
+@contextmanager
+def finite_outputs(model: NearlCLIP, adapters: Path) -> Iterator[None]:
+    """Raise :class:`ModelOutputError` as soon as ``model`` returns a NaN or infinite logit.
+
+    Softmax turns such logits into NaN probabilities that would be printed as a
+    prediction, and scikit-learn refuses them with a traceback; neither says that the
+    adapters (or the backbone weights) are what is broken.
+    """
+    def check(_module: torch.nn.Module, _inputs: Any, output: Any) -> None:
+        if not bool(torch.isfinite(output.logits).all()):
+            raise ModelOutputError(
+                f"adapters {adapters} give NaN or infinite outputs, so there is no prediction to report; "
+                "their training diverged or the weights are damaged: retrain (e.g. with a lower train.lr) "
+                "or use other adapters, and check --pretrained"
+            )
+
+    handle = model.register_forward_hook(check)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def format_metrics(columns: dict[str, dict[str, float]]) -> str:

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
+import warnings
 
 import pytest
 import torch
 
 from conftest import CLASSES, LAYOUT_MODELS, images_for, randomize_adapters, tiny_model
-from nearl_core.adapter_io import (META_FILE, WEIGHTS_FILE, adapter_schema, get_adapter_state, load_adapters,
+from nearl_core.adapter_io import (CHECKSUM_KEY, META_FILE, WEIGHTS_FILE, adapter_schema, get_adapter_state, load_adapters,
                                    read_adapters, save_adapters, set_adapter_state)
 from nearl_core.backbone import build_backbone
-from nearl_core.errors import AdapterFileError
+from nearl_core.errors import AdapterFileError, UncheckedAdapterWarning
 from nearl_core.model import build_model
 
 
@@ -94,5 +96,62 @@ def test_missing_and_corrupt_files_give_one_line_errors(tmp_path):
     assert "\n" not in str(err.value)
     save_adapters(tiny_model(), tmp_path / "a")
     (tmp_path / "a" / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
-    with pytest.raises(AdapterFileError, match="corrupt"):
+    with pytest.raises(AdapterFileError, match="is corrupt: its sha256"):
+        read_adapters(tmp_path / "a")
+    (tmp_path / "a" / META_FILE).write_text("{not json")
+    with pytest.raises(AdapterFileError, match="adapter files are corrupt"):
+        read_adapters(tmp_path / "a")
+
+
+def flip_last_byte(path) -> None:
+    """Damage a tensor value, not the header: the file still parses as safetensors."""
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+def test_metadata_records_the_sha256_of_the_weights(tmp_path):
+    save_adapters(tiny_model(), tmp_path / "a")
+    meta = json.loads((tmp_path / "a" / META_FILE).read_text())
+    assert meta[CHECKSUM_KEY] == hashlib.sha256((tmp_path / "a" / WEIGHTS_FILE).read_bytes()).hexdigest()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a checked folder loads without any warning
+        read_adapters(tmp_path / "a")
+
+
+def test_flipped_byte_is_refused_by_checksum(tmp_path):
+    save_adapters(tiny_model(), tmp_path / "a")
+    weights = tmp_path / "a" / WEIGHTS_FILE
+    flip_last_byte(weights)
+    from safetensors.torch import load_file
+    assert load_file(str(weights))  # still a valid file: only the checksum notices
+    with pytest.raises(AdapterFileError) as err:
+        read_adapters(tmp_path / "a")
+    message = str(err.value)
+    assert "\n" not in message
+    assert message.startswith(f"{weights} is corrupt: its sha256 is ")
+    assert message.endswith("copy the adapter folder again from where it was written, or retrain")
+
+
+def test_folder_without_checksum_loads_with_a_warning(tmp_path):
+    model = tiny_model()
+    randomize_adapters(model)
+    save_adapters(model, tmp_path / "a")
+    meta_file = tmp_path / "a" / META_FILE
+    meta = json.loads(meta_file.read_text())
+    del meta[CHECKSUM_KEY]  # as written before checksums existed
+    meta_file.write_text(json.dumps(meta))
+    fresh = tiny_model()
+    with pytest.warns(UncheckedAdapterWarning, match=r"records no sha256 of adapters\.safetensors"):
+        load_adapters(fresh, tmp_path / "a")
+    assert all(torch.equal(v, get_adapter_state(model)[k]) for k, v in get_adapter_state(fresh).items())
+    (tmp_path / "a" / WEIGHTS_FILE).write_bytes(b"not a safetensors file")
+    with pytest.warns(UncheckedAdapterWarning), pytest.raises(AdapterFileError, match="corrupt.*re-export"):
+        read_adapters(tmp_path / "a")
+
+
+def test_metadata_that_is_not_an_object_is_corrupt(tmp_path):
+    save_adapters(tiny_model(), tmp_path / "a")
+    (tmp_path / "a" / META_FILE).write_text("[1, 2]")
+    with pytest.raises(AdapterFileError, match=r"adapter files are corrupt \(adapters.json holds a JSON list"):
         read_adapters(tmp_path / "a")

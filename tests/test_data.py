@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import errno
+import os
 import random
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -10,6 +13,7 @@ import pydicom
 import pytest
 import torch
 from PIL import Image
+from PIL.PngImagePlugin import PngInfo
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
 
@@ -31,8 +35,12 @@ from nearl_core.errors import DataError, NearlError
 
 
 def make_png(path: Path, value: int = 128, size: tuple[int, int] = (8, 6)) -> Path:
+    """A uniform gray PNG; its path goes into a text chunk so that no two files are identical
+    (the same bytes in two splits is an error of its own, tested with deliberate copies)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("L", size, value).save(path)
+    info = PngInfo()
+    info.add_text("made-for", str(path))
+    Image.new("L", size, value).save(path, pnginfo=info)
     return path
 
 
@@ -282,6 +290,168 @@ def test_truncated_jpeg_is_named(tmp_path):
     assert str(good) in message
 
 
+def noise_image(path: Path, fmt: str, size: int = 64) -> Path:
+    """An RGB noise image (so compression leaves much pixel data to cut)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pixels = np.random.default_rng(size).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(pixels).save(path, fmt)
+    return path
+
+
+def cut(path: Path, keep: float) -> Path:
+    data = path.read_bytes()
+    path.write_bytes(data[: int(len(data) * keep)])
+    return path
+
+
+@pytest.mark.parametrize("name, fmt, keep", [
+    ("half.jpg", "JPEG", 0.5),      # header intact: PIL's verify() alone passes it
+    ("no-end.jpg", "JPEG", 0.99),   # only the last bytes missing
+    ("half.png", "PNG", 0.5),
+    ("no-end.png", "PNG", 0.999),
+])
+def test_image_cut_short_is_named(tmp_path, name, fmt, keep):
+    root = make_site(tmp_path / "s", BASIC)
+    bad = cut(noise_image(root / "train" / "b" / name, fmt), keep)
+    with Image.open(bad) as image:  # the header still parses: only a full decode notices
+        assert image.size == (64, 64)
+    message = scan_error(root)
+    assert message.startswith(f"cannot read image {bad} (") and "replace or remove the file" in message
+
+
+def test_intact_jpeg_passes_full_decode(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)
+    noise_image(root / "train" / "b" / "fine.jpg", "JPEG")
+    assert scan_site(root).counts()["train"]["b"] == 3
+
+
+@pytest.mark.parametrize("manifest", [False, True])
+@pytest.mark.parametrize("how", ["copy", "symlink"])
+def test_same_image_in_two_splits_names_both_paths(tmp_path, manifest, how):
+    root = make_site(tmp_path / "s", {**BASIC, "test": {"a": 1, "b": 1}})
+    original = root / "train" / "b" / "img01.png"
+    duplicate = root / "test" / "a" / "renamed.png"
+    if how == "copy":
+        shutil.copy(original, duplicate)
+    else:
+        duplicate.symlink_to(original)
+    if manifest:
+        write_manifest(root, f"path,label,split\n{original.relative_to(root)},b,train\n"
+                             f"val/a/img00.png,a,val\n{duplicate.relative_to(root)},a,test\n")
+    message = scan_error(root, ("a", "b"))
+    assert message.startswith(f"the same image is in split 'train' as {original} and in split 'test' as {duplicate}")
+    assert "keep each image in one split only" in message
+    assert scan_site(root, ("a", "b"), verify=False).counts()["test"]["a"] >= 1  # verification checks hashes
+
+
+def test_identical_pixels_in_different_files_are_not_duplicates(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)  # train/a/img00 and val/a/img00: same gray, other bytes
+    assert np.array_equal(np.asarray(load_image(root / "train" / "a" / "img00.png")),
+                          np.asarray(load_image(root / "val" / "a" / "img00.png")))
+    scan_site(root)
+
+
+def test_symlink_loop_file_is_one_line(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)
+    loop = root / "train" / "a" / "loop.png"
+    loop.symlink_to(loop)
+    assert scan_error(root) == f"{loop} is a symbolic link loop; remove or fix the link"
+
+
+def test_mutual_symlink_loop_between_folders_is_one_line(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)
+    first, second = root / "val" / "b" / "x", root / "val" / "b" / "y"
+    first.symlink_to(second)
+    second.symlink_to(first)
+    assert scan_error(root) == f"{first} is a symbolic link loop; remove or fix the link"
+
+
+@pytest.mark.parametrize("target", ["..", "../..", "../../.."])  # class folder, split folder, site root
+def test_folder_linking_back_up_is_one_line(tmp_path, target):
+    root = make_site(tmp_path / "s", BASIC)
+    link = root / "train" / "a" / "patient1" / "scans"
+    link.parent.mkdir()
+    link.symlink_to(target)
+    real = os.path.realpath(link.parent / target)
+    assert scan_error(root) == (f"{link} links back to {real}, a folder that contains it "
+                                "(a symbolic link loop); remove the link")
+
+
+def test_looped_split_folder_is_not_silently_skipped(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)
+    (root / "test").symlink_to(root / "test")
+    message = scan_error(root)
+    assert message == (f"{root / 'test'} is a symbolic link that cannot be followed (broken or a loop); "
+                       "remove or fix the link")
+
+
+def test_linked_sub_folder_elsewhere_is_fine(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)
+    make_png(tmp_path / "archive" / "p9.png", value=3)
+    (root / "train" / "a" / "archive").symlink_to(tmp_path / "archive")
+    assert scan_site(root).counts()["train"]["a"] == 4
+
+
+def test_manifest_row_with_symlink_loop(tmp_path):
+    root = manifest_site(tmp_path / "s")
+    loop = root / "images" / "loop.png"
+    loop.symlink_to(loop)
+    write_manifest(root, "path,label,split\nimages/p1.png,a,train\nimages/loop.png,a,val\n")
+    assert scan_error(root) == (f"{root / 'manifest.csv'} line 3: {loop} is a symbolic link loop; "
+                                "fix the path or remove the row")
+
+
+def deny(monkeypatch, denied: Path) -> None:
+    """Make listing or reading ``denied`` fail as for a folder or file without read permission.
+
+    The tests run as root here, for whom chmod does not take access away.
+    """
+    real_scandir, real_read = os.scandir, Path.read_bytes
+
+    def scandir(path):
+        if Path(path) == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return real_scandir(path)
+
+    def read_bytes(self):
+        if self == denied:
+            raise PermissionError(errno.EACCES, "Permission denied", str(self))
+        return real_read(self)
+
+    monkeypatch.setattr("nearl_core.data.os.scandir", scandir)
+    monkeypatch.setattr(Path, "read_bytes", read_bytes)
+
+
+@pytest.mark.parametrize("where", ["split", "class", "sub-folder"])
+def test_unreadable_folder_is_one_line(tmp_path, monkeypatch, where):
+    root = make_site(tmp_path / "s", BASIC)
+    make_png(root / "val" / "b" / "p1" / "x.png")
+    folder = {"split": root / "val", "class": root / "val" / "b", "sub-folder": root / "val" / "b" / "p1"}[where]
+    deny(monkeypatch, folder)
+    assert scan_error(root, ("a", "b")) == (
+        f"cannot list folder {folder} (Permission denied); give the account running nearl read access "
+        "to it (e.g. chmod -R u+rX) or move it out of the site folder")
+
+
+def test_unreadable_image_is_one_line(tmp_path, monkeypatch):
+    root = make_site(tmp_path / "s", BASIC)
+    image = root / "val" / "b" / "img00.png"
+    deny(monkeypatch, image)
+    assert scan_error(root) == (f"cannot read image {image} (Permission denied); "
+                                "give the account running nearl read access to it")
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root reads folders without permission")
+def test_unreadable_folder_by_permissions(tmp_path):
+    root = make_site(tmp_path / "s", BASIC)
+    folder = root / "train" / "b"
+    folder.chmod(0)
+    try:
+        assert scan_error(root).startswith(f"cannot list folder {folder} (Permission denied)")
+    finally:
+        folder.chmod(0o755)
+
+
 # ---------------------------------------------------------------------------
 # manifest layout
 
@@ -493,6 +663,17 @@ def test_dicom_in_site_scan_and_errors(tmp_path):
     del ds.PixelData
     ds.save_as(no_pixels)
     assert f"DICOM file {no_pixels} has no pixel data" in scan_error(root)
+
+
+@pytest.mark.parametrize("missing", [1, 100])
+def test_dicom_with_pixel_data_cut_short_is_named(tmp_path, missing):
+    root = make_site(tmp_path / "s", BASIC)
+    scan = write_dicom(root / "train" / "a" / "scan.dcm", np.tile(RAW, (64, 4)))
+    scan.write_bytes(scan.read_bytes()[:-missing])
+    assert pydicom.dcmread(scan).Rows == 64  # the header still parses: only decoding notices
+    message = scan_error(root)
+    assert message.startswith(f"cannot decode pixel data of DICOM file {scan} (")
+    assert "replace the file if it was cut short" in message
 
 
 # ---------------------------------------------------------------------------
