@@ -11,7 +11,7 @@ export MLFLOW_DISABLE_TELEMETRY = true
 export RAY_USAGE_STATS_ENABLED = 0
 export HF_HUB_DISABLE_TELEMETRY = 1
 
-.PHONY: demo test install clean
+.PHONY: demo test test-fast install clean
 
 install: $(STAMP)
 
@@ -28,6 +28,10 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+
+# For development, not CI: everything not marked slow (no federation processes, no simulations).
+test-fast: $(STAMP)
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -m "not slow" --durations=10
 
 clean:
 	rm -rf runs demo-data .pytest_cache

@@ -58,13 +58,20 @@ def append(path: Path, line: dict[str, Any]) -> None:
     """Append one line durably (flush + fsync) before the reply leaves."""
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a", encoding="utf-8") as fh:
-        fh.write(json.dumps(line, sort_keys=True, allow_nan=False, default=_finite) + "\n")
+        fh.write(json.dumps(_finite(line), sort_keys=True, allow_nan=False) + "\n")
         fh.flush()
         os.fsync(fh.fileno())
 
 
 def _finite(value: Any) -> Any:
-    return None if isinstance(value, float) and not math.isfinite(value) else str(value)
+    """JSON has no NaN: a metric without a value (e.g. AUROC of a one-class split) is recorded as null."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_finite(v) for v in value]
+    return value
 
 
 def read_lines(path: Path) -> list[dict[str, Any]]:

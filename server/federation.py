@@ -116,6 +116,9 @@ class RoundLog:
             self.tracker.log_metrics(flat, step=report.round)
             if report.round == self.settings_first_round:
                 self.tracker.log_params({"num_sites": report.sampled})
+            if report.payload_sha256:  # what each site sent, as its own audit trail records it
+                self.tracker.set_tags({f"payload_sha256/round_{report.round:04d}/{site}": digest
+                                       for site, digest in report.payload_sha256.items()})
             if report.declined:
                 self.tracker.set_tags({f"round_{report.round:04d}_declined":
                                        "; ".join(f"{s}: {r}" for s, r in report.declined.items())})

@@ -148,3 +148,12 @@ def test_the_audit_trail_cli_reads_json_and_refuses_a_damaged_file(tmp_path, cap
     (state / "audit.jsonl").write_text("{not json\n")
     assert client_main(["audit", "--state-dir", str(state)]) == 2
     assert "audit.jsonl:1 is not a JSON line" in capsys.readouterr().err
+
+
+def test_an_audit_line_with_a_metric_without_value_is_still_written(tmp_path):
+    """AUROC of a one-class split is NaN: the line records null rather than failing the reply."""
+    from client.audit import append
+
+    append(tmp_path / "audit.jsonl", {"metrics": {"eval-auroc": float("nan"), "eval-accuracy": 0.5}, "round": 1})
+    assert read_lines(tmp_path / "audit.jsonl") == [{"metrics": {"eval-auroc": None, "eval-accuracy": 0.5},
+                                                     "round": 1}]

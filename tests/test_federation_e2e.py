@@ -1,13 +1,23 @@
 """Real federations on loopback: nearl-server (SuperLink + ServerApp) and nearl-client (SuperNodes).
 
-Every test starts its processes in their own sessions on free ports, bounds every wait,
-and stops everything it started in the fixture teardown.  Tiny ``demo`` model, tiny
-generated data, one local epoch.  These are slow on a 2-core machine (each message
-starts a fresh ``flwr-clientapp`` process): marked ``slow``; ``make test`` runs them.
+Two federations, each shared by the assertions that can read the same run:
+
+* ``secured``: TLS and SuperNode authentication, two honest sites, an unregistered intruder,
+  a registered node that claims another site's name, and a site on another backbone; two
+  rounds.  Checked: the intruder never joins, the duplicate name and the backbone mismatch
+  are refused (server line, MLflow, the refused node's own log), the honest sites' rounds,
+  MLflow metrics and registered model version with its provenance, each site's audit trail
+  against the hashes the server logged, and ``nearl evaluate`` on the final adapters.
+* ``crash_and_resume``: a site killed mid-run (the server finishes with the rest) and the
+  coordinator stopped after round 2 and resumed in the same MLflow run on a real MLflow server.
+
+Every process runs in its own session on free ports, every wait is bounded, and the
+fixtures stop everything they started.  Tiny ``demo`` model, tiny generated data.
 """
 
 from __future__ import annotations
 
+import json
 import signal
 import subprocess
 import time
@@ -15,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
+from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
 from server.checkpoint import complete_rounds, load_latest
@@ -23,16 +35,6 @@ from tests.fed_helpers import BIN, ROOT, Procs, dump, env, history, mlflow_run, 
 
 pytestmark = [pytest.mark.slow]
 ROUND_TIMEOUT = "900"  # generous: other work shares the 2 CPU cores; a dead site is detected by heartbeat (~60 s)
-
-
-@pytest.fixture
-def fed(tmp_path):
-    procs = Procs(tmp_path / "logs")
-    sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
-    try:
-        yield procs, tmp_path, sites
-    finally:
-        procs.stop_all()
 
 
 def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
@@ -54,39 +56,84 @@ def initial_adapters() -> dict[str, np.ndarray]:
     return {k: v.numpy() for k, v in get_adapter_state(build_model(load_config("demo"))).items()}
 
 
-@pytest.mark.timeout(1800)
-def test_two_sites_two_rounds_with_mlflow_and_nearl_evaluate(fed):
-    procs, tmp, sites = fed
-    port = flower.free_port()
-    nearl_server(procs, port, tmp, "--insecure", "--rounds", "2", "--min-sites", "2",
-                 "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"))
-    wait_for(procs, "server", "submitted", 300)
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure")
-    assert procs.wait("server", 1700) == 0, dump(procs)
+def make_keys(tmp: Path, names: list[str]) -> tuple[Path, Path]:
+    certs, keys = tmp / "certs", tmp / "keys"
+    subprocess.run([str(ROOT / "deploy" / "make-certs.sh"), "--out", str(certs), "localhost"], check=True,
+                   capture_output=True, timeout=120)
+    for site in names:
+        subprocess.run([str(ROOT / "deploy" / "make-site-key.sh"), "--out", str(keys), site], check=True,
+                       capture_output=True, timeout=60)
+    return certs, keys
+
+
+def other_backbone(path: Path) -> Path:
+    """A nearl-tiny checkpoint whose weights differ from the coordinator's random init."""
+    from nearl_core.backbone import build_backbone
+    from nearl_core.config import load_config
+
+    clip = build_backbone(load_config("demo").model).clip
+    torch.save({k: v + 0.25 for k, v in clip.state_dict().items()}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("secured")
+    procs = Procs(tmp / "logs")
+    sites = generate_demo_data(tmp / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
+    certs, keys = make_keys(tmp, ["site1", "site2", "site3", "site4", "intruder"])
+    registered = tmp / "registered"
+    registered.mkdir()
+    for site in ("site1", "site2", "site3", "site4"):  # the intruder's key is never registered
+        (registered / f"{site}.pub").write_text((keys / f"{site}.pub").read_text())
+    tls = ["--certs", str(certs)]
+    try:
+        port = flower.free_port()
+        nearl_server(procs, port, tmp, *tls, "--auth-keys", str(registered), "--rounds", "2", "--min-sites", "4",
+                     "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "400", "--checkpoint-dir", str(tmp / "ck"))
+        wait_for(procs, "server", "submitted", 300)
+        nearl_client(procs, "intruder", sites[0], port, tmp, *tls, "--auth-key", str(keys / "intruder"))
+        for i, site in enumerate(sites, 1):
+            nearl_client(procs, f"site{i}", site, port, tmp, *tls, "--auth-key", str(keys / f"site{i}"),
+                         "--state-dir", str(tmp / f"state-site{i}"))
+        # a registered node (site3's key) that answers as site1
+        nearl_client(procs, "site1", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site3"),
+                     "--state-dir", str(tmp / "state-impostor"), name="impostor")
+        nearl_client(procs, "site4", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site4"),
+                     "--state-dir", str(tmp / "state-site4"), "--pretrained", str(other_backbone(tmp / "other.pt")))
+        code = procs.wait("server", 1500)
+        yield procs, tmp, sites, code
+    finally:
+        procs.stop_all()
+
+
+def test_tls_auth_two_rounds_mlflow_provenance_and_nearl_evaluate(secured):
+    procs, tmp, sites, code = secured
+    assert code == 0, dump(procs)
     out = procs.text("server")
-    assert "round 1/2  sites 2/2" in out and "round 2/2  sites 2/2" in out, out
+    assert "TLS, SuperNode authentication on" in out and "registered site key site1.pub (node" in out
+    assert "round 1/2  sites 2/4" in out and "round 2/2  sites 2/4" in out, out
     assert "done: final adapters in" in out
-    # a SuperNode asked to stop exits cleanly
-    for name in ("site1", "site2"):
-        procs.kill(name, signal.SIGTERM)
-        assert procs.procs[name].returncode == 0, dump(procs)
 
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
     rid = run.info.run_id
     assert run.info.status == "FINISHED"
-    for key in ("train_loss", "round_seconds", "bytes_sent", "bytes_received", "sites_answered",
-                "site1/train_loss", "site2/train_loss"):
+    for key in ("train_loss", "round_seconds", "bytes_sent", "bytes_received", "site1/train_loss",
+                "site2/train_loss"):
         assert set(history(client, rid, key)) == {1, 2}, key
     for key in ("eval_loss", "eval_accuracy", "eval_balanced_accuracy", "eval_macro_f1", "eval_auroc",
                 "site1/eval_accuracy", "site2/eval_accuracy", "site1/eval_loss"):
         assert set(history(client, rid, key)) == {0, 1, 2}, key  # 0 = zero-shot, 2 = final adapters
     assert history(client, rid, "sites_answered") == {1: 2.0, 2: 2.0}
-    assert run.data.params["strategy"] == "fedavg" and run.data.params["backbone"] == "nearl-tiny"
-    assert run.data.params["num_sites"] == "2" and run.data.params["train.lr"]
+    params = run.data.params
+    assert params["strategy"] == "fedavg" and params["backbone"] == "nearl-tiny" and params["train.lr"]
+    assert params["backbone_fingerprint"].startswith("nearl-tiny|random-init seed=0|arch=")
     artifacts = {a.path for a in client.list_artifacts(rid, "final_adapters")}
     assert {"final_adapters/adapters.safetensors", "final_adapters/adapters.json"} <= artifacts
-    assert client.search_model_versions("name='nearl-adapters'")
+    (version,) = client.search_model_versions("name='nearl-adapters'")
+    tags = version.tags
+    assert tags["backbone_fingerprint"] == params["backbone_fingerprint"] and tags["rounds"] == "2"
+    assert tags["sites"] == "site1,site2" and tags["code_version"]
 
     from safetensors.numpy import load_file
 
@@ -95,7 +142,6 @@ def test_two_sites_two_rounds_with_mlflow_and_nearl_evaluate(fed):
     assert set(final) == set(start)
     assert any(not np.allclose(final[k], start[k]) for k in start), "federated adapters equal the initial ones"
     assert complete_rounds(tmp / "ck") == [1, 2]
-
     res = subprocess.run([str(BIN / "nearl"), "evaluate", "--adapters", str(tmp / "ck" / "final"), "--data",
                           str(sites[0]), "--json"], env=env(tmp / "home-eval"), capture_output=True, text=True,
                          timeout=300)
@@ -103,96 +149,106 @@ def test_two_sites_two_rounds_with_mlflow_and_nearl_evaluate(fed):
     assert '"accuracy"' in res.stdout and '"examples": 8' in res.stdout
 
 
-@pytest.mark.timeout(1800)
-def test_tls_and_supernode_auth_refuse_an_unregistered_site(fed):
-    procs, tmp, sites = fed
-    certs, keys, pubs = tmp / "certs", tmp / "keys", tmp / "registered"
-    subprocess.run([str(ROOT / "deploy" / "make-certs.sh"), "--out", str(certs), "localhost"], check=True,
-                   capture_output=True, timeout=120)
-    for site in ("site1", "site2", "intruder"):
-        subprocess.run([str(ROOT / "deploy" / "make-site-key.sh"), "--out", str(keys), site], check=True,
-                       capture_output=True, timeout=60)
-    pubs.mkdir()
-    for site in ("site1", "site2"):  # the intruder's key is never registered
-        (pubs / f"{site}.pub").write_text((keys / f"{site}.pub").read_text())
-    port = flower.free_port()
-    nearl_server(procs, port, tmp, "--certs", str(certs), "--auth-keys", str(pubs), "--rounds", "1",
-                 "--min-sites", "2", "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "300",
-                 "--checkpoint-dir", str(tmp / "ck"))
-    wait_for(procs, "server", "submitted", 300)
-    assert "registered site key site1.pub" in procs.text("server")
-    nearl_client(procs, "intruder", sites[0], port, tmp, "--certs", str(certs), "--auth-key",
-                            str(keys / "intruder"))
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--certs", str(certs), "--auth-key", str(keys / f"site{i}"))
-    assert procs.wait("server", 1700) == 0, dump(procs)
-    out = procs.text("server")
-    assert "TLS, SuperNode authentication on" in out and "round 1/1  sites 2/2" in out, out
-    assert "intruder" not in out
-    # the unregistered node is refused by the SuperLink and never gets a node id
+def test_an_unregistered_node_never_joins(secured):
+    procs, _, _, code = secured
     refused = procs.text("intruder")
     assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused, refused
-    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
-    assert set(history(client, run.info.run_id, "train_loss")) == {1}
+    assert "intruder" not in procs.text("server")
 
 
-@pytest.mark.timeout(1800)
-def test_killed_site_the_server_finishes_with_the_rest_against_a_real_mlflow_server(fed):
-    procs, tmp, sites = fed
-    mlport = flower.free_port()
-    procs.start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlport),
-                           "--backend-store-uri", f"sqlite:///{tmp / 'mlserver.db'}",
-                           "--artifacts-destination", str(tmp / "mlartifacts"), "--workers", "1"],
-                env=env(tmp / "home-mlflow"), cwd=tmp)
-    flower.wait_for_port("127.0.0.1", mlport, procs.procs["mlflow"], procs.log("mlflow"), "mlflow server", 180)
-    port = flower.free_port()
-    nearl_server(procs, port, tmp, "--insecure", "--rounds", "3", "--min-sites", "1", "--round-timeout", ROUND_TIMEOUT,
-                 "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"),
-                 "--mlflow-uri", f"http://127.0.0.1:{mlport}")
-    wait_for(procs, "server", "submitted", 300)
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure")
-    wait_for(procs, "server", "round 1/3  sites 2/2", 1200)
-    procs.kill("site2")  # SIGKILL to the whole SuperNode process group, mid-run
-    assert procs.wait("server", 1700) == 0, dump(procs)
+def test_a_node_claiming_a_taken_site_name_is_refused_and_told_why(secured):
+    procs, tmp, _, code = secured
     out = procs.text("server")
-    assert "missing: site2" in out and "round 3/3  sites 1/" in out, out
-    client, run = mlflow_run(f"http://127.0.0.1:{mlport}")
-    rid = run.info.run_id
-    assert history(client, rid, "sites_answered") == {1: 2.0, 2: 1.0, 3: 1.0}
-    assert history(client, rid, "site2/answered") == {1: 1.0, 2: 0.0, 3: 0.0}
-    assert history(client, rid, "sites_missing")[3] == 1.0
-    assert run.data.tags.get("round_0002_missing") == "site2"
-    assert {a.path for a in client.list_artifacts(rid, "final_adapters")} >= {"final_adapters/adapters.safetensors"}
+    registry = json.loads((tmp / "ck" / "site-registry.json").read_text())["sites"]
+    site1_node = registry["site1"]["node_id"]
+    # the node registered with site3's key answers as site1: refused every round, never aggregated
+    assert out.count(f"rejected site3: duplicate site name: site1 belongs to node {site1_node}") == 2, out
+    assert "refused: the coordinator refuses this node: duplicate site name" in procs.text("impostor")
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
+    assert history(client, run.info.run_id, "sites_duplicate") == {1: 1.0, 2: 1.0}
+    assert "site3" not in client.search_model_versions("name='nearl-adapters'")[0].tags["sites"]
+
+
+def test_a_site_on_another_backbone_refuses_to_train(secured):
+    procs, tmp, _, code = secured
+    out = procs.text("server")
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
+    ours = run.data.params["backbone_fingerprint"]
+    started = [line for line in procs.text("site4").splitlines() if "backbone fingerprint" in line]
+    theirs = started[0].split("backbone fingerprint ", 1)[1].strip()
+    assert theirs.startswith("nearl-tiny|sha256:") and theirs != ours
+    assert out.count(f"rejected site4: backbone mismatch: expected {ours}, have {theirs}") == 2, out
+    lines = read_lines(tmp / "state-site4" / "audit.jsonl")
+    assert lines and all(x["refused"].startswith("backbone mismatch") and x["bytes_sent"] == 0 for x in lines)
+
+
+def test_each_sites_audit_trail_matches_what_the_server_received(secured):
+    procs, tmp, _, code = secured
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
+    tags = run.data.tags
+    for site in ("site1", "site2"):
+        lines = [x for x in read_lines(tmp / f"state-{site}" / "audit.jsonl") if x["message_type"] == "train"]
+        assert [x["round"] for x in lines] == [1, 2]
+        for x in lines:
+            assert x["payload_sha256"] == tags[f"payload_sha256/round_{x['round']:04d}/{site}"]
+            assert x["coordinator"].startswith("127.0.0.1:") and not x["refused"]
+    res = subprocess.run([str(BIN / "nearl-client"), "audit", "--state-dir", str(tmp / "state-site1")],
+                         capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and "site1" in res.stdout, res.stderr
+    # a SuperNode asked to stop exits cleanly
+    procs.kill("site1", signal.SIGTERM)
+    assert procs.procs["site1"].returncode == 0, dump(procs)
 
 
 @pytest.mark.timeout(1800)
-def test_resume_continues_in_the_same_mlflow_run(fed):
-    procs, tmp, sites = fed
-    port = flower.free_port()
-    args = ["--insecure", "--rounds", "2", "--min-sites", "2", "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "300"]
-    nearl_server(procs, port, tmp, *args, "--checkpoint-dir", str(tmp / "ck"))
-    wait_for(procs, "server", "submitted", 300)
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure")
-    wait_for(procs, "server", "round 1/2  sites 2/2", 1200)
-    procs.kill("server", signal.SIGTERM)  # the coordinator goes down after round 1
-    assert procs.procs["server"].returncode == 130, dump(procs)
-    assert complete_rounds(tmp / "ck")[-1] == 1
-    first_run = load_latest(tmp / "ck").mlflow_run_id
-    assert not flower.port_open("127.0.0.1", port), "the SuperLink outlived nearl-server"
+def test_a_killed_site_and_a_stopped_coordinator_the_run_resumes_in_the_same_mlflow_run(tmp_path):
+    procs = Procs(tmp_path / "logs")
+    sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
+    try:
+        mlport = flower.free_port()
+        procs.start("mlflow", [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlport),
+                               "--backend-store-uri", f"sqlite:///{tmp_path / 'mlserver.db'}",
+                               "--artifacts-destination", str(tmp_path / "mlartifacts"), "--workers", "1"],
+                    env=env(tmp_path / "home-mlflow"), cwd=tmp_path)
+        flower.wait_for_port("127.0.0.1", mlport, procs.procs["mlflow"], procs.log("mlflow"), "mlflow server", 180)
+        uri = f"http://127.0.0.1:{mlport}"
+        port = flower.free_port()
+        args = ["--insecure", "--rounds", "3", "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "300",
+                "--checkpoint-dir", str(tmp_path / "ck"), "--mlflow-uri", uri]
+        nearl_server(procs, port, tmp_path, *args, "--min-sites", "1")
+        wait_for(procs, "server", "submitted", 300)
+        for i, site in enumerate(sites, 1):
+            nearl_client(procs, f"site{i}", site, port, tmp_path, "--insecure", "--state-dir",
+                         str(tmp_path / f"state-site{i}"))
+        wait_for(procs, "server", "round 1/3  sites 2/2", 900)
+        procs.kill("site2")  # SIGKILL to the whole SuperNode process group, mid-run
+        wait_for(procs, "server", "round 2/3  sites 1/", 900)
+        procs.kill("server", signal.SIGTERM)  # the coordinator goes down after round 2
+        assert procs.procs["server"].returncode == 130, dump(procs)
+        assert complete_rounds(tmp_path / "ck")[-1] == 2
+        first_run = load_latest(tmp_path / "ck").mlflow_run_id
+        assert not flower.port_open("127.0.0.1", port), "the SuperLink outlived nearl-server"
+        out = procs.text("server")
+        assert "missing: site2" in out, out
 
-    for name in ("site1", "site2"):  # SuperLink state is in memory: the sites rejoin the new coordinator
-        procs.kill(name, signal.SIGTERM)
-    nearl_server(procs, port, tmp, *args, "--resume", str(tmp / "ck"), name="resumed")
-    wait_for(procs, "resumed", "submitted", 300)
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure", name=f"site{i}-again")
-    assert procs.wait("resumed", 1700) == 0, dump(procs)
-    out = procs.text("resumed")
-    assert "resuming at round 2/2" in out and "round 2/2  sites 2/2" in out and "round 1/2" not in out, out
-    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
-    assert run.info.run_id == first_run and run.info.status == "FINISHED"
-    assert set(history(client, first_run, "train_loss")) == {1, 2}
-    assert set(history(client, first_run, "eval_accuracy")) == {0, 1, 2}
-    assert complete_rounds(tmp / "ck")[-1] == 2
+        procs.kill("site1", signal.SIGTERM)  # SuperLink state was in memory: the sites rejoin the new coordinator
+        nearl_server(procs, port, tmp_path, *args, "--min-sites", "2", "--resume", str(tmp_path / "ck"),
+                     name="resumed")
+        wait_for(procs, "resumed", "submitted", 300)
+        for i, site in enumerate(sites, 1):
+            nearl_client(procs, f"site{i}", site, port, tmp_path, "--insecure", "--state-dir",
+                         str(tmp_path / f"state-site{i}"), name=f"site{i}-again")
+        assert procs.wait("resumed", 1200) == 0, dump(procs)
+        out = procs.text("resumed")
+        assert "resuming at round 3/3" in out and "round 3/3  sites 2/2" in out and "round 1/3" not in out, out
+        client, run = mlflow_run(uri)
+        rid = run.info.run_id
+        assert rid == first_run and run.info.status == "FINISHED"
+        assert history(client, rid, "sites_answered") == {1: 2.0, 2: 1.0, 3: 2.0}
+        assert history(client, rid, "site2/answered") == {1: 1.0, 2: 0.0, 3: 1.0}
+        assert run.data.tags.get("round_0002_missing") == "site2"
+        assert set(history(client, rid, "eval_accuracy")) == {0, 1, 2, 3}
+        assert complete_rounds(tmp_path / "ck")[-1] == 3
+        assert {a.path for a in client.list_artifacts(rid, "final_adapters")} >= {"final_adapters/adapters.safetensors"}
+    finally:
+        procs.stop_all()
