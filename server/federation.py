@@ -173,10 +173,10 @@ def build_server_model(settings: FederationSettings) -> NearlCLIP:
 
 def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a federation; returns a summary. Raises on failure after recording it."""
-    settings = FederationSettings.from_run_config(run_config)
-    progress = Progress(settings.progress_file or None)
+    progress = Progress(str(run_config.get("progress-file", "")) or None)  # so that a bad key is reported too
     tracker: Tracker | None = None
     try:
+        settings = FederationSettings.from_run_config(run_config)
         model = build_server_model(settings)
         cfg = model.cfg
         schema = adapter_schema(model)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import tomllib
 
 import pytest
@@ -60,3 +61,15 @@ def test_the_simulation_app_declares_the_product_keys_plus_its_own(tmp_path):
     assert app["components"]["clientapp"] == "simulation.site_app:clientapp"
     assert app["config"] == {**pyproject_config(), **SIM_KEYS}
     assert (folder / "simulation" / "site_app.py").read_text() == (ROOT / "simulation" / "site_app.py").read_text()
+
+
+def test_the_server_app_refuses_an_unknown_key_before_any_round(tmp_path):
+    """A typo reaching the ServerApp ends the run with the key named, not with the defaults."""
+    from server.federation import run_federation
+    from tests.fed_helpers import FakeGrid
+
+    progress = tmp_path / "progress.jsonl"
+    with pytest.raises(ConfigError, match="'stratgy' is not a NEARL federation key; did you mean 'strategy'"):
+        run_federation(FakeGrid([1, 2]), {**pyproject_config(), "stratgy": "krum", "progress-file": str(progress)})
+    (event,) = [json.loads(line) for line in progress.read_text().splitlines()]
+    assert event["event"] == "error" and "did you mean 'strategy'" in event["message"]  # what nearl-server prints

@@ -58,15 +58,22 @@ def test_fifty_virtual_sites_complete(tmp_path, monkeypatch):
     assert len([r for r in rows if r["arm"] == "federated"]) == 51  # 50 sites + mean
 
 
-def test_dp_simulation_accounts_per_site_and_a_site_stops_at_its_own_ceiling(tmp_path, monkeypatch):
-    """--dp-epsilon 2 over 2 rounds; site2's own ceiling 1.8 lets it train round 1 only (~1.4 spent)."""
+def test_dp_simulation_on_the_timm_bert_layout_accounts_per_site_and_stops_at_a_sites_ceiling(tmp_path,
+                                                                                            monkeypatch):
+    """--dp-epsilon 2 over 2 rounds; site2's own ceiling 1.8 lets it train round 1 only (~1.4 spent).
+
+    On BiomedCLIP's tower layout (a timm ViT and a Hugging Face BERT, tiny): every Ray worker
+    builds that backbone itself from the shipped config (the tiny timm ViT registered in each
+    process, the BERT config and tokenizer as JSON files inside the package).
+    """
     from nearl_core.privacy import PrivacyState, epsilon_of
 
     monkeypatch.chdir(tmp_path)
     generate_demo_data(tmp_path / "pool", 2, train_per_site=40, val_per_site=10, test_per_site=10)
     out = tmp_path / "dp"
-    code = main(["--sites", "2", "--rounds", "2", "--local-epochs", "1", "--alpha", "iid", "--data",
-                 str(tmp_path / "pool"), "--out", str(out), "--dp-epsilon", "2", "--site-max-epsilon", "site2=1.8"])
+    code = main(["--config", "tiny-timm-bert", "--sites", "2", "--rounds", "2", "--local-epochs", "1", "--alpha",
+                 "iid", "--data", str(tmp_path / "pool"), "--out", str(out), "--dp-epsilon", "2",
+                 "--site-max-epsilon", "site2=1.8"])
     assert code == 0
     rounds = [json.loads(line) for line in (out / "flower" / "progress.jsonl").read_text().splitlines()]
     rounds = [e for e in rounds if e["event"] == "round"]
@@ -76,7 +83,7 @@ def test_dp_simulation_accounts_per_site_and_a_site_stops_at_its_own_ceiling(tmp
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])[0]
     hist = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
-    assert run.data.params["dp_delta"] == "1e-05"
+    assert run.data.params["dp_delta"] == "1e-05" and run.data.tags["nearl.backbone"] == "nearl-tiny-timm-bert"
     for site in ("site1", "site2"):  # the reported epsilon is what Opacus gives for the site's own ledger
         ledger = PrivacyState.load(out / "site-state" / site)
         assert hist(f"{site}/epsilon")[2] == pytest.approx(epsilon_of(ledger.history, 1e-5), rel=1e-9)
