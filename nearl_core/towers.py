@@ -33,7 +33,7 @@ q/k/v with plain ``nn.Linear`` matmuls on batch-first tokens and keep their own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +57,7 @@ class VisionTower:
 
     blocks: list[nn.Module]
     width: int
+    checkpoint: bool = False  # recompute frozen block activations in the backward (train.checkpoint-backbone)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed images -> (B, N_v, D_v) tokens entering the first block."""
@@ -75,6 +76,7 @@ class TextTower:
 
     blocks: list[nn.Module]
     width: int
+    checkpoint: bool = False  # recompute frozen block activations in the backward (train.checkpoint-backbone)
 
     def prepare(self, tokens: torch.Tensor, trim: bool = True) -> TextInputs:
         raise NotImplementedError
@@ -111,7 +113,7 @@ class NativeVisionTower(VisionTower):
         return self.visual._embeds(images)  # (B, N_v, D_v), after ln_pre
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return _run_block(self.blocks[i], x, None, self.batch_first)
+        return _frozen(self.checkpoint, lambda y: _run_block(self.blocks[i], y, None, self.batch_first), x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(x)
@@ -140,7 +142,7 @@ class TimmVisionTower(VisionTower):
         return t.norm_pre(x)  # (B, prefix + patches, D_v)
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks[i](x)
+        return _frozen(self.checkpoint, self.blocks[i], x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         features = self.trunk.forward_head(self.trunk.norm(x))  # timm pooling (+ fc_norm, head)
@@ -187,7 +189,7 @@ class CausalTextTower(TextTower):
         return None if m is None else m[:length, :length]
 
     def block(self, j: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return _run_block(self.blocks[j], x, mask, self.batch_first)
+        return _frozen(self.checkpoint, lambda y: _run_block(self.blocks[j], y, mask, self.batch_first), x)
 
     def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """x: (S, T, D_t) -> (S, E), pooled at each prompt's end-of-text token."""
@@ -237,8 +239,7 @@ class HFTextTower(TextTower):
         return _bidirectional_mask(self.config, meta, valid.long())
 
     def block(self, j: int, x: torch.Tensor, mask: Any) -> torch.Tensor:
-        out = self.blocks[j](x, mask)
-        return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
+        return _frozen(self.checkpoint, lambda y: _hf_layer(self.blocks[j], y, mask), x)
 
     def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """x: (S, T, D_t) -> (S, E) through the HF pooler (if any), open_clip's pooler and projection."""
@@ -261,6 +262,27 @@ def _bidirectional_mask(config: Any, meta: torch.Tensor, attention_mask: torch.T
 
         return _prepare_4d_attention_mask(attention_mask, meta.dtype)
     return create_bidirectional_mask(config=config, inputs_embeds=meta, attention_mask=attention_mask)
+
+
+def _frozen(checkpoint: bool, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``run(x)`` for one frozen block; under ``checkpoint``, only ``x`` is kept for the backward.
+
+    The adapters' gradient needs every later frozen block's activations; checkpointing
+    trades keeping them for one more forward of the block during the backward pass
+    (non-reentrant, so the recomputation sees the same autograd state).  The block has
+    no randomness in eval mode, so the recomputed values, and the gradients, are the
+    same.  Only where a gradient will flow (grad enabled and ``x`` requires it).
+    """
+    if checkpoint and torch.is_grad_enabled() and x.requires_grad:
+        from torch.utils.checkpoint import checkpoint as recompute
+
+        return recompute(run, x, use_reentrant=False)
+    return run(x)
+
+
+def _hf_layer(layer: nn.Module, x: torch.Tensor, mask: Any) -> torch.Tensor:
+    out = layer(x, mask)
+    return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
 
 
 def _run_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, batch_first: bool) -> torch.Tensor:
