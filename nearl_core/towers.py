@@ -33,14 +33,15 @@ q/k/v with plain ``nn.Linear`` matmuls on batch-first tokens and keep their own 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from open_clip.transformer import TextTransformer, VisionTransformer
-
 from nearl_core.errors import BackboneError
+
+if TYPE_CHECKING:  # imported where a tower is inspected: open_clip is slow to import (see backbone.py)
+    from open_clip.transformer import VisionTransformer
 
 
 @dataclass
@@ -376,6 +377,8 @@ def _is_hf_encoder(text: nn.Module) -> bool:
 
 def towers_of(clip: nn.Module) -> tuple[VisionTower, TextTower]:
     """Inspect a loaded open_clip model and return its tower views, or refuse it."""
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
     visual = getattr(clip, "visual", None)
     text_owner = clip.text if hasattr(clip, "text") else clip
     found = f"visual={_describe(visual, 'trunk')}, text={_describe(getattr(clip, 'text', clip), 'transformer')}"
