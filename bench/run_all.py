@@ -49,6 +49,7 @@ SCRIPTS = (
     Script("federation_overhead", "e. federation overhead", ("--simulation",), ("--rounds", "3")),
     Script("simulation_scale", "f. simulation scale", (), ("--sites", "4,8", "--no-worker-run")),
     Script("dp_overhead", "DP-SGD overhead (privacy issue)", (), ("--repeats", "2")),
+    Script("import_time", "ClientApp import time (issue 16)", (), ("--repeats", "3")),
 )
 
 

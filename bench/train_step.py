@@ -2,12 +2,15 @@
 
     python bench/train_step.py                                  # ViT-B-16, batch 8, both text modes
     python bench/train_step.py --model nearl-tiny --repeats 2   # a quick run
+    python bench/train_step.py --checkpoint-backbone            # the memory options (RESULT names get a suffix)
+    python bench/train_step.py --micro-batch 2
 
 Model: the shipped config (configs/vit-b16.yaml: adapter sizes, two prompt templates,
 ortho-lambda 0.1) with random init, 2 classes; fp32 on the CPU, bf16 autocast on CUDA
 (``--device auto`` picks CUDA when present, as training does).  A NEARL step is what a
 site runs per batch: ``nearl_core.train.loss_fn`` (cross-entropy + orthogonal
-regulariser), backward, AdamW on the adapters.
+regulariser), backward (``nearl_core.train.backward``, which also runs the
+``train.micro-batch`` chunks), AdamW on the adapters.
 
 Each arm runs in its own fresh process so that its peak memory (``ru_maxrss``) is its
 own (on CUDA: ``torch.cuda.max_memory_allocated``).  The NEARL process also times the frozen CLIP's no-grad forward (open_clip's
@@ -37,11 +40,16 @@ CLASSES = ("normal", "pneumonia")
 MODES = ("per-image", "shared")
 
 
-def _model(args, mode: str):
+def _model(args, mode: str, options: bool = False):
+    """The benchmark model; ``options``: with this run's train.checkpoint-backbone / train.micro-batch."""
+    from nearl_core.config import apply_overrides
     from nearl_core.model import build_model
 
     torch.manual_seed(0)
     cfg = bench_config(args.model, mode, CLASSES)
+    if options:
+        cfg = apply_overrides(cfg, {"train.checkpoint-backbone": args.checkpoint_backbone,
+                                    "train.micro-batch": args.micro_batch})
     return build_model(cfg), cfg
 
 
@@ -65,11 +73,11 @@ def _peak(device: torch.device) -> float:
 
 
 def child_nearl(args) -> dict:
-    from nearl_core.train import autocast, loss_fn, make_optimizer
+    from nearl_core.train import autocast, backward, make_optimizer
 
     device = _device(args)
-    base = current_rss_mib()  # torch, open_clip and nearl_core imported, nothing built
-    model, cfg = _model(args, args.mode)
+    base = current_rss_mib()  # torch and nearl_core imported, nothing built
+    model, cfg = _model(args, args.mode, options=True)
     model = model.to(device)
     x, y = _batch(model, args.batch, device)
     opt = make_optimizer(model, cfg.train)
@@ -78,9 +86,7 @@ def child_nearl(args) -> dict:
 
     def step():
         opt.zero_grad(set_to_none=True)
-        with autocast(device, True):
-            loss, _ = loss_fn(model, x, y, lam)
-        loss.backward()
+        backward(model, x, y, lam, micro_batch=cfg.train.micro_batch, device=device, amp=True)
         opt.step()
 
     def frozen_forward():
@@ -134,6 +140,10 @@ def main() -> int:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--device", default="auto", help="auto (CUDA when present, else CPU), cpu or cuda")
+    parser.add_argument("--checkpoint-backbone", action="store_true",
+                        help="NEARL arms with train.checkpoint-backbone (RESULT names end in _checkpoint)")
+    parser.add_argument("--micro-batch", type=int, default=0,
+                        help="NEARL arms with train.micro-batch N (RESULT names end in _microN)")
     parser.add_argument("--child", choices=["nearl", "full"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="per-image", choices=MODES, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -149,7 +159,12 @@ def main() -> int:
            f"{precision}, {args.repeats} timed repeats after 1 warm-up, median", str(device))
     common = ["--model", args.model, "--batch", str(args.batch), "--repeats", str(args.repeats),
               "--device", str(device)]
-    nearl = {m: run_child(Path(__file__), "--child", "nearl", "--mode", m, *common) for m in modes}
+    options = (["--checkpoint-backbone"] if args.checkpoint_backbone else []) + ["--micro-batch", str(args.micro_batch)]
+    suffix = ("_checkpoint" if args.checkpoint_backbone else "") + (f"_micro{args.micro_batch}" if args.micro_batch else "")
+    if suffix:
+        print(f"# NEARL arms with train.checkpoint-backbone={args.checkpoint_backbone}, "
+              f"train.micro-batch={args.micro_batch}")
+    nearl = {m: run_child(Path(__file__), "--child", "nearl", "--mode", m, *common, *options) for m in modes}
     full = run_child(Path(__file__), "--child", "full", *common)
     memory = "peak CUDA (MiB)" if device.type == "cuda" else "peak RSS (MiB)"
     print(f"{'':<40}{'time (s)':>10}{memory:>16}{'trainable':>14}")
@@ -170,8 +185,8 @@ def main() -> int:
             above = (n["peak_mib"] - n["base_mib"]) / max(full["peak_mib"] - full["base_mib"], 1e-9)
             print(f"# peak above that import baseline, NEARL {m} / full fine-tuning: {above:.3f}")
     for m in modes:
-        n, tag = nearl[m], m.replace("-", "_")
-        result(f"train_step_vs_frozen_forward_{tag}", n["step_s"], n["frozen_forward_s"], 2.5, unit="s")
+        n, tag = nearl[m], m.replace("-", "_") + suffix
+        result(f"train_step_vs_frozen_forward_{tag}", n["step_s"], n["frozen_forward_s"], 2.2, unit="s")
         result(f"train_step_vs_full_finetune_{tag}", n["step_s"], full["step_s"], 1.0, unit="s")
         result(f"train_peak_memory_vs_full_finetune_{tag}", n["peak_mib"], full["peak_mib"], 0.6, unit="MiB")
     return 0

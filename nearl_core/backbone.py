@@ -28,12 +28,24 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-import open_clip
 import torch
 from torch import nn
 
 from nearl_core.config import ModelConfig
 from nearl_core.errors import BackboneError
+
+
+def _open_clip():
+    """open_clip, imported on first use rather than with this module.
+
+    Importing open_clip takes torchvision (and through it ``torch._dynamo``) and, when it
+    is installed, transformers: about 2.5 s and 200 MiB on a 2-core CPU.  A Flower
+    ClientApp process imports this module before any message arrives, and not every
+    message builds a backbone, so the cost is paid where a model is built.
+    """
+    import open_clip
+
+    return open_clip
 
 MODEL_CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 HUB_HOST = ("huggingface.co", 443)
@@ -88,7 +100,7 @@ def register_shipped_configs() -> None:
             partial = target / f".{name}.{os.getpid()}.tmp"
             partial.write_text(text)
             os.replace(partial, target / name)  # atomic: a concurrent reader sees old or new, never half
-    open_clip.add_model_config(target)
+    _open_clip().add_model_config(target)
 
 
 def _register_tiny_timm_vit() -> None:
@@ -130,7 +142,7 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
             torch.manual_seed(RANDOM_INIT_SEED)  # weights not in a checkpoint are the same in every process
             # pretrained_text=False: a Hugging Face text tower never fetches base weights on its own;
             # its weights come from the CLIP checkpoint, or it is randomly initialised like the rest.
-            clip, _, preprocess = open_clip.create_model_and_transforms(
+            clip, _, preprocess = _open_clip().create_model_and_transforms(
                 oc_name, pretrained=pretrained, pretrained_text=False, **extra
             )
     except (RuntimeError, AssertionError, KeyError, ValueError) as err:
@@ -140,7 +152,7 @@ def build_backbone(cfg: ModelConfig) -> Backbone:
                 "check model.name matches the file"
             ) from None
         raise
-    tokenizer = open_clip.get_tokenizer(oc_name)
+    tokenizer = _open_clip().get_tokenizer(oc_name)
     if cfg.name.startswith("hf-hub:") and folder is None:
         source = _hub_weights_source(cfg.name[len("hf-hub:"):])
     freeze(clip)
@@ -241,7 +253,7 @@ def _resolve_weights(cfg: ModelConfig) -> tuple[str | None, str]:
     if name.startswith("hf-hub:"):
         _require_hub(f"model '{name}'", f"set model.pretrained to a local folder with the model's files ({FOLDER_HELP})")
         return None, name
-    if name not in open_clip.list_models():
+    if name not in _open_clip().list_models():
         raise BackboneError(
             f"unknown open_clip model '{name}'; see open_clip.list_models() for names (e.g. ViT-B-16, nearl-tiny)"
         )
@@ -252,7 +264,7 @@ def _resolve_weights(cfg: ModelConfig) -> tuple[str | None, str]:
         return str(path), f"sha256:{file_sha256(path)}"
     if _looks_like_path(pretrained):
         raise BackboneError(f"checkpoint file {pretrained} not found; fix model.pretrained or pass --pretrained FILE")
-    tags = open_clip.list_pretrained_tags_by_model(name)
+    tags = _open_clip().list_pretrained_tags_by_model(name)
     if pretrained not in tags:
         raise BackboneError(
             f"model '{name}' has no pretrained tag '{pretrained}'; known tags: {', '.join(tags) or 'none'}"
@@ -272,7 +284,7 @@ def _looks_like_path(value: str) -> bool:
 
 def _tag_is_cached(name: str, tag: str) -> bool:
     """True when the hub cache already holds the file, so no network is needed."""
-    pcfg = open_clip.get_pretrained_cfg(name, tag)
+    pcfg = _open_clip().get_pretrained_cfg(name, tag)
     hub = pcfg.get("hf_hub", "")
     if not hub:
         return False

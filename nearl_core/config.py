@@ -78,6 +78,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda | mps
     num_workers: int = 0  # 0 on CPU; the loader uses workers + pinned memory on CUDA
     amp: bool = True  # bf16 autocast on CUDA only
+    # Memory options, off by default (the plain path).  checkpoint-backbone: keep only each
+    # frozen block's input and recompute its activations in the backward pass (less
+    # memory, a slower step; same gradients).  micro-batch: run each batch in chunks of
+    # this many images and accumulate the gradients (the same loss and gradients as the
+    # whole batch up to float rounding; under DP-SGD still clipped per sample, noised
+    # once per batch); 0 = the whole batch at once.
+    checkpoint_backbone: bool = False
+    micro_batch: int = 0
 
 
 @dataclass(frozen=True)
@@ -235,6 +243,7 @@ def validate(cfg: NearlConfig, source: str = "config") -> None:
          f"adapter.heads ({a.heads}) must divide adapter.width ({a.width}) and adapter.rank ({a.rank})"),
         (a.ortho_lambda >= 0, "adapter.ortho-lambda must be >= 0"),
         (t.epochs >= 0 and t.batch_size >= 1, "train.epochs must be >= 0 and train.batch-size >= 1"),
+        (t.micro_batch >= 0, "train.micro-batch must be >= 0 (0: the whole batch at once)"),
         (t.lr > 0, "train.lr must be > 0"),
         (0 <= t.warmup_frac < 1, "train.warmup-frac must be in [0, 1)"),
         (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),

@@ -13,13 +13,16 @@ from typing import Sequence
 
 import numpy as np
 import torch
-from sklearn.metrics import f1_score, recall_score, roc_auc_score
 
 METRIC_NAMES = ("accuracy", "balanced_accuracy", "macro_f1", "auroc")
 
 
 def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: Sequence[str]) -> dict[str, float]:
     """accuracy, balanced_accuracy, macro_f1, auroc and recall/<class> from (N, C) logits."""
+    # imported here, not with the module: scikit-learn costs about 2.5 s and 170 MiB to import,
+    # and a train-only process (every Flower ClientApp message starts one) never needs it
+    from sklearn.metrics import f1_score, recall_score
+
     y = labels.cpu().numpy()
     prob = torch.softmax(logits.float(), dim=-1).cpu().numpy()
     pred = prob.argmax(axis=1)
@@ -39,6 +42,8 @@ def classification_metrics(logits: torch.Tensor, labels: torch.Tensor, classes: 
 
 def _auroc(y: np.ndarray, prob: np.ndarray, idx: list[int]) -> float:
     """Macro one-vs-rest AUROC over the classes that have both positives and negatives."""
+    from sklearn.metrics import roc_auc_score
+
     scores = [roc_auc_score(y == c, prob[:, c]) for c in idx if 0 < (y == c).sum() < len(y)]
     return float(np.mean(scores)) if scores else math.nan
 

@@ -87,6 +87,7 @@ class NearlCLIP(nn.Module):
         self.clip = backbone.clip
         self.preprocess = backbone.preprocess  # the backbone's eval transform (PIL image -> tensor)
         self.vision, self.text = vision, text
+        vision.checkpoint = text.checkpoint = cfg.train.checkpoint_backbone  # an option: same gradients, less memory
         self.schedule = lockstep_schedule(len(vision.blocks), len(text.blocks))
         self.adapters = NearlAdapters(cfg.adapter, vision.width, text.width, len(vision.blocks), len(text.blocks))
         for name, p in self.named_parameters():

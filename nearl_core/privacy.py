@@ -53,7 +53,7 @@ from torch.utils.data import DataLoader
 from nearl_core.config import NearlConfig, PrivacyConfig
 from nearl_core.errors import ConfigError, NearlError
 from nearl_core.model import NearlCLIP, is_adapter_param
-from nearl_core.train import EpochStats, _epoch_line, epoch_row, loss_fn, make_optimizer, warmup_cosine
+from nearl_core.train import EpochStats, _epoch_line, chunks, epoch_row, loss_fn, make_optimizer, warmup_cosine
 
 STATE_FILE = "privacy.json"
 STATE_VERSION = 1
@@ -372,8 +372,29 @@ class PrivateTraining:
     def __exit__(self, *exc) -> None:
         self.close()
 
-    def backward(self, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float):
-        """Forward + backward on a non-empty batch: fills ``p.grad_sample`` for every adapter parameter."""
+    def backward(self, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float, micro_batch: int = 0):
+        """Forward + backward on a non-empty batch, optionally in micro-batches (``train.micro-batch``).
+
+        Each micro-batch's per-sample gradients are clipped and summed into the batch's
+        total by a skipped DPOptimizer step (Opacus' virtual-step mechanism: no noise, no
+        update, nothing accounted) before the next one runs; :meth:`step` then clips the
+        last one, adds the noise once and updates.  Per-sample clipping does not depend
+        on the other samples, so the clipped sum, and the step, are those of the whole
+        batch.  Returns the batch's mean loss and its logits, detached.
+        """
+        parts = chunks(len(labels), micro_batch)
+        total, all_logits = 0.0, []
+        for k, part in enumerate(parts):
+            if k:
+                self.optimizer.signal_skip_step(True)
+                self.step()  # clip + accumulate the previous micro-batch only
+            loss, logits = self._backward_once(images[part], labels[part], ortho_lambda)
+            total = total + loss.detach() * ((part.stop - part.start) / len(labels))
+            all_logits.append(logits.detach())
+        return total, torch.cat(all_logits)
+
+    def _backward_once(self, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float):
+        """Forward + backward: fills ``p.grad_sample`` (per-sample gradients) for every adapter parameter."""
         loss, logits = loss_fn(self.model, images, labels, ortho_lambda)
         with warnings.catch_warnings():  # hooked first layers (e.g. QueryTokens) take inputs without grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -446,7 +467,7 @@ def train_private_round(model: NearlCLIP, train_loader: DataLoader, cfg: NearlCo
                              max_grad_norm=pcfg.max_grad_norm, sample_rate=q, expected_batch_size=n_train * q,
                              accountant=accountant, noise_seed=None if seed is None else seed + 1) as dp:
             for epoch in range(1, epochs + 1):
-                stats = _private_epoch(dp, loader, scheduler, device, cfg.adapter.ortho_lambda)
+                stats = _private_epoch(dp, loader, scheduler, device, cfg.adapter.ortho_lambda, t.micro_batch)
                 state.sync(accountant)
                 row = epoch_row(epoch, stats, model, val_loader, device, amp=t.amp)
                 model.train()  # evaluation switched the adapters to eval mode
@@ -464,7 +485,7 @@ def train_private_round(model: NearlCLIP, train_loader: DataLoader, cfg: NearlCo
 
 
 def _private_epoch(dp: PrivateTraining, loader: DPDataLoader, scheduler, device: torch.device,
-                   ortho_lambda: float) -> EpochStats:
+                   ortho_lambda: float, micro_batch: int = 0) -> EpochStats:
     """One Poisson epoch; fp32 (autocast off) so clipping sees exact per-sample gradients."""
     dp.model.train()
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -474,7 +495,7 @@ def _private_epoch(dp: PrivateTraining, loader: DPDataLoader, scheduler, device:
             dp.empty_batch()
         else:
             images, labels = batch[0].to(device, non_blocking=True), labels.to(device, non_blocking=True)
-            loss, logits = dp.backward(images, labels, ortho_lambda)
+            loss, logits = dp.backward(images, labels, ortho_lambda, micro_batch)
             total_loss += loss.item() * len(labels)
             correct += (logits.argmax(-1) == labels).sum().item()
             seen += len(labels)

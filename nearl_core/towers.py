@@ -22,18 +22,26 @@ CLIP, 256 for BiomedCLIP) but are much shorter.  Each text view cuts the context
 longest prompt only where that is exact: under a causal mask nothing attends forward;
 in a bidirectional encoder the padding is masked out as keys, and every block gets the
 same key-padding mask open_clip's own forward builds.
+
+Frozen blocks in training: the adapters' gradient flows back through every frozen
+block after the first adapter.  open_clip's own blocks (native vision and causal text)
+then run written out (one q/k/v matmul + ``scaled_dot_product_attention``, see
+:func:`_run_block`); timm's ViT blocks and Hugging Face encoder layers already project
+q/k/v with plain ``nn.Linear`` matmuls on batch-first tokens and keep their own call.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any, Callable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
-from open_clip.transformer import TextTransformer, VisionTransformer
-
 from nearl_core.errors import BackboneError
+
+if TYPE_CHECKING:  # imported where a tower is inspected: open_clip is slow to import (see backbone.py)
+    from open_clip.transformer import VisionTransformer
 
 
 @dataclass
@@ -50,6 +58,7 @@ class VisionTower:
 
     blocks: list[nn.Module]
     width: int
+    checkpoint: bool = False  # recompute frozen block activations in the backward (train.checkpoint-backbone)
 
     def embed(self, images: torch.Tensor) -> torch.Tensor:
         """(B, 3, H, W) preprocessed images -> (B, N_v, D_v) tokens entering the first block."""
@@ -68,6 +77,7 @@ class TextTower:
 
     blocks: list[nn.Module]
     width: int
+    checkpoint: bool = False  # recompute frozen block activations in the backward (train.checkpoint-backbone)
 
     def prepare(self, tokens: torch.Tensor, trim: bool = True) -> TextInputs:
         raise NotImplementedError
@@ -104,7 +114,7 @@ class NativeVisionTower(VisionTower):
         return self.visual._embeds(images)  # (B, N_v, D_v), after ln_pre
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return _run_block(self.blocks[i], x, None, self.batch_first)
+        return _frozen(self.checkpoint, lambda y: _run_block(self.blocks[i], y, None, self.batch_first), x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         pooled, _ = self.visual._pool(x)
@@ -133,7 +143,7 @@ class TimmVisionTower(VisionTower):
         return t.norm_pre(x)  # (B, prefix + patches, D_v)
 
     def block(self, i: int, x: torch.Tensor) -> torch.Tensor:
-        return self.blocks[i](x)
+        return _frozen(self.checkpoint, self.blocks[i], x)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         features = self.trunk.forward_head(self.trunk.norm(x))  # timm pooling (+ fc_norm, head)
@@ -180,7 +190,7 @@ class CausalTextTower(TextTower):
         return None if m is None else m[:length, :length]
 
     def block(self, j: int, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        return _run_block(self.blocks[j], x, mask, self.batch_first)
+        return _frozen(self.checkpoint, lambda y: _run_block(self.blocks[j], y, mask, self.batch_first), x)
 
     def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """x: (S, T, D_t) -> (S, E), pooled at each prompt's end-of-text token."""
@@ -230,8 +240,7 @@ class HFTextTower(TextTower):
         return _bidirectional_mask(self.config, meta, valid.long())
 
     def block(self, j: int, x: torch.Tensor, mask: Any) -> torch.Tensor:
-        out = self.blocks[j](x, mask)
-        return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
+        return _frozen(self.checkpoint, lambda y: _hf_layer(self.blocks[j], y, mask), x)
 
     def head(self, x: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """x: (S, T, D_t) -> (S, E) through the HF pooler (if any), open_clip's pooler and projection."""
@@ -256,10 +265,80 @@ def _bidirectional_mask(config: Any, meta: torch.Tensor, attention_mask: torch.T
     return create_bidirectional_mask(config=config, inputs_embeds=meta, attention_mask=attention_mask)
 
 
+def _frozen(checkpoint: bool, run: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """``run(x)`` for one frozen block; under ``checkpoint``, only ``x`` is kept for the backward.
+
+    The adapters' gradient needs every later frozen block's activations; checkpointing
+    trades keeping them for one more forward of the block during the backward pass
+    (non-reentrant, so the recomputation sees the same autograd state).  The block has
+    no randomness in eval mode, so the recomputed values, and the gradients, are the
+    same.  Only where a gradient will flow (grad enabled and ``x`` requires it).
+    """
+    if checkpoint and torch.is_grad_enabled() and x.requires_grad:
+        from torch.utils.checkpoint import checkpoint as recompute
+
+        return recompute(run, x, use_reentrant=False)
+    return run(x)
+
+
+def _hf_layer(layer: nn.Module, x: torch.Tensor, mask: Any) -> torch.Tensor:
+    out = layer(x, mask)
+    return out[0] if isinstance(out, tuple) else out  # transformers 4.x layers return tuples
+
+
 def _run_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None, batch_first: bool) -> torch.Tensor:
+    """One frozen open_clip block on batch-first tokens ``x`` (N, L, D).
+
+    When the adapters' gradient has to flow back through the block (grad enabled and
+    ``x`` requires it), ``nn.MultiheadAttention`` leaves its fused kernel and, for
+    batch-first blocks, projects q/k/v from a transposed input as a batched matmul over
+    L broadcast copies of the weight (a quarter of a ViT-B-16 train step on the CPU).
+    The same block written out (:func:`_written_out_block`) computes the same values
+    with one plain matmul.  Without gradients the block's own call keeps the fused
+    no-grad kernel, as open_clip's inference does.
+    """
+    if torch.is_grad_enabled() and x.requires_grad and _is_plain_block(block):
+        return _written_out_block(block, x, mask)
     if not batch_first:
         return block(x.transpose(0, 1), attn_mask=mask).transpose(0, 1)
     return block(x, attn_mask=mask)
+
+
+def _is_plain_block(block: nn.Module) -> bool:
+    """open_clip's self-attention ``ResidualAttentionBlock`` around a standard packed-projection MHA.
+
+    Anything else (cross-attention blocks with ``ln_1_kv``, separate q/k/v weights, extra
+    key/value biases, zero-attention padding, a subclass with its own forward) keeps
+    the block's own call, so the written-out path never guesses at a layout.
+    """
+    from open_clip.transformer import ResidualAttentionBlock
+
+    attn = getattr(block, "attn", None)
+    return (type(block) is ResidualAttentionBlock and not hasattr(block, "ln_1_kv")
+            and type(attn) is nn.MultiheadAttention and attn._qkv_same_embed_dim
+            and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn)
+
+
+def _written_out_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """``ResidualAttentionBlock.forward`` on batch-first ``x`` (N, L, D), attention spelled out.
+
+    Mirrors open_clip (``ln_1`` -> attention -> ``ls_1`` residual, ``ln_2`` -> MLP -> ``ls_2``
+    residual) and ``F.multi_head_attention_forward`` in eval mode (packed in-projection,
+    ``scaled_dot_product_attention`` with the mask cast to the tokens' dtype as
+    open_clip's ``attention`` does, no dropout since the backbone is in eval mode, output
+    projection), with the q/k/v projection as one (N*L, D) x (D, 3D) matmul.
+    """
+    attn = block.attn
+    n, length, width = x.shape
+    heads = attn.num_heads
+    y = block.ln_1(x)
+    qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3D)
+    q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L, D/h)
+    m = mask.to(y.dtype) if mask is not None else None
+    a = F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (N, h, L, D/h)
+    a = F.linear(a.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(a)
+    return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 
 # -- layout detection ----------------------------------------------------------------------
@@ -298,6 +377,8 @@ def _is_hf_encoder(text: nn.Module) -> bool:
 
 def towers_of(clip: nn.Module) -> tuple[VisionTower, TextTower]:
     """Inspect a loaded open_clip model and return its tower views, or refuse it."""
+    from open_clip.transformer import TextTransformer, VisionTransformer
+
     visual = getattr(clip, "visual", None)
     text_owner = clip.text if hasattr(clip, "text") else clip
     found = f"visual={_describe(visual, 'trunk')}, text={_describe(getattr(clip, 'text', clip), 'transformer')}"

@@ -71,6 +71,40 @@ def loss_fn(model: NearlCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_
     return loss, out.logits
 
 
+def chunks(n: int, micro_batch: int) -> list[slice]:
+    """Slices of at most ``micro_batch`` samples covering 0..n (one slice when 0 or >= n)."""
+    size = n if micro_batch <= 0 else micro_batch
+    return [slice(start, min(start + size, n)) for start in range(0, n, max(size, 1))]
+
+
+def backward(model: NearlCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float, *,
+             micro_batch: int = 0, device: torch.device | None = None, amp: bool = True):
+    """Forward and backward of one batch, optionally in micro-batches; returns (loss, logits), detached.
+
+    With ``micro_batch`` < batch size, each chunk's loss is weighted by its share of the
+    batch before its backward, so the accumulated gradients are those of the whole
+    batch's mean loss (cross-entropy and the orthogonal term are both means over
+    samples, and no trainable path mixes samples: DESIGN.md section 3); only the
+    activations of one chunk are alive at a time.  Without it, one plain step.
+    """
+    device = images.device if device is None else device
+    parts = chunks(len(labels), micro_batch)
+    if len(parts) == 1:
+        with autocast(device, amp):
+            loss, logits = loss_fn(model, images, labels, ortho_lambda)
+        loss.backward()
+        return loss.detach(), logits.detach()
+    total, all_logits = 0.0, []
+    for part in parts:
+        share = (part.stop - part.start) / len(labels)
+        with autocast(device, amp):
+            loss, logits = loss_fn(model, images[part], labels[part], ortho_lambda)
+        (loss * share).backward()
+        total = total + loss.detach() * share
+        all_logits.append(logits.detach())
+    return total, torch.cat(all_logits)
+
+
 def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float):
     warmup = max(1, int(total_steps * warmup_frac)) if warmup_frac > 0 else 0
 
@@ -98,7 +132,7 @@ class EpochStats:
 
 
 def run_epoch(model: NearlCLIP, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
-              *, ortho_lambda: float = 0.0, amp: bool = True) -> EpochStats:
+              *, ortho_lambda: float = 0.0, amp: bool = True, micro_batch: int = 0) -> EpochStats:
     """One pass over the loader; the backbone stays in eval mode throughout."""
     model.train()
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -106,10 +140,8 @@ def run_epoch(model: NearlCLIP, loader: DataLoader, optimizer: torch.optim.Optim
         if len(labels) == 0:  # Poisson sampling (DP) can draw an empty batch
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
-        with autocast(device, amp):
-            loss, logits = loss_fn(model, images, labels, ortho_lambda)
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss, logits = backward(model, images, labels, ortho_lambda, micro_batch=micro_batch, device=device, amp=amp)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -129,7 +161,7 @@ def fit(model: NearlCLIP, train_loader: DataLoader, cfg: NearlConfig, device: to
     history = []
     for epoch in range(1, epochs + 1):
         stats = run_epoch(model, train_loader, optimizer, scheduler, device,
-                          ortho_lambda=cfg.adapter.ortho_lambda, amp=t.amp)
+                          ortho_lambda=cfg.adapter.ortho_lambda, amp=t.amp, micro_batch=t.micro_batch)
         row = epoch_row(epoch, stats, model, val_loader, device, amp=t.amp)
         history.append(row)
         if log:
