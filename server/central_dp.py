@@ -35,8 +35,8 @@ from flwr.supercore.differential_privacy import compute_clip_model_update
 from nearl_core.privacy import epsilon_of
 from nearl_protocol import keys
 from nearl_protocol.arrays import decode_array
-from server.screening import check_update, declined
-from server.strategy import UNIT_WEIGHT_KEY, NearlStrategyMixin
+from server.screening import UNIT_WEIGHT_KEY, check_update, declined
+from server.strategy import NearlStrategyMixin
 
 log = logging.getLogger("nearl.central_dp")
 MEAN_STRATEGIES = ("fedavg", "fedprox")  # noise on a plain mean of clipped updates; the analysis needs that

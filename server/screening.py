@@ -27,6 +27,7 @@ from nearl_protocol.messages import metrics_of
 from nearl_protocol.schema import Schema, schema_problem
 
 DUPLICATE = "duplicate site name"
+UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each received update by server-side DP (equal weights); never logged
 MLFLOW_COUNTS = ("train_examples", "eval_examples", "test_examples")
 
 
@@ -104,7 +105,7 @@ def check_metrics(content: RecordDict) -> str | None:
 
 def site_metrics(content: RecordDict) -> dict[str, float]:
     """A reply's metrics under their MLflow names (``train_loss``, ``eval_accuracy``, ``dp_steps``)."""
-    return {keys.mlflow_name(k): v for k, v in metrics_of(content).items()}
+    return {keys.mlflow_name(k): v for k, v in metrics_of(content).items() if k != UNIT_WEIGHT_KEY}
 
 
 def declined(content: RecordDict) -> bool:

@@ -44,8 +44,8 @@ from nearl_protocol.arrays import PayloadError, decode_array, payload_sha256
 from nearl_protocol.messages import metrics_of, read_reply, record_bytes
 from nearl_protocol.schema import Schema
 from server.arrays import weighted_mean
-from server.screening import (SiteIdentities, aggregate_metrics, check_metrics, check_update, declined,
-                              declined_reason, site_metrics, split_metrics)
+from server.screening import (UNIT_WEIGHT_KEY, SiteIdentities, aggregate_metrics, check_metrics, check_update,
+                              declined, declined_reason, site_metrics, split_metrics)
 
 log = logging.getLogger("nearl.strategy")
 
@@ -58,7 +58,6 @@ STRATEGIES: dict[str, type[FedAvg]] = {
     "fedtrimmedavg": FedTrimmedAvg,
     "krum": Krum,
 }
-UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each update by server-side DP (equal weights); never logged
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # strategy arrays that must survive a resume
 
 
