@@ -232,7 +232,9 @@ class NearlStrategyMixin:
                 problem = self._judge(msg, reply.error, train)
             if problem is None:
                 accepted.append(msg)
-                sites.append(SiteReply(node, site, site_metrics(msg.content),
+                metrics = site_metrics(msg.content)
+                metrics.pop(keys.mlflow_name(UNIT_WEIGHT_KEY), None)  # the server's own mark (server-side DP)
+                sites.append(SiteReply(node, site, metrics,
                                        self._wire_bytes.get(id(msg), record_bytes(msg.content)),
                                        payload=self._payload_hash(msg) if train else None))
             elif problem == "declined":

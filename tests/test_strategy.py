@@ -147,8 +147,8 @@ def test_waiting_for_sites_is_bounded():
 
 
 def test_aggregate_metrics_weights_each_split_by_its_own_count_and_takes_max_epsilon():
-    rows = [{"num-examples": 10, "train_loss": 1.0, "eval_examples": 1, "eval_loss": 4.0, "epsilon": 2.0},
-            {"num-examples": 30, "train_loss": 3.0, "eval_examples": 3, "eval_loss": 0.0, "epsilon": 5.0}]
+    rows = [{"train_examples": 10, "train_loss": 1.0, "eval_examples": 1, "eval_loss": 4.0, "epsilon": 2.0},
+            {"train_examples": 30, "train_loss": 3.0, "eval_examples": 3, "eval_loss": 0.0, "epsilon": 5.0}]
     out = aggregate_metrics(rows)
     assert out["train_loss"] == pytest.approx(2.5)
     assert out["eval_loss"] == pytest.approx(1.0)
