@@ -69,14 +69,15 @@ class NearlServerSideDP(DifferentialPrivacyServerSideFixedClipping):
         arrays, metrics = inner.aggregate_train(server_round, replies)
         if arrays is None:
             return None, metrics
-        self.num_sampled_clients = len(clipped)
+        n = inner.last_update_count  # the updates actually averaged (the guard may have rejected some)
+        self.num_sampled_clients = n
         noisy = inner.as_schema_dtype(self._add_noise_to_aggregated_arrays(arrays))
         self.releases += 1
         extra = {"server_dp_epsilon": self.epsilon, "server_dp_noise_std":
-                 self.noise_multiplier * self.clipping_norm / len(clipped), "server_dp_updates": float(len(clipped))}
+                 self.noise_multiplier * self.clipping_norm / n, "server_dp_updates": float(n)}
         inner.replace_round_arrays(noisy, extra)
         log.info("round %d: %d updates clipped to %.4g, noise std %.4g added; client-level epsilon %.3f at delta %g",
-                 inner.global_round(server_round), len(clipped), self.clipping_norm, extra["server_dp_noise_std"],
+                 inner.global_round(server_round), n, self.clipping_norm, extra["server_dp_noise_std"],
                  extra["server_dp_epsilon"], self.delta)
         return noisy, MetricRecord({**(metrics or {}), **extra})
 

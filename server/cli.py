@@ -55,6 +55,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--server-lr", type=float, default=d("server_lr"), help=h("server_lr"))
     p.add_argument("--trim-beta", type=float, default=d("trim_beta"), help=h("trim_beta"))
     p.add_argument("--krum-malicious", type=int, default=d("krum_malicious"), help=h("krum_malicious"))
+    guard = p.add_argument_group("what one site can do to a round (docs/security.md)")
+    guard.add_argument("--max-abs-value", type=float, default=d("max_abs_value"), help=h("max_abs_value"))
+    guard.add_argument("--outlier-factor", type=float, default=d("outlier_factor"), help=h("outlier_factor"))
+    guard.add_argument("--examples-growth", type=float, default=d("examples_growth"), help=h("examples_growth"))
+    guard.add_argument("--max-examples", type=float, default=d("max_examples"), help=h("max_examples"))
+    guard.add_argument("--equal-weights", action="store_true", default=d("equal_weights"), help=h("equal_weights"))
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 = local only)")
     p.add_argument("--port", type=int, default=9092, help="port sites connect to (default 9092)")
     tls = p.add_mutually_exclusive_group()
@@ -189,7 +195,9 @@ class Server:
             "min-nodes": a.min_sites, "fraction-train": a.fraction_train, "round-timeout": a.round_timeout,
             "wait-timeout": a.wait_timeout, "local-epochs": a.local_epochs, "evaluate-in-train": a.evaluate_in_train,
             "proximal-mu": a.proximal_mu, "server-lr": a.server_lr, "trim-beta": a.trim_beta,
-            "krum-malicious": a.krum_malicious, "mlflow-uri": self._mlflow_uri(), "mlflow-experiment": a.experiment,
+            "krum-malicious": a.krum_malicious, "max-abs-value": a.max_abs_value,
+            "outlier-factor": a.outlier_factor, "examples-growth": a.examples_growth, "max-examples": a.max_examples,
+            "equal-weights": a.equal_weights, "mlflow-uri": self._mlflow_uri(), "mlflow-experiment": a.experiment,
             "checkpoint-dir": str(self.checkpoint_dir), "keep-checkpoints": a.keep_checkpoints,
             "resume": a.resume is not None, "progress-file": str(self.state_dir / "progress.jsonl"),
             "server-dp-noise": a.server_dp_noise, "server-dp-clip": a.server_dp_clip,
@@ -354,7 +362,9 @@ def format_event(e: dict[str, Any]) -> str:
             line += f"\n    {site} {reason}"
         for site, reason in (e.get("rejected") or {}).items():
             line += f"\n    rejected {site}: {reason}"
-        if not e.get("aggregated", True):
+        if e.get("not_applied"):
+            line += f"\n    update not applied: {e['not_applied']}"
+        elif not e.get("aggregated", True):
             line += "\n    no update accepted this round: global adapters unchanged"
         return line
     if kind == "eval":

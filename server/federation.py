@@ -122,6 +122,8 @@ class RoundLog:
             if report.declined:
                 self.tracker.set_tags({f"round_{report.round:04d}_declined":
                                        "; ".join(f"{s}: {r}" for s, r in report.declined.items())})
+            if report.not_applied:
+                self.tracker.set_tags({f"round_{report.round:04d}_not_applied": report.not_applied})
             if report.missing or report.rejected:
                 self.tracker.set_tags({f"round_{report.round:04d}_missing": ",".join(report.missing) or "-",
                                        f"round_{report.round:04d}_rejected":
@@ -137,7 +139,7 @@ class RoundLog:
         self.progress.emit(
             "round", round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
             missing=report.missing, rejected=report.rejected, declined=report.declined, sampled=report.sampled,
-            aggregated=report.aggregated, payload_sha256=report.payload_sha256,
+            aggregated=report.aggregated, not_applied=report.not_applied, payload_sha256=report.payload_sha256,
             seconds=report.seconds, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
             train=_clean(report.train_metrics), eval_step=eval_step, eval=_clean(eval_metrics), checkpoint=ckpt_path)
 

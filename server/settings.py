@@ -58,6 +58,13 @@ class FederationSettings:
     server_lr: float = _opt(0.01, "FedAdam/FedYogi server learning rate (eta)")
     trim_beta: float = _opt(0.2, "FedTrimmedAvg: fraction trimmed at each end")
     krum_malicious: int = _opt(0, "Krum: assumed number of malicious sites")
+    max_abs_value: float = _opt(1e4, "largest |value| an update or the aggregate may hold; beyond it the update "
+                                "(or the round's aggregate) is rejected")
+    outlier_factor: float = _opt(10.0, "reject an update whose distance to the global adapters exceeds this "
+                                 "x the round's median distance (needs 3 updates; 0 = off)")
+    examples_growth: float = _opt(2.0, "a site's num-examples is capped at its first accepted count x this")
+    max_examples: float = _opt(1e7, "absolute cap of any site's num-examples claim")
+    equal_weights: bool = _opt(False, "FedAvg/FedProx weigh every site's update equally instead of by num-examples")
     server_dp_noise: float = _opt(0.0, "client-level DP at the server: noise multiplier (0 = off); fedavg/fedprox")
     server_dp_clip: float = _opt(0.0, "L2 bound of each site's update for server-side DP")
     server_dp_delta: float = _opt(1e-5, "client-level delta of the server-side epsilon")
@@ -110,6 +117,10 @@ class FederationSettings:
             (self.round_timeout > 0 and self.wait_timeout > 0, "round-timeout and wait-timeout must be > 0"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
             (0 <= self.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
+            (self.max_abs_value > 0, "max-abs-value must be > 0"),
+            (self.outlier_factor == 0 or self.outlier_factor > 1, "outlier-factor must be 0 (off) or > 1"),
+            (self.examples_growth >= 1, "examples-growth must be >= 1"),
+            (self.max_examples >= 1, "max-examples must be >= 1"),
             (self.transport_dtype in TRANSPORT_DTYPES, f"transport-dtype must be one of {', '.join(TRANSPORT_DTYPES)}"),
         ]
         central = check_central_dp(self.strategy, self.server_dp_noise, self.server_dp_clip, self.server_dp_delta)
@@ -129,8 +140,9 @@ class FederationSettings:
         return cfg
 
     def strategy_options(self) -> dict[str, Any]:
-        return {"proximal-mu": self.proximal_mu, "server-lr": self.server_lr, "trim-beta": self.trim_beta,
-                "krum-malicious": self.krum_malicious}
+        names = ("proximal_mu", "server_lr", "trim_beta", "krum_malicious", "max_abs_value", "outlier_factor",
+                 "examples_growth", "max_examples", "equal_weights")
+        return {run_config_key(n): getattr(self, n) for n in names}
 
     def checkpoint_path(self) -> Path | None:
         return Path(self.checkpoint_dir).expanduser() if self.checkpoint_dir else None

@@ -6,9 +6,15 @@ and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` 
 
 * waits (bounded by ``wait_timeout``) until ``min_nodes`` sites are connected instead of
   Flower's unbounded wait, and fails the run with a clear message otherwise;
-* screens every train reply before aggregation: error replies, missing or mis-shaped
-  adapter tensors, wrong dtypes, NaN/Inf values and bad example counts are rejected
-  (never aggregated) and logged with the site's name;
+* screens every train reply before aggregation (:class:`server.replies.ReplyScreening`):
+  error replies, missing or mis-shaped adapter tensors, bytes that disagree with their
+  metadata, wrong dtypes, NaN/Inf values and bad example counts are rejected (never
+  aggregated) and logged with the site's name;
+* bounds what an accepted update can do (:class:`server.robust.RoundGuard`): values
+  beyond ``max-abs-value``, norm outliers, inflated example claims (capped), updates
+  that make the aggregation raise (rejected, the round goes on), and an aggregate that
+  is not finite or out of range (not applied); every strategy aggregates the decoded
+  values, in float64;
 * aggregates metrics itself (weighted by the matching example count, NaN-aware,
   epsilon as the maximum over sites) and keeps per-site values;
 * records sites that decline a round because of their privacy budget (a metrics-only
@@ -30,22 +36,25 @@ import logging
 import math
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass, field
-from typing import Any, Mapping, Protocol
+from typing import Any, Mapping
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
-from nearl_core.transport import check_transport, decode, encode, wire_schema
+from nearl_core.transport import check_transport, wire_schema
 from nearl_protocol import keys
-from nearl_protocol.arrays import PayloadError, decode_array, payload_sha256
-from nearl_protocol.messages import metrics_of, read_reply, record_bytes
+from nearl_protocol.messages import metrics_of, record_bytes
 from nearl_protocol.schema import Schema
-from server.arrays import weighted_mean
-from server.screening import (UNIT_WEIGHT_KEY, SiteIdentities, aggregate_metrics, check_metrics, check_update,
-                              declined, declined_reason, site_metrics, split_metrics)
+from server.arrays import flatten, split, unflatten, weighted_mean_flat
+from server.replies import UNIT_WEIGHT_KEY, ReplyScreening
+from server.robust import CAPS_STATE, Limits, Outcome, RoundGuard, Update
+from server.rounds import NotEnoughSites, RoundListener, RoundReport, SiteReply
+from server.screening import SiteIdentities, aggregate_metrics, check_update, site_metrics, split_metrics
+
+__all__ = ["STRATEGIES", "UNIT_WEIGHT_KEY", "NearlStrategyMixin", "NotEnoughSites", "RoundListener", "RoundReport",
+           "SiteReply", "aggregate_metrics", "check_update", "make_strategy", "strategy_class"]
 
 log = logging.getLogger("nearl.strategy")
 
@@ -61,53 +70,13 @@ STRATEGIES: dict[str, type[FedAvg]] = {
 STATE_ATTRS = ("m_t", "v_t", "momentum_vector")  # strategy arrays that must survive a resume
 
 
-class NotEnoughSites(RuntimeError):
-    """Fewer than ``min_nodes`` sites connected before the wait timeout."""
-
-
-@dataclass
-class SiteReply:
-    node_id: int
-    site: str
-    metrics: dict[str, float]
-    nbytes: int
-    declined: str | None = None  # the site declined to train (its privacy budget); no update
-    payload: str | None = None  # sha256 of the adapter bytes received
-
-
-@dataclass
-class RoundReport:
-    """Everything the listener needs to log and checkpoint one global round."""
-
-    round: int
-    arrays: ArrayRecord
-    train_metrics: dict[str, float] = field(default_factory=dict)
-    per_site: dict[str, dict[str, float]] = field(default_factory=dict)
-    answered: list[str] = field(default_factory=list)
-    missing: list[str] = field(default_factory=list)
-    rejected: dict[str, str] = field(default_factory=dict)  # site -> reason
-    declined: dict[str, str] = field(default_factory=dict)  # site -> reason (DP budget; not an error)
-    sampled: int = 0
-    bytes_sent: int = 0
-    bytes_received: int = 0
-    seconds: float = 0.0
-    aggregated: bool = False  # False when no update was accepted (global adapters unchanged)
-    payload_sha256: dict[str, str] = field(default_factory=dict)  # site -> hash of the update it sent
-
-
-class RoundListener(Protocol):
-    def evaluated(self, step: int, metrics: dict[str, float], per_site: dict[str, dict[str, float]]) -> None: ...
-
-    def round_finished(self, report: RoundReport, strategy: "NearlStrategyMixin") -> None: ...
-
-
 def _flower_aggr(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:  # noqa: ARG001
     """Flower's metric hook: the same NaN-aware aggregation (Flower's own propagates NaN)."""
     return MetricRecord(aggregate_metrics([site_metrics(r) for r in records]))
 
 
 # -- the mixin -------------------------------------------------------------------------------------
-class NearlStrategyMixin:
+class NearlStrategyMixin(ReplyScreening):
     """Mixed in before a Flower strategy class; see the module docstring."""
 
     # set by _nearl_setup
@@ -116,8 +85,12 @@ class NearlStrategyMixin:
 
     def _nearl_setup(self, *, schema: Schema, listener: RoundListener | None, round_offset: int,
                      total_rounds: int, evaluate_in_train: bool, wait_timeout: float, min_nodes: int,
-                     transport: str = "float32", registry: Mapping[int, str] | None = None) -> None:
+                     transport: str = "float32", registry: Mapping[int, str] | None = None,
+                     limits: Limits | None = None) -> None:
         self.schema = dict(schema)
+        self.guard = RoundGuard(limits or Limits())
+        self._reference: np.ndarray | None = None  # the current global adapters, flat float64
+        self.last_update_count = 0  # updates in the last applied aggregate (server-side DP's n)
         self.plain_mean = getattr(type(self), "aggregate_train_base", None) is FedAvg.aggregate_train
         self.transport = check_transport(transport)
         self.wire_schema = wire_schema(self.schema, self.transport)
@@ -134,6 +107,7 @@ class NearlStrategyMixin:
         self._round_start = 0.0
         self._sampled: list[int] = []
         self._outgoing: list[Message] = []  # message ids are set when the Grid pushes them
+        self._current_round = 0
 
     # -- helpers ---------------------------------------------------------------------------------
     def global_round(self, server_round: int) -> int:
@@ -157,14 +131,6 @@ class NearlStrategyMixin:
     def _site_names(self, node_ids: Iterable[int]) -> list[str]:
         return [self.identities.label(n) for n in node_ids]
 
-    def _tell_refused_nodes(self, messages: list[Message]) -> None:
-        """A node whose replies are refused (e.g. a duplicate site name) is told why in its instruction."""
-        for m in messages:
-            why = self.identities.refused.get(m.metadata.dst_node_id)
-            if why:  # Flower's messages share one content object: give this one its own
-                config = ConfigRecord({**m.content[keys.CONFIG], keys.NODE_REFUSED: why})
-                m.content = RecordDict({**{k: v for k, v in m.content.items()}, keys.CONFIG: config})
-
     # -- train ---------------------------------------------------------------------------------
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -173,88 +139,13 @@ class NearlStrategyMixin:
         self._wait_for_sites(grid)
         config[keys.EVALUATE_FIRST] = bool(self.evaluate_in_train)
         messages = self._narrowed(list(super().configure_train(r, arrays, config, grid)))  # type: ignore[misc]
+        self._reference = flatten(arrays, self.schema) if set(arrays) == set(self.schema) else None
         self._tell_refused_nodes(messages)
         self._sampled = [m.metadata.dst_node_id for m in messages]
         self._outgoing = list(messages)
         self._round = RoundReport(round=r, arrays=arrays, sampled=len(messages),
                                   bytes_sent=sum(record_bytes(m.content) for m in messages))
         return messages
-
-    def _narrowed(self, messages: list[Message]) -> list[Message]:
-        """Send the global adapters in the transport dtype (the strategy itself keeps float32)."""
-        if self.transport == "float32" or not messages:
-            return messages
-        rec = messages[0].content.array_records.get(keys.ARRAYS)
-        if rec is not None:
-            wire = ArrayRecord({k: Array(v) for k, v in encode({k: a.numpy() for k, a in rec.items()},
-                                                                self.transport).items()})
-            for m in messages:
-                m.content[keys.ARRAYS] = wire
-        return messages
-
-    def widen_replies(self, replies: Iterable[Message]) -> None:
-        """Widen updates that arrived in the transport dtype back to the schema's float32, in place.
-
-        Idempotent (a widened reply no longer matches the wire layout); a reply that does not
-        match the wire layout is left for :meth:`screen_replies` to judge.
-        """
-        if self.transport == "float32":
-            return
-        for msg in replies:
-            rec = msg.content.array_records.get(keys.ARRAYS) if msg.has_content() else None
-            if rec is None or set(rec) != set(self.wire_schema):
-                continue
-            if all((tuple(rec[k].shape), str(rec[k].dtype)) == tuple(self.wire_schema[k]) for k in rec):
-                try:
-                    narrow = {k: decode_array(a) for k, a in rec.items()}
-                except PayloadError:
-                    continue  # screening rejects it with the reason
-                self._wire_bytes[id(msg)] = record_bytes(msg.content)  # what crossed the network
-                self._wire_hash[id(msg)] = payload_sha256(rec)
-                wide = decode(narrow, self.schema, self.transport)
-                msg.content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in wide.items()})
-
-    def screen_replies(self, replies: Iterable[Message], *, train: bool) -> tuple[list[Message], list[SiteReply],
-                                                                                  dict[str, str]]:
-        """Split replies into (accepted messages, their per-site data, rejected site -> reason).
-
-        Each reply is attributed by the node it came from (an error the SuperLink writes for an
-        unreachable node is attributed to the node the instruction went to).
-        """
-        accepted, sites, rejected = [], [], {}
-        destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
-        for msg in replies:
-            node = destination.get(msg.metadata.reply_to_message_id, msg.metadata.src_node_id)
-            reply = read_reply(msg)
-            site, problem = self.identities.attribute(node, reply.claimed_site)
-            if problem is None:
-                problem = self._judge(msg, reply.error, train)
-            if problem is None:
-                accepted.append(msg)
-                sites.append(SiteReply(node, site, site_metrics(msg.content),
-                                       self._wire_bytes.get(id(msg), record_bytes(msg.content)),
-                                       payload=self._payload_hash(msg) if train else None))
-            elif problem == "declined":
-                sites.append(SiteReply(node, site, site_metrics(msg.content), record_bytes(msg.content),
-                                       declined=declined_reason(site_metrics(msg.content))))
-                log.warning("round %s: site %s %s", self._round.round if self._round else "?", site, sites[-1].declined)
-            else:
-                rejected[site] = problem
-                log.warning("round %s: rejected the %s reply of site %s: %s", self._round.round if self._round else "?",
-                            "train" if train else "evaluate", site, problem)
-        return accepted, sites, rejected
-
-    def _judge(self, msg: Message, error: str | None, train: bool) -> str | None:
-        """None to accept, ``"declined"`` for a budget decline, else the reason to reject."""
-        if error is not None:
-            return error
-        if train and declined(msg.content):
-            return "the reply declines the round but carries adapter tensors" if msg.content.array_records else "declined"
-        return check_update(msg.content, self.schema) if train else check_metrics(msg.content)
-
-    def _payload_hash(self, msg: Message) -> str:
-        """sha256 of the adapter bytes as received (before widening): what the site's audit trail records."""
-        return self._wire_hash.get(id(msg)) or payload_sha256(msg.content[keys.ARRAYS])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
@@ -263,22 +154,26 @@ class NearlStrategyMixin:
         self.widen_replies(replies)
         report = self._round or RoundReport(round=r, arrays=ArrayRecord())
         accepted, sites, rejected = self.screen_replies(replies, train=True)
-        report.rejected.update(rejected)
-        report.declined.update({s.site: s.declined for s in sites if s.declined})
         report.bytes_received = sum(s.nbytes for s in sites)
         self._wire_bytes.clear()
         self._wire_hash.clear()
+        self._current_round = r
+        outcome = self._guarded(r, accepted, [s for s in sites if not s.declined])
+        for site, why in outcome.rejected.items():
+            log.warning("round %d: rejected the train reply of site %s: %s", r, site, why)
+        rejected.update(outcome.rejected)
+        sites = [s for s in sites if s.site not in outcome.rejected]
+        report.rejected.update(rejected)
+        report.declined.update({s.site: s.declined for s in sites if s.declined})
         report.payload_sha256 = {s.site: s.payload for s in sites if s.payload}
         report.answered = sorted(s.site for s in sites if not s.declined)
         arrays = None
-        if accepted and self.plain_mean:  # FedAvg / FedProx: the same mean as Flower's, on flat buffers
-            arrays = weighted_mean([m.content[keys.ARRAYS] for m in accepted],
-                                   [metrics_of(m.content)[self.weighted_by_key] for m in accepted], self.schema)
-        elif accepted:
-            arrays, _ = super().aggregate_train(r, accepted)  # type: ignore[misc]
-        if arrays is not None:
-            arrays = self.as_schema_dtype(arrays)
+        if outcome.arrays is not None:
+            arrays = unflatten(outcome.arrays, self.schema)
             report.arrays, report.aggregated = arrays, True
+        elif outcome.not_applied:
+            report.not_applied = outcome.not_applied
+            log.warning("round %d: update not applied: %s", r, outcome.not_applied)
         else:
             log.warning("round %d: no update accepted; the global adapters stay unchanged", r)
         rows_train, rows_eval, evals_per_site = [], [], {}
@@ -299,6 +194,51 @@ class NearlStrategyMixin:
         report.missing = sorted(known - set(report.answered) - set(report.declined))
         self._round = report
         return arrays, MetricRecord({k: v for k, v in report.train_metrics.items() if math.isfinite(v)})
+
+    def _guarded(self, r: int, accepted: list[Message], sites: list[SiteReply]) -> Outcome:
+        """The round's screened updates through :class:`server.robust.RoundGuard` (range, outliers, caps, fence)."""
+        updates = [Update(s.site, flatten(m.content[keys.ARRAYS], self.schema),
+                          metrics_of(m.content)[keys.NUM_EXAMPLES], source=m.metadata)
+                   for m, s in zip(accepted, sites, strict=True)]
+        outcome = self.guard.run(r, updates, self._reference, self._aggregate_updates, self._snapshot, self._restore,
+                                 equal_weights=self.weighted_by_key == UNIT_WEIGHT_KEY)
+        for u, s in zip(updates, sites):
+            if u.used:
+                s.metrics["train_examples"] = u.used  # what the round counted, not what the site claimed
+            if u.cap is not None:
+                s.metrics.update(examples_clipped=1.0, examples_cap=u.cap)
+        self.last_update_count = outcome.count
+        return outcome
+
+    def _aggregate_updates(self, updates: list[Update], weights: list[float]) -> dict[str, np.ndarray]:
+        """This strategy's aggregate (float64) of updates already decoded against their metadata.
+
+        FedAvg/FedProx: the weighted mean on flat float64 buffers.  Every other strategy gets
+        messages rebuilt from the decoded values (float64, so its sums and distances do not
+        overflow) with the weight as their only metric: Flower's code never reads a reply's
+        own bytes or metrics.
+        """
+        if self.plain_mean:
+            return split(weighted_mean_flat([u.values for u in updates], weights), self.schema)
+        messages = [Message(content=RecordDict({
+            keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in split(u.values, self.schema).items()}),
+            keys.METRICS: MetricRecord({self.weighted_by_key: float(w)})}), metadata=u.source)
+            for u, w in zip(updates, weights, strict=True)]
+        arrays, _ = super().aggregate_train(self._current_round, messages)  # type: ignore[misc]
+        if arrays is None:
+            raise ValueError("the strategy returned no arrays")
+        out = {k: np.asarray(arrays[k].numpy(), dtype=np.float64) for k in self.schema}
+        for k, (shape, _) in self.schema.items():
+            if out[k].shape != tuple(shape):
+                raise ValueError(f"the strategy returned '{k}' with shape {out[k].shape}, expected {tuple(shape)}")
+        return out
+
+    def _snapshot(self) -> dict[str, Any]:
+        return {attr: getattr(self, attr) for attr in STATE_ATTRS if hasattr(self, attr)}
+
+    def _restore(self, state: Mapping[str, Any]) -> None:
+        for attr, value in state.items():  # Flower's optimisers replace their dicts, never update them in place
+            setattr(self, attr, value)
 
     def replace_round_arrays(self, arrays: ArrayRecord, metrics: Mapping[str, float]) -> None:
         """A wrapper (server-side DP) changed this round's result: report and checkpoint what it returns."""
@@ -362,11 +302,15 @@ class NearlStrategyMixin:
             value = getattr(self, attr, None)
             if isinstance(value, dict) and value:
                 state[attr] = {k: np.asarray(v) for k, v in value.items()}
+        if self.guard.caps.first:
+            state[CAPS_STATE] = self.guard.caps.state()
         return state
 
     def load_strategy_state(self, state: Mapping[str, Mapping[str, np.ndarray]]) -> None:
         for attr, values in state.items():
-            if attr in STATE_ATTRS and hasattr(self, attr):
+            if attr == CAPS_STATE:
+                self.guard.caps.load(values)
+            elif attr in STATE_ATTRS and hasattr(self, attr):
                 setattr(self, attr, {k: np.array(v) for k, v in values.items()})
 
 
@@ -383,7 +327,14 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
                   evaluate_in_train: bool = True, wait_timeout: float = 600.0,
                   options: Mapping[str, Any] | None = None, transport: str = "float32",
                   registry: Mapping[int, str] | None = None) -> NearlStrategyMixin:
-    """Build the configured strategy with explicit sampling settings and NEARL's hooks."""
+    """Build the configured strategy with explicit sampling settings and NEARL's hooks.
+
+    ``options`` holds the strategies' settings and the guard's limits under their run-config
+    keys (``max-abs-value``, ``examples-growth``, ``max-examples``, ``equal-weights``,
+    ``outlier-factor``); a missing key takes the federation default (server/settings.py).
+    """
+    from server.settings import default  # settings imports this module
+
     options = dict(options or {})
     cls = strategy_class(name)
     kwargs: dict[str, Any] = dict(fraction_train=fraction_train, fraction_evaluate=1.0,
@@ -403,5 +354,5 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
     strategy = cls(**kwargs)
     strategy._nearl_setup(schema=schema, listener=listener, round_offset=round_offset, total_rounds=total_rounds,
                           evaluate_in_train=evaluate_in_train, wait_timeout=wait_timeout, min_nodes=min_nodes,
-                          transport=transport, registry=registry)
+                          transport=transport, registry=registry, limits=Limits.from_options(options, default))
     return strategy

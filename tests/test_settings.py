@@ -17,6 +17,8 @@ FLAGS = {"num_rounds": "rounds", "config": "config", "strategy": "strategy", "mi
          "fraction_train": "fraction_train", "round_timeout": "round_timeout", "wait_timeout": "wait_timeout",
          "local_epochs": "local_epochs", "evaluate_in_train": "evaluate_in_train", "proximal_mu": "proximal_mu",
          "server_lr": "server_lr", "trim_beta": "trim_beta", "krum_malicious": "krum_malicious",
+         "max_abs_value": "max_abs_value", "outlier_factor": "outlier_factor",
+         "examples_growth": "examples_growth", "max_examples": "max_examples", "equal_weights": "equal_weights",
          "server_dp_noise": "server_dp_noise", "server_dp_clip": "server_dp_clip",
          "server_dp_delta": "server_dp_delta", "transport_dtype": "transport_dtype", "mlflow_uri": "mlflow_uri",
          "mlflow_experiment": "experiment", "checkpoint_dir": "checkpoint_dir",

@@ -169,10 +169,11 @@ def test_fedadam_state_round_trips_for_resume():
     strategy = make_strategy("fedadam", schema=SCHEMA, min_nodes=1, total_rounds=3)
     run_round(strategy, [reply_from(1, train_reply_content("s1", arrays(1.0)))])
     state = strategy.strategy_state()
-    assert set(state) == {"m_t", "v_t"}
+    assert set(state) == {"m_t", "v_t", "example_caps"}
     fresh = make_strategy("fedadam", schema=SCHEMA, min_nodes=1, total_rounds=3, round_offset=1)
     fresh.load_strategy_state(state)
     np.testing.assert_array_equal(fresh.m_t["a.weight"], state["m_t"]["a.weight"])
+    assert fresh.guard.caps.first == {"s1": 10.0}  # the example cap survives a resume
 
 
 def test_superlink_error_for_an_unreachable_node_names_that_site():
