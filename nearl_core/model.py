@@ -254,6 +254,15 @@ class NearlCLIP(nn.Module):
 
 
 def build_model(cfg: NearlConfig, classes: tuple[str, ...] | None = None, backbone: Backbone | None = None) -> NearlCLIP:
-    """One factory call: the frozen backbone + zero-initialised adapters for these classes."""
+    """One factory call: the frozen backbone + zero-initialised adapters for these classes.
+
+    The adapters' random parts (query tokens, projections) are drawn from ``train.seed`` in
+    a forked RNG: the same config gives the same initial adapters in every process, so a
+    federation's round 0 (built by the coordinator) is reproducible, and the caller's own
+    random stream is left as it was.
+    """
     classes = tuple(classes) if classes else cfg.task.classes
-    return NearlCLIP(backbone or build_backbone(cfg.model), cfg, classes)
+    backbone = backbone or build_backbone(cfg.model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.train.seed)
+        return NearlCLIP(backbone, cfg, classes)

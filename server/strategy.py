@@ -45,7 +45,7 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from nearl_core.transport import check_transport, wire_schema
 from nearl_protocol import keys
-from nearl_protocol.messages import metrics_of, record_bytes
+from nearl_protocol.messages import metrics_of, read_reply, record_bytes
 from nearl_protocol.schema import Schema
 from server.arrays import flatten, split, unflatten, weighted_mean_flat
 from server.replies import UNIT_WEIGHT_KEY, ReplyScreening
@@ -76,6 +76,12 @@ def _flower_aggr(records: list[RecordDict], weighted_by_key: str) -> MetricRecor
 
 
 # -- the mixin -------------------------------------------------------------------------------------
+def in_site_order(replies: Iterable[Message]) -> list[Message]:
+    """Replies sorted by the site they claim to be: sums (and so the global adapters and every
+    aggregated metric) do not depend on the order in which replies happened to arrive."""
+    return sorted(replies, key=lambda m: (read_reply(m).claimed_site or "", m.metadata.src_node_id))
+
+
 class NearlStrategyMixin(ReplyScreening):
     """Mixed in before a Flower strategy class; see the module docstring."""
 
@@ -150,7 +156,7 @@ class NearlStrategyMixin(ReplyScreening):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.global_round(server_round)
-        replies = list(replies)
+        replies = in_site_order(replies)
         self.widen_replies(replies)
         report = self._round or RoundReport(round=r, arrays=ArrayRecord())
         accepted, sites, rejected = self.screen_replies(replies, train=True)
@@ -270,7 +276,7 @@ class NearlStrategyMixin(ReplyScreening):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         r = self.global_round(server_round)
-        replies = list(replies)
+        replies = in_site_order(replies)
         result = None
         if replies:
             accepted, sites, rejected = self.screen_replies(replies, train=False)
