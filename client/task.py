@@ -1,11 +1,12 @@
-"""What a site does with one message: bind the site's data, load the global adapters, train/evaluate.
+"""What a site does with one message: read the instruction, check the backbone, train or evaluate, reply.
 
 The ClientApp handlers in :mod:`client.app` are thin wrappers over :func:`train_reply`
-and :func:`evaluate_reply`.  Everything here reads the site binding from the SuperNode's
-node config (``site``, ``data-path``, optionally ``device`` and ``pretrained``) and the
-model config from the message (the ServerApp sends the resolved NEARL config, so every
-site builds the same model).  Replies pass :func:`client.egress.check_reply` before they
-are returned.
+and :func:`evaluate_reply`; the simulation's app calls the same two with its own
+:class:`client.binding.SiteBinding`.  :func:`answer` is the one way out: the reply passes
+:func:`client.egress.check_reply`, and its audit line is on disk before it is returned.
+A site refuses (an error reply with one readable reason, nothing else) when its backbone
+differs from the coordinator's, when the coordinator refuses this node, or when a reply
+would break the egress rules.
 """
 
 from __future__ import annotations
