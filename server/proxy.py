@@ -137,6 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"proxy: error: --listen {args.listen}: give HOST:PORT, and --certfile with --keyfile", file=sys.stderr)
         return 2
     logging.basicConfig(level=logging.INFO, format="nearl-server proxy: %(message)s", stream=sys.stderr)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per forwarded call is noise
     verify: ssl.SSLContext | bool = upstream_context(args.ca) if args.ca else True
     app = create_app(args.upstream, verify=verify)
     uvicorn.run(app, host=host.strip("[]"), port=int(port), ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
