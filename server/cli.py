@@ -1,6 +1,6 @@
 """``nearl-server``: run a NEARL federation as its coordinator.
 
-    nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--certs DIR | --insecure]
+    nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--local-port P] [--certs DIR | --insecure]
                  [--auth-keys DIR] [--mlflow-uri U] [--checkpoint-dir D] [--resume D]
 
 Starts a Flower SuperLink on 127.0.0.1 (runtime dependency installation disabled: the app
@@ -237,7 +237,7 @@ class Server:
             run_config["site-registry"] = str(self.register_sites(a.auth_keys))
         run_file = flower.write_run_config(self.state_dir / "run-config.toml", run_config)
         print(f"{PROG}: sites connect to {a.host}:{a.port} ({'TLS' if certs else 'INSECURE, no TLS'}"
-              f"{', SuperNode authentication on' if a.auth_keys else ''}; Fleet API only, every other path refused); "
+              f"{', SuperNode authentication on' if a.auth_keys else ''}): Fleet API only, every other path refused; "
               f"sites join with: nearl-client --site NAME --data DIR --server <this-host>:{a.port}"
               f"{' --insecure' if certs is None else ' --certs DIR'}", flush=True)
         print(f"{PROG}: SuperLink Control and Runtime APIs on 127.0.0.1:{local_port} (this host only); operate "

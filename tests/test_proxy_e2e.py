@@ -123,7 +123,7 @@ def test_the_public_port_refuses_flwr_run_and_stop_and_the_federation_finishes(t
         out = procs.text("server")
         assert code == 0, dump(procs)
         assert "round 1/1  sites 2/2" in out, out
-        assert "(TLS, SuperNode authentication on; Fleet API only" in out
+        assert "(TLS, SuperNode authentication on): Fleet API only" in out
         assert re.search(r"SuperLink Control and Runtime APIs on 127\.0\.0\.1:\d+ \(this host only\)", out)
         for path in ("/v1/control/start-run", "/v1/control/stop-run", "/v1/control/list-runs"):
             assert re.search(rf"refused POST {path} from 127\.0\.0\.1:\d+ \(403", out), (path, out)
