@@ -3,7 +3,8 @@
 # an MLflow server, the coordinator and N sites on generated demo data, with TLS and
 # SuperNode authentication on. Each process is started by the same script the containers
 # run (deploy/run/*.sh) from the same env files (deploy/env/*.env); only what differs on
-# one machine is overridden (paths, 127.0.0.1, free ports, rounds) and printed.
+# one machine is overridden (paths, 127.0.0.1, free ports, rounds) and printed. There is no
+# nginx here: the sites connect to nearl-server's own Fleet-only proxy.
 #
 #   deploy/local-stack.sh [--sites N] [--rounds R] [--workdir DIR] [--train-per-site K]
 #                         [--timeout S] [--keep-mlflow]
@@ -37,7 +38,7 @@ while [[ $# -gt 0 ]]; do
     --train-per-site) train_per_site="${2:-}"; shift 2 || die "--train-per-site needs a value" ;;
     --timeout) timeout_s="${2:-}"; shift 2 || die "--timeout needs a value" ;;
     --keep-mlflow) keep_mlflow=1; shift ;;
-    -h|--help) sed -n '2,21p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
@@ -220,7 +221,7 @@ for p in $(descendants "$copid"); do
   [[ "$args" == *flower-superlink* ]] && say "SuperLink process: ${args#*/bin/}"
 done
 NEARL_CERTS="$W/secrets/certs" NEARL_PORT="$port" python "$HERE/docker/healthcheck.py" coordinator --wait 60 \
-  || fail "the SuperLink's /health did not answer over TLS"
+  || fail "the SuperLink's /health did not answer over TLS through the Fleet proxy"
 
 # -- 4. sites -------------------------------------------------------------------------------------
 for ((k = 1; k <= sites; k++)); do

@@ -1,10 +1,12 @@
 """``nearl-server``: run a NEARL federation as its coordinator.
 
-    nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--certs DIR | --insecure]
+    nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--local-port P] [--certs DIR | --insecure]
                  [--auth-keys DIR] [--mlflow-uri U] [--checkpoint-dir D] [--resume D]
 
-Starts a Flower SuperLink (runtime dependency installation disabled: the app runs in
-this environment), submits the NEARL app with ``flwr run . nearl --format json``, streams
+Starts a Flower SuperLink on 127.0.0.1 (runtime dependency installation disabled: the app
+runs in this environment) and, on the public ``--host/--port``, a proxy that forwards the
+SuperLink's Fleet API (what sites call) and nothing else (server/proxy.py): the Control API
+(``flwr run/ls/log/stop``) and the Runtime API stay on this host. It then submits the NEARL app with ``flwr run . nearl --format json``, streams
 the per-round progress the ServerApp writes, and exits 0 when the last round is done.
 A run that fails (too few sites before the timeout, a crash) ends with a one-line
 message and exit code 1; a wrong argument or file with exit code 2.
@@ -18,6 +20,7 @@ import math
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -62,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     guard.add_argument("--max-examples", type=float, default=d("max_examples"), help=h("max_examples"))
     guard.add_argument("--equal-weights", action="store_true", default=d("equal_weights"), help=h("equal_weights"))
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 = local only)")
-    p.add_argument("--port", type=int, default=9092, help="port sites connect to (default 9092)")
+    p.add_argument("--port", type=int, default=9092, help="port sites connect to (default 9092): serves the "
+                   "Flower Fleet API only")
+    p.add_argument("--local-port", type=int, default=None, metavar="PORT",
+                   help="port of the SuperLink itself on 127.0.0.1 (Control API for flwr ls/log/stop, Runtime API "
+                        "for the ServerApp); default: a free port, printed at start-up")
     tls = p.add_mutually_exclusive_group()
     tls.add_argument("--certs", type=Path, help="folder with ca.crt, server.pem, server.key (deploy/make-certs.sh)")
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
@@ -152,6 +159,7 @@ class Server:
         self.cli_env: dict[str, str] = {}
         self.checkpoint_dir = (args.resume or args.checkpoint_dir).expanduser().resolve()
         self.superlink_log = state_dir / "superlink.log"
+        self.proxy = None
 
     # -- setup checks: everything a user can get wrong fails here, before any process starts -------
     def validate(self) -> tuple[dict[str, Any], Certs | None]:
@@ -218,23 +226,31 @@ class Server:
         self.phase = "start"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         connect_host = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host
-        cmd = flower.superlink_command(host=a.host, port=a.port, certs=certs, database=a.superlink_db,
-                                       supernode_auth=a.auth_keys is not None)
         if flower.port_open(connect_host, a.port):
             raise FlowerError(f"port {a.port} on {connect_host} is already in use; pick another --port")
+        local_port = a.local_port or flower.free_port()
+        if flower.port_open("127.0.0.1", local_port):
+            raise FlowerError(f"--local-port {local_port} on 127.0.0.1 is already in use; pick another")
+        # The SuperLink answers on loopback only: its Control and Runtime APIs are for this host.
+        cmd = flower.superlink_command(host="127.0.0.1", port=local_port, certs=certs, database=a.superlink_db,
+                                       supernode_auth=a.auth_keys is not None)
         self.superlink = flower.start_process(cmd, env=flower.flower_env(self.state_dir / "superlink-home"),
                                               log_file=self.superlink_log, cwd=os.getcwd())
-        flower.wait_for_port(connect_host, a.port, self.superlink, self.superlink_log, "the SuperLink")
+        flower.wait_for_port("127.0.0.1", local_port, self.superlink, self.superlink_log, "the SuperLink")
+        self.start_proxy(connect_host, local_port, certs)
         home = self.state_dir / "cli-home"
-        flower.write_connection(home, f"{connect_host}:{a.port}", certs)
+        flower.write_connection(home, f"127.0.0.1:{local_port}", certs)
         self.cli_env = flower.flower_env(home)
         if a.auth_keys is not None:
             run_config["site-registry"] = str(self.register_sites(a.auth_keys))
         run_file = flower.write_run_config(self.state_dir / "run-config.toml", run_config)
-        print(f"{PROG}: SuperLink listening on {a.host}:{a.port} ({'TLS' if certs else 'INSECURE, no TLS'}"
-              f"{', SuperNode authentication on' if a.auth_keys else ''}); sites join with: "
-              f"nearl-client --site NAME --data DIR --server <this-host>:{a.port}"
+        print(f"{PROG}: sites connect to {a.host}:{a.port} ({'TLS' if certs else 'INSECURE, no TLS'}"
+              f"{', SuperNode authentication on' if a.auth_keys else ''}): Fleet API only, every other path refused; "
+              f"sites join with: nearl-client --site NAME --data DIR --server <this-host>:{a.port}"
               f"{' --insecure' if certs is None else ' --certs DIR'}", flush=True)
+        print(f"{PROG}: SuperLink Control and Runtime APIs on 127.0.0.1:{local_port} (this host only); operate "
+              f"the run here with: FLWR_HOME={home} flwr ls {flower.CONNECTION} (or flwr log RUN_ID / flwr stop "
+              f"RUN_ID)", flush=True)
         submitted = flower.flwr_json(["run", str(flower.APP_DIR), flower.CONNECTION, "--run-config", str(run_file)],
                                      env=self.cli_env, timeout=300)
         self.run_id = str(submitted["run-id"])
@@ -242,6 +258,24 @@ class Server:
         print(f"{PROG}: run {self.run_id} submitted ({a.rounds} rounds, strategy {a.strategy}, "
               f"at least {a.min_sites} sites); waiting for sites...", flush=True)
         return self.follow(Path(run_config["progress-file"]))
+
+    def start_proxy(self, connect_host: str, local_port: int, certs: Certs | None) -> None:
+        """The public ``--host/--port``: server/proxy.py, forwarding the Fleet API only.
+
+        Its output goes to ours, so a refused request shows up in the coordinator's log.
+        """
+        a = self.args
+        cmd = flower.fleet_proxy_command(host=a.host, port=a.port, upstream_port=local_port, certs=certs)
+        self.proxy = subprocess.Popen(cmd, env=flower.flower_env(self.state_dir / "proxy-home"), cwd=os.getcwd(),
+                                      stdin=subprocess.DEVNULL, start_new_session=True)
+        deadline = time.monotonic() + 60
+        while not flower.port_open(connect_host, a.port):
+            if self.proxy.poll() is not None:
+                raise FlowerError(f"the Fleet proxy on {a.host}:{a.port} exited with code {self.proxy.returncode} "
+                                  "(its error is above)")
+            if time.monotonic() > deadline:
+                raise FlowerError(f"the Fleet proxy did not open {a.host}:{a.port} within 60s")
+            time.sleep(0.2)
 
     def register_sites(self, folder: Path) -> Path:
         """Register every ``<site>.pub`` with the SuperLink and keep the site registry (name -> key, node id).
@@ -295,6 +329,8 @@ class Server:
             if self.superlink is not None and self.superlink.poll() is not None:
                 raise FlowerError(f"the SuperLink stopped (exit {self.superlink.returncode}): "
                                   f"{flower.tail(self.superlink_log, 1)}")
+            if self.proxy is not None and self.proxy.poll() is not None:
+                raise FlowerError(f"the Fleet proxy on port {self.args.port} stopped (exit {self.proxy.returncode})")
             ending = any(e["event"] in ("done", "error") for e in events[-2:])
             if time.monotonic() - last_poll > (2.0 if ending else POLL_SECONDS):
                 try:
@@ -325,7 +361,10 @@ class Server:
         return 1
 
     def shutdown(self) -> None:
-        """Stop the SuperLink with its SuperExec and ServerApp (a run still going ends with them)."""
+        """Stop the proxy, then the SuperLink with its SuperExec and ServerApp (a run still going ends with them)."""
+        if self.proxy is not None:
+            flower.stop_process(self.proxy, timeout=5)
+            self.proxy = None
         if self.superlink is None:
             return
         flower.stop_process(self.superlink, timeout=5)

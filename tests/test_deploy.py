@@ -147,7 +147,7 @@ def test_compose_topology_mounts_and_secrets():
     assert co_env["NEARL_CERTS"] == "/run/nearl/certs" and co_env["NEARL_AUTH_KEYS"] == "/run/nearl/site-keys"
     assert co_env["NEARL_CHECKPOINT_DIR"] == "/var/lib/nearl/checkpoints"
     assert co_env["NEARL_MLFLOW_URI"] == f"http://mlflow:{read_env(ENV_DIR / 'mlflow.env')['NEARL_MLFLOW_PORT']}"
-    assert any(p.endswith(f":{co_env['NEARL_PORT']}") for p in co["ports"])
+    assert "ports" not in co, "the coordinator publishes nothing: the hospitals reach it through fleet-proxy"
 
     state_volumes = set()
     for site in SITES:
@@ -168,8 +168,78 @@ def test_compose_topology_mounts_and_secrets():
             f"{site} gets exactly the CA certificate and its own private key, got {secrets}"
         assert "tracking" not in svc["networks"], f"{site} must not reach MLflow"
         assert env["NEARL_SERVER"] == f"coordinator:{co_env['NEARL_PORT']}"
+        # on the sites' network "coordinator" is the Fleet proxy; the coordinator itself is not there
+        assert not set(svc["networks"]) & set(co["networks"]), f"{site} must not reach the coordinator directly"
+        assert "coordinator" in services["fleet-proxy"]["networks"][svc["networks"][0]]["aliases"]
         assert "/app/deploy/run/site.sh" in svc["command"]
     assert len(state_volumes) == len(SITES), "every site needs its own state volume"
+
+
+NGINX_CONF = DEPLOY / "nginx" / "nearl-fleet.conf"
+
+
+def nginx_locations(text: str) -> dict[str, str]:
+    """``location`` match -> its block body, for the TLS server block of the nginx config."""
+    server = text.split("listen 9092 ssl;", 1)[1].split("\nserver {", 1)[0]
+    out, pos = {}, 0
+    for m in re.finditer(r"location\s+([^{]+?)\s*\{", server):
+        if m.start() < pos:
+            continue
+        depth, i = 1, m.end()
+        while depth:
+            depth += {"{": 1, "}": -1}.get(server[i], 0)
+            i += 1
+        out[m.group(1).strip()] = server[m.end():i - 1]
+        pos = i
+    return out
+
+
+def test_only_the_fleet_proxy_publishes_a_port_for_the_hospitals():
+    services = compose()["services"]
+    published = {name: svc["ports"] for name, svc in services.items() if svc.get("ports")}
+    assert published.pop("fleet-proxy") == ["9092:9092"]
+    for name, ports in published.items():  # anything else: the Docker host's loopback only (the MLflow UI)
+        assert all(str(p).startswith("127.0.0.1:") for p in ports), f"{name} publishes {ports}"
+    proxy = services["fleet-proxy"]
+    assert proxy["image"].startswith("nginx:") and proxy["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    targets = {m["target"]: m for m in mounts(proxy)}
+    assert targets["/etc/nginx/conf.d/default.conf"]["source"] == "./nginx/nearl-fleet.conf"
+    assert {"/etc/nginx/certs/ca.crt", "/etc/nginx/certs/server.pem", "/etc/nginx/certs/server.key"} <= set(targets)
+    assert "nearl-coordinator" in services["coordinator"]["networks"]["fleet-backend"]["aliases"]
+    assert "fleet-backend" in proxy["networks"]
+
+
+def test_nginx_forwards_exactly_the_fleet_api_and_health_and_refuses_the_rest():
+    text = NGINX_CONF.read_text()
+    locations = nginx_locations(text)
+    assert set(locations) == {"~ ^/v1/fleet/[a-z][a-z0-9-]*$", "= /health", "/"}, locations
+    fleet, health, rest = locations["~ ^/v1/fleet/[a-z][a-z0-9-]*$"], locations["= /health"], locations["/"]
+    assert "limit_except POST" in fleet and "proxy_pass https://nearl_coordinator;" in fleet
+    assert "limit_except GET" in health and "proxy_pass https://nearl_coordinator;" in health
+    assert rest.strip() == "return 403;"
+    assert text.count("proxy_pass") == 3  # the two above and the health-check listener's /health
+    assert "server nearl-coordinator:9092;" in text
+    for directive in ("ssl_certificate     /etc/nginx/certs/server.pem;", "proxy_ssl_verify         on;",
+                      "proxy_ssl_trusted_certificate /etc/nginx/certs/ca.crt;", "listen 127.0.0.1:8081;"):
+        assert directive in text, directive
+    pattern = re.compile(r"^/v1/fleet/[a-z][a-z0-9-]*$")
+    assert pattern.match("/v1/fleet/pull-messages") and not pattern.match("/v1/control/start-run")
+    assert not pattern.match("/v1/fleet/pull-messages/x") and not pattern.match("/v1/runtime/pull-messages")
+
+
+@pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
+def test_nginx_accepts_the_config(tmp_path):
+    conf = NGINX_CONF.read_text().replace("nearl-coordinator:9092", "127.0.0.1:9")
+    certs = tmp_path / "certs"
+    subprocess.run([str(DEPLOY / "make-certs.sh"), "--out", str(certs), "localhost"], check=True, capture_output=True,
+                   timeout=120)
+    (tmp_path / "site.conf").write_text(conf.replace("/etc/nginx/certs", str(certs)))
+    temp = " ".join(f"{k}_temp_path {tmp_path / k};" for k in ("client_body", "proxy", "fastcgi", "uwsgi", "scgi"))
+    (tmp_path / "nginx.conf").write_text(f"pid {tmp_path / 'nginx.pid'}; error_log {tmp_path / 'error.log'};\n"
+                                         f"events {{}}\nhttp {{ access_log off; {temp} include {tmp_path / 'site.conf'}; }}\n")
+    res = subprocess.run(["nginx", "-t", "-q", "-p", str(tmp_path), "-c", str(tmp_path / "nginx.conf")],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
 
 
 def test_compose_builds_env_files_and_images_exist():
@@ -223,7 +293,7 @@ def test_k8s_manifests_are_complete_and_consistent():
     assert images["nearl-coordinator"]["newTag"] == VERSION
 
     workloads = pod_specs(docs)
-    assert {w["metadata"]["name"] for w, _ in workloads} == {"mlflow", "nearl-coordinator"}
+    assert {w["metadata"]["name"] for w, _ in workloads} == {"mlflow", "nearl-coordinator", "nearl-fleet-proxy"}
     secret_names = set()
     for workload, template in workloads:
         name, spec = workload["metadata"]["name"], template["spec"]
@@ -237,6 +307,8 @@ def test_k8s_manifests_are_complete_and_consistent():
             if "secret" in v:
                 secret_names.add(v["secret"]["secretName"])
         for c in spec["containers"]:
+            if name == "nearl-fleet-proxy":  # nginx; checked in test_k8s_fleet_proxy_is_the_only_way_in
+                continue
             assert c["image"] == "nearl-coordinator", f"{name}: use the image name set in kustomization.yaml"
             assert (ROOT / c["command"][0][len("/app/"):]).is_file()
             for ref in c.get("envFrom", []):
@@ -262,6 +334,25 @@ def test_k8s_manifests_are_complete_and_consistent():
         assert objects[("ConfigMap", cm)]["data"] == read_env(ENV_DIR / env), f"ConfigMap {cm} != deploy/env/{env}"
 
 
+def test_k8s_fleet_proxy_is_the_only_way_in():
+    objects = {(d["kind"], d["metadata"]["name"]): d for p, d in k8s_docs() if p.name != "kustomization.yaml"}
+    exposed = {n for (k, n), d in objects.items() if k == "Service" and d["spec"].get("type", "ClusterIP") != "ClusterIP"}
+    assert exposed == {"nearl-fleet-proxy"}
+    assert objects[("ConfigMap", "nearl-fleet-proxy")]["data"]["nearl-fleet.conf"] == NGINX_CONF.read_text(), \
+        "ConfigMap nearl-fleet-proxy != deploy/nginx/nearl-fleet.conf"
+    pod = objects[("Deployment", "nearl-fleet-proxy")]["spec"]["template"]["spec"]
+    (c,) = pod["containers"]
+    assert c["image"].startswith("nginxinc/nginx-unprivileged:")
+    mounts_ = {m["mountPath"]: m for m in c["volumeMounts"]}
+    assert mounts_["/etc/nginx/conf.d/default.conf"]["subPath"] == "nearl-fleet.conf"
+    assert "/etc/nginx/certs" in mounts_
+    assert "http://127.0.0.1:8081/health" in c["readinessProbe"]["exec"]["command"]
+    policy = objects[("NetworkPolicy", "coordinator-from-fleet-proxy")]["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "nearl-coordinator"}
+    (rule,) = policy["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "nearl-fleet-proxy"}}}]
+
+
 def test_k8s_manifests_render_offline_with_kubectl_kustomize():
     kubectl = shutil.which("kubectl")
     if kubectl is None:
@@ -277,7 +368,8 @@ def test_k8s_manifests_render_offline_with_kubectl_kustomize():
         if d["kind"] != "Namespace":
             assert d["metadata"]["namespace"] == "nearl"
         for c in d.get("spec", {}).get("template", {}).get("spec", {}).get("containers", []):
-            assert c["image"] == f"nearl-coordinator:{VERSION}"
+            if d["metadata"]["name"] != "nearl-fleet-proxy":
+                assert c["image"] == f"nearl-coordinator:{VERSION}"
 
 
 # -- images -------------------------------------------------------------------------------------

@@ -3,8 +3,9 @@
 Reads the same NEARL_* variables as deploy/run/*.sh, so the image HEALTHCHECK, compose,
 Kubernetes probes and deploy/local-stack.sh all check the same endpoint:
 
-- coordinator: the SuperLink's ``/health`` over TLS, verified with the federation CA
-  (``NEARL_CERTS/ca.crt``; the server certificate always covers 127.0.0.1);
+- coordinator: ``/health`` on the coordinator's port (``NEARL_PORT``) over TLS, verified with
+  the federation CA (``NEARL_CERTS/ca.crt``; the server certificate always covers 127.0.0.1):
+  nearl-server's Fleet proxy forwards it to the SuperLink on loopback, so both are checked;
 - site: the local SuperNode runtime API's ``/health`` (``NEARL_NODE_PORT``, default 9094);
 - mlflow: the tracking server's ``/health`` (``NEARL_MLFLOW_PORT``, default 5000).
 
