@@ -4,7 +4,10 @@ Two federations, each shared by the assertions that can read the same run:
 
 * ``secured``: TLS and SuperNode authentication, two honest sites, an unregistered intruder,
   a registered node that claims another site's name, and a site on another backbone; one
-  round and the final evaluation (where the refused node is told why).  Checked: the intruder never joins, the duplicate name and the backbone mismatch
+  round and the final evaluation (where the refused node is told why). Meanwhile an
+  outsider with the CA certificate points ``flwr`` at the public port: ``flwr run`` of a
+  foreign app, ``flwr stop`` of the NEARL run and ``flwr ls`` are refused, and the foreign
+  app runs nowhere; the operator's ``flwr ls`` through the loopback address works.  Checked: the intruder never joins, the duplicate name and the backbone mismatch
   are refused (server line, MLflow, the refused node's own log), the honest sites' rounds,
   MLflow metrics and registered model version with its provenance, each site's audit trail
   against the hashes the server logged, and ``nearl evaluate`` on the final adapters.
@@ -18,6 +21,7 @@ fixtures stop everything they started.  Tiny ``demo`` model, tiny generated data
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -30,6 +34,7 @@ import torch
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
+from nearl_protocol.processes import Certs
 from server.checkpoint import complete_rounds, load_latest
 from tests.fed_helpers import BIN, ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server
 
@@ -76,6 +81,83 @@ def other_backbone(path: Path) -> Path:
     return path
 
 
+FOREIGN_PYPROJECT = """\
+[build-system]
+requires = ["hatchling"]
+build-backend = "hatchling.build"
+
+[project]
+name = "foreign"
+version = "1.0.0"
+description = "not part of the federation"
+license = "Apache-2.0"
+dependencies = ["flwr"]
+
+[tool.hatch.build.targets.wheel]
+packages = ["."]
+
+[tool.flwr.app]
+publisher = "outsider"
+
+[tool.flwr.app.components]
+serverapp = "foreign_app:server"
+clientapp = "foreign_app:client"
+"""
+
+FOREIGN_APP = """\
+from pathlib import Path
+
+from flwr.clientapp import ClientApp
+from flwr.serverapp import ServerApp
+
+MARKER = Path({marker!r})
+client = ClientApp()
+server = ServerApp()
+
+
+@client.train()
+def train(msg, context):
+    MARKER.write_text("the foreign ClientApp ran")
+    return msg
+
+
+@server.main()
+def main(grid, context):
+    MARKER.write_text("the foreign ServerApp ran")
+"""
+
+
+def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
+    res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), cwd=cwd, capture_output=True,
+                         text=True, timeout=120)
+    return (res.stdout + res.stderr).strip()
+
+
+def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
+    res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), cwd=cwd, capture_output=True,
+                         text=True, timeout=120)
+    return (res.stdout + res.stderr).strip()
+
+
+def outsider_attempts(procs: Procs, tmp: Path, port: int, certs: Path) -> dict[str, str]:
+    """With nothing but the CA certificate and the public address: submit a foreign app, stop the run, list."""
+    app = tmp / "foreign"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
+    (app / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(tmp / "foreign-ran")))
+    run_id = re.search(r"run (\d+) submitted", procs.text("server")).group(1)
+    outside = tmp / "outside-home"
+    flower.write_connection(outside, f"127.0.0.1:{port}", Certs(certs))
+    tried = {"run": flwr_outside(["run", str(app), flower.CONNECTION], outside, tmp),
+             "stop": flwr_outside(["stop", run_id, flower.CONNECTION], outside, tmp),
+             "ls": flwr_outside(["ls", flower.CONNECTION], outside, tmp)}
+    home = re.search(r"FLWR_HOME=(\S+) flwr ls", procs.text("server")).group(1)  # the operator, on the host
+    local = subprocess.run([str(BIN / "flwr"), "ls", flower.CONNECTION, "--run-id", run_id, "--format", "json"],
+                           env=env(home), capture_output=True, text=True, timeout=120)
+    tried["operator ls"] = local.stdout + local.stderr
+    return tried
+
+
 @pytest.fixture(scope="module")
 def secured(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("secured")
@@ -101,14 +183,15 @@ def secured(tmp_path_factory):
                      "--state-dir", str(tmp / "state-impostor"), name="impostor")
         nearl_client(procs, "site4", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site4"),
                      "--state-dir", str(tmp / "state-site4"), "--pretrained", str(other_backbone(tmp / "other.pt")))
+        tried = outsider_attempts(procs, tmp, port, certs)
         code = procs.wait("server", 1500)
-        yield procs, tmp, sites, code
+        yield procs, tmp, sites, code, tried
     finally:
         procs.stop_all()
 
 
 def test_tls_auth_two_rounds_mlflow_provenance_and_nearl_evaluate(secured):
-    procs, tmp, sites, code = secured
+    procs, tmp, sites, code, _ = secured
     assert code == 0, dump(procs)
     out = procs.text("server")
     assert "TLS, SuperNode authentication on" in out and "registered site key site1.pub (node" in out
@@ -149,15 +232,31 @@ def test_tls_auth_two_rounds_mlflow_provenance_and_nearl_evaluate(secured):
     assert '"accuracy"' in res.stdout and '"examples": 8' in res.stdout
 
 
+def test_the_public_port_refuses_flwr_run_stop_and_ls_and_the_foreign_app_runs_nowhere(secured):
+    procs, tmp, _, code, tried = secured
+    for what in ("run", "stop", "ls"):
+        print(f"--- flwr {what} from outside ---\n{tried[what]}")
+        assert '"success": false' in tried[what] and "403 Forbidden" in tried[what], f"flwr {what}: {tried[what]}"
+    assert '"success": true' in tried["operator ls"], tried["operator ls"]
+    out = procs.text("server")
+    assert code == 0 and "(TLS, SuperNode authentication on): Fleet API only" in out, out
+    assert re.search(r"SuperLink Control and Runtime APIs on 127\.0\.0\.1:\d+ \(this host only\)", out)
+    for path in ("/v1/control/start-run", "/v1/control/stop-run", "/v1/control/list-runs"):
+        assert re.search(rf"refused POST {path} from 127\.0\.0\.1:\d+ \(403", out), (path, out)
+    assert not (tmp / "foreign-ran").exists()
+    for name in ("site1", "site2", "impostor", "site4"):
+        assert "foreign" not in procs.text(name)
+
+
 def test_an_unregistered_node_never_joins(secured):
-    procs, _, _, code = secured
+    procs, _, _, code, _ = secured
     refused = procs.text("intruder")
     assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused, refused
     assert "intruder" not in procs.text("server")
 
 
 def test_a_node_claiming_a_taken_site_name_is_refused_and_told_why(secured):
-    procs, tmp, _, code = secured
+    procs, tmp, _, code, _ = secured
     out = procs.text("server")
     registry = json.loads((tmp / "ck" / "site-registry.json").read_text())["sites"]
     site1_node = registry["site1"]["node_id"]
@@ -171,7 +270,7 @@ def test_a_node_claiming_a_taken_site_name_is_refused_and_told_why(secured):
 
 
 def test_a_site_on_another_backbone_refuses_to_train(secured):
-    procs, tmp, _, code = secured
+    procs, tmp, _, code, _ = secured
     out = procs.text("server")
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
     ours = run.data.params["backbone_fingerprint"]
@@ -184,7 +283,7 @@ def test_a_site_on_another_backbone_refuses_to_train(secured):
 
 
 def test_each_sites_audit_trail_matches_what_the_server_received(secured):
-    procs, tmp, _, code = secured
+    procs, tmp, _, code, _ = secured
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
     tags = run.data.tags
     for site in ("site1", "site2"):
