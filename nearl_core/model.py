@@ -30,7 +30,7 @@ from nearl_core.adapters import OCA, QueryTokens, USEBlock
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import AdapterConfig, NearlConfig
 from nearl_core.errors import ConfigError
-from nearl_core.towers import TextInputs, TextTower, VisionTower, towers_of
+from nearl_core.towers import TextInputs, towers_of
 
 ADAPTER_PREFIX = "adapters."
 

@@ -99,7 +99,7 @@ def create_app(upstream: str, *, verify: ssl.SSLContext | bool = True, timeout: 
             response = await forward(Request(scope, receive))
             await response(scope, receive, send)
         elif scope["type"] == "lifespan":
-            while (message := await receive())["type"] != "lifespan.shutdown":
+            while (await receive())["type"] != "lifespan.shutdown":
                 await send({"type": "lifespan.startup.complete"})
             await client.aclose()
             await send({"type": "lifespan.shutdown.complete"})

@@ -191,7 +191,7 @@ class RoundGuard:
         try:
             return aggregate(kept, self.weights(kept)), {}, ""
         except Exception as err:  # noqa: BLE001 - any failure of one update must not end the run
-            error = _one_line(err)
+            del err  # which update causes it is found below, one at a time
         failed: dict[str, str] = {}
         for u in kept:
             restore(state)

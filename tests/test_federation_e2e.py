@@ -133,12 +133,6 @@ def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
     return (res.stdout + res.stderr).strip()
 
 
-def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
-    res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), cwd=cwd, capture_output=True,
-                         text=True, timeout=120)
-    return (res.stdout + res.stderr).strip()
-
-
 def outsider_attempts(procs: Procs, tmp: Path, port: int, certs: Path) -> dict[str, str]:
     """With nothing but the CA certificate and the public address: submit a foreign app, stop the run, list."""
     app = tmp / "foreign"
@@ -190,7 +184,7 @@ def secured(tmp_path_factory):
         procs.stop_all()
 
 
-def test_tls_auth_two_rounds_mlflow_provenance_and_nearl_evaluate(secured):
+def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
     procs, tmp, sites, code, _ = secured
     assert code == 0, dump(procs)
     out = procs.text("server")

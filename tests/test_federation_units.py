@@ -1,6 +1,5 @@
 """Federation logic without processes: checkpoints, run-config mapping, MLflow logging, CLI checks."""
 
-import os
 import tomllib
 from pathlib import Path
 

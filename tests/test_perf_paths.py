@@ -12,9 +12,6 @@ Timing and memory targets live in bench/, not here.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-
 import pytest
 import torch
 from open_clip.transformer import ResidualAttentionBlock
