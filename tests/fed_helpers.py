@@ -62,6 +62,19 @@ class FakeGrid:
         return list(self.node_ids)
 
 
+class RoundRecorder:
+    """A strategy listener that keeps every round report (and ignores evaluations)."""
+
+    def __init__(self):
+        self.rounds = []
+
+    def evaluated(self, step, metrics, per_site):
+        pass
+
+    def round_finished(self, report, strategy):
+        self.rounds.append(report)
+
+
 # -- real processes -------------------------------------------------------------------------------------
 def env(flwr_home: Path | str, **extra: str) -> dict[str, str]:
     return flower.flower_env(flwr_home, {k: str(v) for k, v in extra.items()})

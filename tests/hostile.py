@@ -18,7 +18,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
 from server.strategy import STRATEGIES, make_strategy
-from tests.fed_helpers import FakeGrid, reply_from, train_reply_content
+from tests.fed_helpers import FakeGrid, RoundRecorder, reply_from, train_reply_content
 
 SCHEMA = {"a.weight": ((3, 4), "float32"), "b.bias": ((5,), "float32")}
 HONEST = {1: ("site1", 10), 2: ("site2", 20), 3: ("site3", 30), 4: ("site4", 40), 5: ("site5", 50)}
@@ -101,17 +101,6 @@ CASES = [
 BY_NAME = {c.name: c for c in CASES}
 
 
-class Recorder:
-    def __init__(self):
-        self.rounds = []
-
-    def evaluated(self, step, metrics, per_site):
-        pass
-
-    def round_finished(self, report, strategy):
-        self.rounds.append(report)
-
-
 def initial() -> Values:
     return {k: np.zeros(shape, dtype) for k, (shape, dtype) in SCHEMA.items()}
 
@@ -133,7 +122,7 @@ def honest_replies(global_: Values, round_: int) -> list:
 
 def federation(name: str, **options):
     """A strategy after round 1 (all six sites honest), with its recorder and global adapters."""
-    rec = Recorder()
+    rec = RoundRecorder()
     strategy = make_strategy(name, schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=3, options=options)
     g0 = initial()
     replies = honest_replies(g0, 1)

@@ -20,7 +20,7 @@ from nearl_core.model import build_model
 from nearl_protocol import keys
 from nearl_protocol.messages import instruction_config
 from server.strategy import make_strategy
-from tests.fed_helpers import FakeGrid, restore_task_identity, server_task_identity
+from tests.fed_helpers import FakeGrid, RoundRecorder, restore_task_identity, server_task_identity
 
 
 @pytest.fixture(autouse=True)
@@ -28,17 +28,6 @@ def task_identity():
     saved = server_task_identity()
     yield
     restore_task_identity(saved)
-
-
-class Recorder:
-    def __init__(self):
-        self.rounds = []
-
-    def evaluated(self, step, metrics, per_site):
-        pass
-
-    def round_finished(self, report, strategy):
-        self.rounds.append(report)
 
 
 def site_context(node: int, site: str, data, tmp_path) -> Context:
@@ -68,7 +57,7 @@ def test_replies_of_the_real_handler_pass_screening_and_a_taken_name_is_refused(
     cfg = load_config("demo", {"train.epochs": 1})
     model = build_model(cfg)
     fingerprint = model_fingerprint(model)
-    rec = Recorder()
+    rec = RoundRecorder()
     strategy = make_strategy("fedavg", schema=adapter_schema(model), min_nodes=1, listener=rec, total_rounds=3)
     sites = {11: ("site1", demo_root / "site1"), 12: ("site2", demo_root / "site2")}
     one_round(strategy, model, fingerprint, sites, tmp_path)  # site1 is node 11's from now on
@@ -110,7 +99,7 @@ def test_replies_of_the_real_handler_pass_screening_and_a_taken_name_is_refused(
 def test_a_site_on_another_backbone_refuses_and_the_server_records_why(demo_root, tmp_path):
     cfg = load_config("demo")
     model = build_model(cfg)
-    rec = Recorder()
+    rec = RoundRecorder()
     strategy = make_strategy("fedavg", schema=adapter_schema(model), min_nodes=1, listener=rec, total_rounds=1)
     theirs = "nearl-tiny|sha256:" + "ab" * 32 + "|arch=0000000000000000"
     _, replies, arrays = one_round(strategy, model, theirs, {21: ("site1", demo_root / "site1")}, tmp_path)

@@ -21,7 +21,8 @@ from server.central_dp import NearlServerSideDP
 from server.strategy import make_strategy
 from tests import hostile
 from tests.fed_helpers import ROOT, reply_from, restore_task_identity, server_task_identity
-from tests.hostile import (CAP, CASES, HONEST, HOSTILE, HOSTILE_NODE, NAMES, SCHEMA, Recorder, delta, federation,
+from tests.fed_helpers import RoundRecorder
+from tests.hostile import (CAP, CASES, HONEST, HOSTILE, HOSTILE_NODE, NAMES, SCHEMA, delta, federation,
                            honest_replies, play, plus)
 
 
@@ -73,7 +74,7 @@ def test_a_clipped_claim_is_logged_with_the_site_and_its_cap(caplog):
 
 
 def test_a_first_claim_is_capped_at_max_examples():
-    rec = Recorder()
+    rec = RoundRecorder()
     strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=2,
                              options={"max-examples": 1000})
     g0 = hostile.initial()
@@ -173,7 +174,7 @@ def test_the_example_caps_survive_a_checkpoint_and_resume(tmp_path):
 
 
 def test_server_side_dp_counts_only_the_updates_it_averaged():
-    rec = Recorder()
+    rec = RoundRecorder()
     inner = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, listener=rec, total_rounds=2)
     dp = NearlServerSideDP(inner, noise_multiplier=1.0, clipping_norm=10.0, delta=1e-5)
     original = inner._aggregate_updates

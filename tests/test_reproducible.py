@@ -16,8 +16,8 @@ from nearl_core.config import load_config
 from nearl_core.model import build_model
 from nearl_protocol.arrays import payload_sha256
 from server.strategy import make_strategy
-from tests.fed_helpers import (ROOT, FakeGrid, reply_from, restore_task_identity, server_task_identity,
-                               train_reply_content)
+from tests.fed_helpers import (ROOT, FakeGrid, RoundRecorder, reply_from, restore_task_identity,
+                               server_task_identity, train_reply_content)
 
 SCRIPT = ("from nearl_core.config import load_config; from nearl_core.model import build_model; "
           "from nearl_core.adapter_io import get_adapter_state; import torch, hashlib; torch.manual_seed({caller}); "
@@ -48,17 +48,6 @@ def test_building_a_model_leaves_the_callers_random_stream_alone():
     assert torch.equal(torch.rand(4), expected)
 
 
-class Rounds:
-    def __init__(self):
-        self.reports = []
-
-    def evaluated(self, step, metrics, per_site):
-        pass
-
-    def round_finished(self, report, strategy):
-        self.reports.append(report)
-
-
 @pytest.mark.parametrize("name", ["fedavg", "fedadam", "fedtrimmedavg"])
 def test_the_aggregate_and_its_metrics_do_not_depend_on_the_order_replies_arrive_in(name):
     saved = server_task_identity()
@@ -69,7 +58,7 @@ def test_the_aggregate_and_its_metrics_do_not_depend_on_the_order_replies_arrive
                     float(rng.uniform(0.1, 3.0))) for i in range(25)]
         seen = []
         for order in (updates, updates[::-1], updates[2:] + updates[:2]):
-            rounds = Rounds()
+            rounds = RoundRecorder()
             strategy = make_strategy(name, schema=schema, min_nodes=1, total_rounds=1, listener=rounds)
             initial = ArrayRecord({"w": Array(np.zeros(64, np.float32))})
             list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1])))
