@@ -20,8 +20,7 @@ from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.central_dp import NearlServerSideDP
 from server.strategy import make_strategy
 from tests import hostile
-from tests.fed_helpers import ROOT, reply_from, restore_task_identity, server_task_identity
-from tests.fed_helpers import RoundRecorder
+from tests.fed_helpers import ROOT, RoundRecorder, reply_from, restore_task_identity, server_task_identity
 from tests.hostile import (CAP, CASES, HONEST, HOSTILE, HOSTILE_NODE, NAMES, SCHEMA, delta, federation,
                            honest_replies, play, plus)
 
