@@ -104,6 +104,14 @@ start() {
 pid_of() { local i; for i in "${!names[@]}"; do [[ "${names[$i]}" == "$1" ]] && { echo "${pids[$i]}"; return 0; }; done; return 0; }
 alive() { kill -0 "$1" 2>/dev/null && [[ "$(ps -o stat= -p "$1" 2>/dev/null)" != Z* ]]; }
 descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
+# The pid of the flower-supernode process among $1 and its descendants (empty when none yet).
+supernode_of() {
+  local p
+  for p in "$1" $(descendants "$1"); do
+    [[ "$(ps -o args= -p "$p" 2>/dev/null)" == *flower-supernode* ]] && { echo "$p"; return 0; }
+  done
+  return 0
+}
 
 # Live processes marked NEARL_STACK_DIR=$W: what this stack started and all they started.
 ours() {
@@ -237,14 +245,14 @@ done
 for ((k = 1; k <= sites; k++)); do
   site="site$k"; spid="$(pid_of "$site")"; node_port="${node_ports[k]}"
   deadline=$((SECONDS + 240))
-  until [[ "$(ps -o args= -p "$spid" 2>/dev/null)" == *flower-supernode* ]]; do
+  until node="$(supernode_of "$spid")" && [[ -n "$node" ]]; do  # nearl-client's child (warm) or itself (--cold)
     alive "$spid" || fail "$site exited before its SuperNode started"
     (( SECONDS < deadline )) || fail "$site did not start its SuperNode within 240 s"
     sleep 1
   done
   NEARL_NODE_PORT="$node_port" python "$HERE/docker/healthcheck.py" site --wait 120 >/dev/null \
     || fail "$site's SuperNode did not answer on 127.0.0.1:$node_port/health"
-  args="$(ps -o args= -p "$spid")"
+  args="$(ps -o args= -p "$node")"
   say "$site SuperNode process (healthy): ${args#*/bin/}"
 done
 
