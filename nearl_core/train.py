@@ -84,7 +84,7 @@ def backward(model: NearlCLIP, images: torch.Tensor, labels: torch.Tensor, ortho
     With ``micro_batch`` < batch size, each chunk's loss is weighted by its share of the
     batch before its backward, so the accumulated gradients are those of the whole
     batch's mean loss (cross-entropy and the orthogonal term are both means over
-    samples, and no trainable path mixes samples: DESIGN.md section 3); only the
+    samples, and no trainable path mixes samples: docs/architecture.md, "Privacy constraint"); only the
     activations of one chunk are alive at a time.  Without it, one plain step.
     """
     device = images.device if device is None else device
