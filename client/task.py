@@ -36,7 +36,7 @@ from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import check_transport, decode, encode, wire_schema
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 from nearl_protocol import keys
-from nearl_protocol.messages import Instruction, build_reply, read_instruction, refusal
+from nearl_protocol.messages import Instruction, build_reply, instruction_arrays, read_instruction, refusal
 
 
 class SiteRefusal(NearlError):
@@ -171,7 +171,7 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     site = cached_site(binding.data, cfg.task.classes)
     n_train = len(site.samples("train"))
     transport = check_transport(instruction.transport)
-    model = build_site_model(cfg, _arrays(msg), device, transport)
+    model = build_site_model(cfg, instruction_arrays(msg), device, transport)
     check_backbone(model, instruction)
     budget = (_round_budget(binding, cfg, n_train, instruction.local_epochs, instruction.total_rounds, log)
               if cfg.privacy.enabled else None)
@@ -210,7 +210,7 @@ def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log:
     cfg = site_config(instruction, binding)
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)
-    model = build_site_model(cfg, _arrays(msg), device, check_transport(instruction.transport))
+    model = build_site_model(cfg, instruction_arrays(msg), device, check_transport(instruction.transport))
     check_backbone(model, instruction)
     val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp),
                     keys.EVAL_PREFIX)
@@ -220,11 +220,6 @@ def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log:
                                           amp=cfg.train.amp), keys.TEST_PREFIX))
     log(f"evaluated the global adapters: val accuracy {metrics.get('eval-accuracy', math.nan):.3f}")
     return Outcome(metrics)
-
-
-def _arrays(msg: Message) -> dict[str, np.ndarray] | None:
-    rec = msg.content.array_records.get(keys.ARRAYS)
-    return None if rec is None else {k: a.numpy() for k, a in rec.items()}
 
 
 def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:

@@ -73,6 +73,7 @@ def read_instruction(msg: Message) -> Instruction:
 
 
 def instruction_arrays(msg: Message) -> dict[str, np.ndarray] | None:
+    """The global adapters an instruction carries (in the transport dtype), or None."""
     rec = msg.content.array_records.get(keys.ARRAYS)
     return None if rec is None else {k: a.numpy() for k, a in rec.items()}
 
