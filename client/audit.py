@@ -23,16 +23,12 @@ from flwr.app import Message
 
 from nearl_protocol import keys
 from nearl_protocol.arrays import payload_sha256
-from nearl_protocol.messages import metrics_of, read_instruction, record_bytes
+from nearl_protocol.messages import metrics_of, record_bytes
 
 
-def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, eps_before: float | None,
-               eps_after: float | None) -> dict[str, Any]:
-    """What the audit trail records for one answered message."""
-    try:
-        server_round = read_instruction(msg).server_round
-    except ValueError:
-        server_round = None
+def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, server_round: int | None,
+               eps_before: float | None, eps_after: float | None) -> dict[str, Any]:
+    """What the audit trail records for one answered message (``server_round`` None: unreadable instruction)."""
     line: dict[str, Any] = {"time": time.time(), "run_id": int(msg.metadata.run_id), "round": server_round,
                             "site": site, "coordinator": coordinator, "message_type": msg.metadata.message_type,
                             "arrays": [], "payload_sha256": None, "bytes_sent": 0, "metrics": {},

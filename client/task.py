@@ -241,8 +241,10 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         log(f"[{binding.site}] round {server_round} refused: {reason}", flush=True)
         outcome, reply = Outcome({}), refusal(msg, reason, site=binding.site)
-    audit.append(binding.audit_file(), audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
-                                                        eps_before=outcome.eps_before, eps_after=outcome.eps_after))
+    line = audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
+                            server_round=server_round if isinstance(server_round, int) else None,
+                            eps_before=outcome.eps_before, eps_after=outcome.eps_after)
+    audit.append(binding.audit_file(), line)
     if not reply.has_error() and reply.content.array_records:
         sent = sum(a.numpy().nbytes for a in reply.content[keys.ARRAYS].values())
         log(f"[{binding.site}] round {server_round}: sent {len(outcome.metrics)} metrics and {sent} adapter bytes",
