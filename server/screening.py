@@ -131,12 +131,17 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
 
     Count keys are summed; ``epsilon`` becomes ``epsilon_max``, the worst privacy loss over
     sites; the other ``dp_*`` ledger values (steps, sample rate, noise multiplier) are
-    per-site facts and are not averaged.
+    per-site facts and are not averaged, nor are ``worker_pid``/``worker_builds``;
+    ``worker_warm`` becomes ``sites_warm``, the sites whose worker had the backbone cached.
     """
     out: dict[str, float] = {}
     for key in sorted({k for r in rows for k in r}):
         if key in MLFLOW_COUNTS:
             out[key] = float(sum(r.get(key, 0.0) for r in rows))
+        elif key == "worker_warm":  # per-site facts (worker_pid, worker_builds) are never averaged
+            out["sites_warm"] = float(sum(r.get(key, 0.0) == 1.0 for r in rows))
+        elif key.startswith("worker_"):
+            continue
         elif key == "epsilon":
             eps = [r[key] for r in rows if key in r and math.isfinite(r[key])]
             if eps:
