@@ -191,7 +191,11 @@ def answer_for_dead_worker(address: str, token: str, header: str, make_reply: Ca
 # -- FABs ------------------------------------------------------------------------------------------------
 def build_fab(app_dir: str | Path) -> bytes:
     """The FAB ``flwr run APP_DIR`` would submit (deterministic: fixed zip dates, sorted files)."""
-    return _get("flwr.cli.build", "build_fab_from_disk")(Path(app_dir))
+    import warnings
+
+    with warnings.catch_warnings():  # pathspec's deprecation notices, once per pattern
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return _get("flwr.cli.build", "build_fab_from_disk")(Path(app_dir))
 
 
 def fab_sha256(content: bytes) -> str:
