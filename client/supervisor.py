@@ -176,7 +176,8 @@ class Supervisor:
             self.start_worker()
 
     def cleanup(self) -> None:
-        for path in (self.task_file, Path(self.spec.get("secret_file", "")), self.spec_file):
+        for path in (self.task_file, Path(self.spec.get("secret_file", "")), self.spec_file,
+                     self.runtime_dir / STATUS_FILE):
             if path and path.name:
                 path.unlink(missing_ok=True)
 
