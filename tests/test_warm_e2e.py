@@ -148,6 +148,7 @@ def test_a_killed_worker_fails_its_sites_round_and_a_new_worker_answers_the_next
 
 def copy_app(dst: Path) -> Path:
     """This installation's code with one changed byte in README.md: another NEARL bundle (another hash)."""
+    dst.mkdir()
     for name in ("pyproject.toml", "README.md"):
         shutil.copy2(ROOT / name, dst / name)
     for pkg in ("nearl_core", "nearl_protocol", "server", "client", "configs"):
