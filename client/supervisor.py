@@ -120,9 +120,9 @@ class Supervisor:
                                       int(record["run_id"]), replied=replied)
             if replied:
                 return
-            log(f"[{site}] round {record.get('group_id') or '?'} failed: {reason}")
+            log(f"[{site}] round {record.get('round') or '?'} failed: {reason}")
             audit.append(Path(self.spec["state_dir"]) / "audit.jsonl", {
-                "time": time.time(), "run_id": int(record["run_id"]), "round": _round(record.get("group_id")),
+                "time": time.time(), "run_id": int(record["run_id"]), "round": _round(record.get("round")),
                 "site": site, "coordinator": self.spec.get("coordinator", ""),
                 "message_type": record.get("message_type"), "arrays": [], "payload_sha256": None, "bytes_sent": 0,
                 "metrics": {}, "epsilon_before": None, "epsilon_after": None, "declined": None, "refused": reason})
@@ -182,9 +182,9 @@ class Supervisor:
                 path.unlink(missing_ok=True)
 
 
-def _round(group_id: Any) -> int | None:
+def _round(value: Any) -> int | None:
     try:
-        return int(group_id)
+        return int(value)
     except (TypeError, ValueError):
         return None
 

@@ -127,7 +127,7 @@ class Worker:
             task = fi.pull_task_input(client)
             context = task.context
             msg = task.message
-            write_task_file(self.task_file, {
+            write_task_file(self.task_file, {"round": _server_round(msg),
                 "token": token, "task_id": task_id, "run_id": run_id, "node_id": int(context.node_id),
                 "header": fi.message_header(msg), "message_type": msg.metadata.message_type,
                 "group_id": msg.metadata.group_id, "phase": "running", "pid": os.getpid(), "site": self.site})
@@ -181,6 +181,16 @@ class Worker:
         except Exception as err:  # noqa: BLE001 - what Flower's ClientApp process does with an exception
             log(f"[{self.site}] message failed: {type(err).__name__}: {err}")
             return fi.raised_error_reply(msg, err), False, f"{type(err).__name__}: {err}"[:500]
+
+
+def _server_round(msg: Any) -> int | None:
+    """The round an instruction belongs to (its ``server-round``), None when it has none."""
+    from nearl_protocol.messages import read_instruction
+
+    try:
+        return read_instruction(msg).server_round
+    except Exception:  # noqa: BLE001 - a foreign app's message: refused anyway
+        return None
 
 
 def main(argv: list[str] | None = None) -> int:

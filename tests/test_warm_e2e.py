@@ -114,14 +114,15 @@ def test_a_killed_worker_fails_its_sites_round_and_a_new_worker_answers_the_next
     try:
         wait_for(procs, "server", "round 1/3  sites 2/2", 900)
         deadline, killed = time.monotonic() + 600, None
-        while killed is None and time.monotonic() < deadline:  # the worker holds round 2's train message
+        while killed is None and time.monotonic() < deadline and procs.procs["server"].poll() is None:
+            # the worker holds round 2's train message
             path = task_file(state)
             if path is not None:
                 try:
                     record = json.loads(path.read_text())
                 except (OSError, ValueError):
                     record = {}
-                if record.get("group_id") == "2" and record.get("message_type") == "train":
+                if record.get("round") == 2 and record.get("message_type") == "train":
                     killed = int(record["pid"])
                     os.kill(killed, signal.SIGKILL)
             time.sleep(0.05)
