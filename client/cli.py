@@ -2,7 +2,15 @@
 
     nearl-client --site siteA --data /path/to/site [--server host:port] [--certs DIR | --insecure]
                  [--auth-key KEY] [--config X] [--port P] [--device auto|cpu|cuda]
-                 [--connect-timeout S]
+                 [--connect-timeout S] [--cold | --accept-fab SHA256 ...]
+
+By default the site is *warm*: the SuperNode runs with process isolation and one
+long-lived site worker (:mod:`client.worker`, supervised by :mod:`client.supervisor`)
+answers every message with this installation's own NEARL code, refusing app bundles
+other than its own (``--accept-fab SHA256`` adds one); the backbone stays built between
+messages.  ``--cold`` keeps Flower's stock execution: a new process per message, running
+the code in the coordinator's app bundle.  ``nearl-client health --state-dir DIR`` is the
+warm site's health check.
 
 First the site folder is checked exactly like ``nearl check-data`` (layout, class
 folders, every image decodes); a folder that fails never joins.  Then the coordinator
@@ -17,6 +25,7 @@ anything else.
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import socket
 import sys
@@ -52,6 +61,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
                    help="seconds to wait for the coordinator, at start and after a later outage, before "
                         f"giving up with an error (default {DEFAULT_CONNECT_TIMEOUT:g})")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--warm", dest="cold", action="store_false",
+                      help="(default) one long-lived site worker answers every message with this site's installed "
+                           "NEARL code; the backbone stays built between messages")
+    mode.add_argument("--cold", action="store_true",
+                      help="Flower's stock execution: a new process per message, running the code the coordinator "
+                           "sends in its app bundle")
+    p.set_defaults(cold=False)
+    p.add_argument("--accept-fab", action="append", default=[], metavar="SHA256",
+                   help="also accept runs of this app bundle hash (default: only the bundle built from this "
+                        "installation); repeatable")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
     return p
 
@@ -60,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if argv[:1] == ["audit"]:
         return audit_main(argv[1:])
+    if argv[:1] == ["health"]:
+        return health_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cmd, env = prepare(args)
@@ -69,16 +91,25 @@ def main(argv: list[str] | None = None) -> int:
     except NearlError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
+    how = ("cold: every message runs in a new process with the code the coordinator sends in its app bundle"
+           if args.cold else "warm: one site worker runs this site's installed NEARL code for every message")
     print(f"{PROG}: site {args.site} joining {args.server} ({'INSECURE, no TLS' if args.insecure else 'TLS'}"
-          f"{', authenticated' if args.auth_key else ''})", flush=True)
+          f"{', authenticated' if args.auth_key else ''}; {how})", flush=True)
+    if not args.cold:
+        try:
+            cmd = warm_command(args, cmd, env)
+        except NearlError as err:
+            print(f"{PROG}: error: {err}", file=sys.stderr)
+            return 2
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, env)  # this process becomes the SuperNode
+    os.execvpe(cmd[0], cmd, env)  # this process becomes the SuperNode (cold) or the warm site's supervisor
     return 0  # pragma: no cover
 
 
 def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     """Validate everything, return the SuperNode command and environment."""
     from client.egress import valid_site_name
+    from client.fab_check import valid_hash
     from nearl_core.config import load_config
     from nearl_core.workflows import check_data
     from nearl_protocol import processes as flower
@@ -111,6 +142,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site)).expanduser()
     print(f"{PROG}: backbone fingerprint {backbone_fingerprint_of(cfg)}", flush=True)
     state_dir = (args.state_dir.expanduser() if args.state_dir else home / "state").resolve()
+    args.state_dir_resolved = state_dir
     node_config = {"site": args.site, "data-path": str(data), "state-dir": str(state_dir),
                    "coordinator": args.server}
     if args.device:
@@ -121,12 +153,60 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if args.max_epsilon <= 0:
             raise NearlError(f"--max-epsilon {args.max_epsilon}: give a positive budget, e.g. --max-epsilon 3")
         node_config["max-epsilon"] = float(args.max_epsilon)
+    for digest in args.accept_fab:
+        if not valid_hash(digest):
+            raise NearlError(f"--accept-fab {digest!r}: give the app bundle's sha256 as 64 lowercase hex digits")
+    args.runtime_dir = state_dir / "runtime"  # the warm site's secret, spec, task-in-hand and status files
     cmd = flower.supernode_command(superlink=args.server, port=args.port or flower.free_port(),
-                                   node_config=node_config, certs=certs, auth_key=auth_key)
+                                   node_config=node_config, certs=certs, auth_key=auth_key,
+                                   secret_file=None if args.cold else args.runtime_dir / f"secret-{os.getpid()}")
     cmd += ["--max-wait-time", f"{args.connect_timeout:g}"]  # later outages: Flower's own bounded retry
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env
+
+
+def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[str, str]) -> list[str]:
+    """Write the warm site's secret and spec (0600, in a 0700 folder); return the supervisor's command.
+
+    The SuperNode's Runtime API listens on 127.0.0.1 only, and only a holder of the secret
+    may claim its tasks.
+    """
+    from client.fab_check import own_fab_hash
+    from nearl_protocol import processes as flower
+
+    runtime = args.runtime_dir
+    runtime.mkdir(parents=True, exist_ok=True)
+    os.chmod(runtime, 0o700)
+    pid = os.getpid()
+    secret = runtime / f"secret-{pid}"
+    secret.unlink(missing_ok=True)
+    fd = os.open(secret, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as fh:
+        fh.write(os.urandom(32).hex().encode())
+    try:
+        own = own_fab_hash(flower.APP_DIR)
+    except Exception as err:  # noqa: BLE001 - e.g. an installation without its sources
+        own = None
+        print(f"{PROG}: cannot build this installation's app bundle ({err})", flush=True)
+    accepted = sorted({*([own] if own else []), *args.accept_fab})
+    if own:
+        print(f"{PROG}: this installation's app bundle sha256 {own}", flush=True)
+    if not accepted:
+        raise NearlError("this installation cannot build its own app bundle, so the site worker would refuse every "
+                         "run: pass the coordinator's with --accept-fab SHA256, or --cold")
+    port = supernode_cmd[supernode_cmd.index("--port") + 1]
+    spec = {"site": args.site, "runtime_address": f"127.0.0.1:{port}", "secret_file": str(secret),
+            "task_file": str(runtime / f"task-{pid}.json"), "accepted_fabs": accepted,
+            "config": args.config, "pretrained": str(Path(args.pretrained).expanduser().resolve())
+            if args.pretrained else None, "data": str(args.data.expanduser().resolve()),
+            "state_dir": str(args.state_dir_resolved), "coordinator": args.server, "supernode_cmd": supernode_cmd,
+            "poll_seconds": float(env.get("NEARL_WORKER_POLL_SECONDS", "0.2"))}
+    spec_file = runtime / f"spec-{pid}.json"
+    fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        json.dump(spec, fh)
+    return [sys.executable, "-m", "client.supervisor", str(spec_file)]
 
 
 def backbone_fingerprint_of(cfg) -> str:
@@ -159,6 +239,44 @@ def audit_main(argv: list[str]) -> int:
         return 2
     print(json.dumps(runs, indent=2) if args.json else audit.format_summary(runs))
     return 0
+
+
+def health_main(argv: list[str]) -> int:
+    """``nearl-client health --state-dir DIR``: exit 0 when the warm site's supervisor and worker are alive."""
+    p = argparse.ArgumentParser(prog=f"{PROG} health", description="Health check of a warm site (container probe).")
+    p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (as given to nearl-client)")
+    p.add_argument("--max-age", type=float, default=15.0, help="seconds the supervisor's status may be old")
+    args = p.parse_args(argv)
+    path = args.state_dir.expanduser() / "runtime" / "status.json"
+    try:
+        status = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        print(f"unhealthy: no status at {path} ({type(err).__name__})")
+        return 1
+    age = time.time() - float(status.get("time", 0))
+    problems = []
+    if age > args.max_age:
+        problems.append(f"status {age:.0f}s old")
+    for what in ("supervisor_pid", "supernode_pid", "worker_pid"):
+        pid = status.get(what)
+        if not pid or not _pid_alive(int(pid)):
+            problems.append(f"{what.removesuffix('_pid')} not running")
+    if problems:
+        print(f"unhealthy: {', '.join(problems)}")
+        return 1
+    print(f"healthy: site {status.get('site')} worker pid {status['worker_pid']} "
+          f"({status.get('worker_restarts', 0)} restarts)")
+    return 0
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
 
 
 def split_server(server: str) -> tuple[str, int]:

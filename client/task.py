@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import math
+import os
 import time
 import zlib
 from dataclasses import dataclass, replace
@@ -171,12 +172,13 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     site = cached_site(binding.data, cfg.task.classes)
     n_train = len(site.samples("train"))
     transport = check_transport(instruction.transport)
+    builds_before = cached_backbone.cache_info().misses
     model = build_site_model(cfg, instruction_arrays(msg), device, transport)
     check_backbone(model, instruction)
     budget = (_round_budget(binding, cfg, n_train, instruction.local_epochs, instruction.total_rounds, log)
               if cfg.privacy.enabled else None)
     eps_before = float(budget.state.epsilon) if budget is not None else None
-    metrics: dict[str, float] = {}
+    metrics: dict[str, float] = worker_metrics(builds_before)
     if instruction.evaluate_first:
         metrics.update(_prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device,
                                           amp=cfg.train.amp), keys.EVAL_PREFIX))
@@ -203,6 +205,13 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     if budget is not None:
         metrics.update(budget.state.report())  # the ledger: keys.LEDGER
     return Outcome(metrics, model, transport, eps_before, float(budget.state.epsilon) if budget else None)
+
+
+def worker_metrics(builds_before: int) -> dict[str, float]:
+    """Which process answered, how many backbones it has built, whether this message found one cached."""
+    builds = cached_backbone.cache_info().misses
+    return {keys.WORKER_PID: os.getpid(), keys.WORKER_BUILDS: builds,
+            keys.WORKER_WARM: 1 if builds == builds_before else 0}
 
 
 def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log: Callable[[str], None]) -> Outcome:

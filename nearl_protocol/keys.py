@@ -44,6 +44,10 @@ DP_DECLINED = "dp-declined"  # 1: the round would pass the site's budget; no arr
 DP_MAX_EPSILON = "dp-max-epsilon"
 DP_EPSILON_NEXT = "dp-epsilon-next"
 COUNT_KEYS = (NUM_EXAMPLES, EVAL_EXAMPLES, TEST_EXAMPLES)
+WORKER_PID = "worker-pid"  # the process that answered (a warm site: its long-lived worker)
+WORKER_BUILDS = "worker-builds"  # frozen backbones that process built since it started
+WORKER_WARM = "worker-warm"  # 1: this message's backbone came from the process's cache, 0: it was built
+WORKER = (WORKER_PID, WORKER_BUILDS, WORKER_WARM)  # per-site facts, never averaged over sites
 
 # -- error reasons a site sends instead of a reply ------------------------------------------------
 BACKBONE_MISMATCH = "backbone mismatch"

@@ -223,10 +223,15 @@ def quote_node_value(value: Any) -> str:
 
 
 def supernode_command(*, superlink: str, port: int, node_config: dict[str, Any], certs: Certs | None,
-                      auth_key: Path | None = None, host: str = "127.0.0.1") -> list[str]:
+                      auth_key: Path | None = None, host: str = "127.0.0.1", secret_file: Path | None = None
+                      ) -> list[str]:
+    """``flower-supernode``; with ``secret_file``, process isolation: its Runtime API (on ``host:port``)
+    waits for an outside executor (the NEARL site worker) that signs its requests with that secret."""
     config = " ".join(f"{k}={quote_node_value(v)}" for k, v in node_config.items())
     cmd = [tool("flower-supernode"), "--superlink", superlink, "--host", host, "--port", str(port),
            "--node-config", config]
+    if secret_file is not None:
+        cmd += ["--isolation", "process", "--superexec-auth-secret-file", str(secret_file)]
     cmd += ["--insecure"] if certs is None else ["--root-certificates", str(certs.ca)]
     if auth_key is not None:
         cmd += ["--auth-supernode-private-key", str(auth_key)]

@@ -29,6 +29,7 @@ from nearl_protocol.messages import instruction_config
 from nearl_protocol.schema import parameter_count, payload_bytes
 from server.central_dp import NearlServerSideDP
 from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
+from server.quick_grid import QuickPollGrid
 from server.screening import DUPLICATE, load_registry
 from server.settings import FederationSettings
 from server.strategy import NearlStrategyMixin, RoundReport, make_strategy
@@ -239,7 +240,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             train_config = instruction_config(**common, local_epochs=settings.local_epochs,
                                               total_rounds=settings.num_rounds)
             eval_config = instruction_config(**common)
-            result = runner.start(grid=grid, initial_arrays=initial, num_rounds=remaining,
+            result = runner.start(grid=QuickPollGrid(grid), initial_arrays=initial, num_rounds=remaining,
                                     timeout=settings.round_timeout, train_config=train_config,
                                     evaluate_config=eval_config)
             final = listener.final_arrays or (result.arrays if len(result.arrays) else initial)

@@ -26,6 +26,8 @@ def format_event(e: dict[str, Any]) -> str:
         ev = e.get("eval") or {}
         parts = [f"round {e['round']}/{e['rounds']}", f"sites {len(e['answered'])}/{e['sampled']}",
                  f"train_loss {_fmt((e.get('train') or {}).get('train_loss'))}"]
+        if (e.get("train") or {}).get("sites_warm") is not None:
+            parts.append(f"warm {int(e['train']['sites_warm'])}/{len(e['answered'])}")
         if (e.get("train") or {}).get("epsilon_max") is not None:
             parts.append(f"eps_max {_fmt(e['train']['epsilon_max'], 2)}")
         if e.get("eval_step") is not None:

@@ -29,6 +29,8 @@ from nearl_protocol.schema import Schema, schema_problem
 DUPLICATE = "duplicate site name"
 UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each received update by server-side DP (equal weights); never logged
 MLFLOW_COUNTS = ("train_examples", "eval_examples", "test_examples")
+WORKER_FACTS = tuple(keys.mlflow_name(k) for k in keys.WORKER)
+WORKER_WARM = keys.mlflow_name(keys.WORKER_WARM)
 
 
 class SiteIdentities:
@@ -131,12 +133,17 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
 
     Count keys are summed; ``epsilon`` becomes ``epsilon_max``, the worst privacy loss over
     sites; the other ``dp_*`` ledger values (steps, sample rate, noise multiplier) are
-    per-site facts and are not averaged.
+    per-site facts and are not averaged, nor are ``worker_pid``/``worker_builds``;
+    ``worker_warm`` becomes ``sites_warm``, the sites whose worker had the backbone cached.
     """
     out: dict[str, float] = {}
     for key in sorted({k for r in rows for k in r}):
         if key in MLFLOW_COUNTS:
             out[key] = float(sum(r.get(key, 0.0) for r in rows))
+        elif key == WORKER_WARM:
+            out["sites_warm"] = float(sum(r.get(key, 0.0) == 1.0 for r in rows))
+        elif key in WORKER_FACTS:  # which process answered, how many builds: per-site, never averaged
+            continue
         elif key == "epsilon":
             eps = [r[key] for r in rows if key in r and math.isfinite(r[key])]
             if eps:

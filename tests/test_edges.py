@@ -272,10 +272,39 @@ def test_reachable_coordinator_execs_with_bounded_flower_retry(capsys, demo_root
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         code, out, err = join(capsys, demo_root, listener.getsockname()[1], "--connect-timeout", "7.5")
-    assert code == 0 and err == "" and "joining" in out
+    assert code == 0 and err == "" and "joining" in out and "warm: one site worker" in out
     [cmd] = no_exec
-    assert Path(cmd[0]).name == "flower-supernode"
-    assert cmd[cmd.index("--max-wait-time") + 1] == "7.5"
+    assert cmd[1:3] == ["-m", "client.supervisor"]  # a warm site: the supervisor starts the SuperNode
+    spec_file = Path(cmd[3])
+    spec = json.loads(spec_file.read_text())
+    node = spec["supernode_cmd"]
+    assert Path(node[0]).name == "flower-supernode"
+    assert node[node.index("--max-wait-time") + 1] == "7.5"
+    assert node[node.index("--isolation") + 1] == "process" and node[node.index("--host") + 1] == "127.0.0.1"
+    secret = Path(node[node.index("--superexec-auth-secret-file") + 1])
+    assert secret == Path(spec["secret_file"]) and len(secret.read_bytes()) == 64
+    for path in (secret, spec_file):
+        assert path.stat().st_mode & 0o777 == 0o600, path
+    assert spec_file.parent.stat().st_mode & 0o777 == 0o700
+    assert spec["runtime_address"] == f"127.0.0.1:{node[node.index('--port') + 1]}"
+    assert len(spec["accepted_fabs"]) == 1  # the bundle built from this installation
+
+
+def test_cold_execs_the_stock_supernode_and_says_it_runs_the_coordinators_code(capsys, demo_root, no_exec):
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        code, out, _ = join(capsys, demo_root, listener.getsockname()[1], "--cold")
+    assert code == 0 and "cold: every message runs in a new process with the code the coordinator sends" in out
+    [cmd] = no_exec
+    assert Path(cmd[0]).name == "flower-supernode" and "--isolation" not in cmd
+    assert cmd[cmd.index("--max-wait-time") + 1] == "180"
+
+
+def test_accept_fab_takes_only_a_sha256(capsys, demo_root, no_exec):
+    code, _, err = join(capsys, demo_root, closed_port(), "--accept-fab", "abc")
+    assert code == 2 and no_exec == []
+    assert "--accept-fab 'abc': give the app bundle's sha256" in err
 
 
 def test_default_connect_timeout_is_bounded(capsys, demo_root, no_exec):
@@ -284,7 +313,8 @@ def test_default_connect_timeout_is_bounded(capsys, demo_root, no_exec):
         listener.listen()
         assert join(capsys, demo_root, listener.getsockname()[1])[0] == 0
     [cmd] = no_exec
-    assert cmd[cmd.index("--max-wait-time") + 1] == "180"
+    node = json.loads(Path(cmd[3]).read_text())["supernode_cmd"]
+    assert node[node.index("--max-wait-time") + 1] == "180"
 
 
 @pytest.mark.parametrize("value", ["0", "-5", "nan"])
@@ -295,14 +325,18 @@ def test_connect_timeout_must_be_positive(capsys, demo_root, no_exec, value):
         f"--connect-timeout {float(value)}: give a positive number of seconds, e.g. 180"
 
 
-def test_flower_supernode_gives_up_after_the_connect_timeout(tmp_path, demo_root, monkeypatch):
-    """The command nearl-client execs ends by itself when the coordinator is gone (a later outage)."""
+@pytest.mark.parametrize("mode", ["--cold", "--warm"])
+def test_flower_supernode_gives_up_after_the_connect_timeout(tmp_path, demo_root, monkeypatch, mode):
+    """The command nearl-client execs ends by itself when the coordinator is gone (a later outage);
+    a warm site's supervisor (and its worker) end with their SuperNode."""
     monkeypatch.setenv("NEARL_CLIENT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("FLWR_HOME", raising=False)
     args = client_cli.build_parser().parse_args(
         ["--site", "siteA", "--data", str(demo_root / "site1"), "--insecure",
-         "--server", f"127.0.0.1:{closed_port()}", "--connect-timeout", "2"])
+         "--server", f"127.0.0.1:{closed_port()}", "--connect-timeout", "2", mode])
     cmd, env = client_cli.prepare(args)
+    if mode == "--warm":
+        cmd = client_cli.warm_command(args, cmd, env)
     log = tmp_path / "supernode.log"
     start = time.monotonic()
     with log.open("w") as sink:  # a file, not a pipe: the SuperNode's own child may outlive it briefly

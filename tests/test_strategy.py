@@ -155,6 +155,14 @@ def test_aggregate_metrics_weights_each_split_by_its_own_count_and_takes_max_eps
     assert out["epsilon_max"] == 5.0 and out["train_examples"] == 40
 
 
+
+def test_aggregate_metrics_keeps_worker_facts_per_site_and_counts_warm_sites():
+    rows = [{"train_examples": 10, "worker_pid": 100.0, "worker_builds": 1.0, "worker_warm": 1.0},
+            {"train_examples": 30, "worker_pid": 200.0, "worker_builds": 3.0, "worker_warm": 0.0}]
+    out = aggregate_metrics(rows)
+    assert out["sites_warm"] == 1.0
+    assert not any(k.startswith("worker_") for k in out), out
+
 @pytest.mark.parametrize("name", sorted(STRATEGIES))
 def test_every_strategy_aggregates_and_keeps_dtype(name):
     strategy = make_strategy(name, schema=SCHEMA, min_nodes=1, total_rounds=2)

@@ -20,6 +20,8 @@ args=(--site "$NEARL_SITE" --data "${NEARL_DATA:-/data}" --server "$NEARL_SERVER
 [[ -n "${NEARL_DEVICE:-}" && "${NEARL_DEVICE}" != auto ]] && args+=(--device "$NEARL_DEVICE")
 [[ -n "${NEARL_PRETRAINED:-}" ]] && args+=(--pretrained "$NEARL_PRETRAINED")
 [[ -n "${NEARL_MAX_EPSILON:-}" ]] && args+=(--max-epsilon "$NEARL_MAX_EPSILON")
+for fab in ${NEARL_ACCEPT_FAB:-}; do args+=(--accept-fab "$fab"); done
+[[ "${NEARL_COLD:-}" == 1 ]] && args+=(--cold)
 export NEARL_CLIENT_HOME="${NEARL_CLIENT_HOME:-/var/lib/nearl/site}"
 echo "site.sh: nearl-client ${args[*]} $* (state in $NEARL_CLIENT_HOME)"
 exec nearl-client "${args[@]}" "$@"

@@ -1,0 +1,281 @@
+"""Warm sites on real processes: nearl-server + nearl-client (SuperNode with process isolation + site worker).
+
+* 2 sites x 2 rounds warm: one backbone build per site over the whole run (the reply metrics
+  in MLflow), one worker process per site; the final adapters are bit-identical to a cold run
+  (``nearl-client --cold``, a process per message) with the same seed;
+* a site worker killed during a round: that site fails that round (an error reply naming the
+  dead worker), a new worker answers the next round;
+* a site refuses runs it did not install: a NEARL bundle with another hash, a foreign Flower app
+  (nothing of it runs at the site: its ClientApp would leave a marker file).
+
+Tiny ``demo`` config, 24 training images per site, loopback, every process stopped at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from client.audit import read_lines
+from nearl_core.demo_data import generate_demo_data
+from nearl_protocol import processes as flower
+from tests.fed_helpers import ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server
+
+pytestmark = [pytest.mark.slow]
+
+
+def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in procs.text(name):
+            return
+        if procs.procs[name].poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"'{text}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")
+
+
+def federation(tmp: Path, sites: list[Path], mode: str, rounds: int) -> tuple[Procs, str]:
+    procs = Procs(tmp / "logs")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    port = flower.free_port()
+    nearl_server(procs, port, tmp, "--insecure", "--rounds", str(rounds), "--min-sites", str(len(sites)),
+                 "--round-timeout", "600", "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"),
+                 "--mlflow-uri", uri)
+    wait_for(procs, "server", "submitted", 300)
+    for i, site in enumerate(sites, 1):
+        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure", "--state-dir", str(tmp / f"state-site{i}"),
+                     mode)
+    return procs, uri
+
+
+def final_adapters(tmp: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(tmp / "ck" / "final" / "adapters.safetensors"))
+
+
+@pytest.mark.timeout(1800)
+def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(tmp_path):
+    sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
+    runs = {}
+    for mode in ("--warm", "--cold"):
+        tmp = tmp_path / mode.strip("-")
+        procs, uri = federation(tmp, sites, mode, rounds=2)
+        try:
+            assert procs.wait("server", 1200) == 0, dump(procs)
+        finally:
+            procs.stop_all()
+        client, run = mlflow_run(uri)
+        runs[mode] = (tmp, procs, client, run.info.run_id)
+
+    tmp, procs, client, rid = runs["--warm"]
+    out = procs.text("server")
+    assert "round 1/2  sites 2/2" in out and "warm 2/2" in out, out
+    for site in ("site1", "site2"):
+        assert history(client, rid, f"{site}/worker_builds") == {1: 1.0, 2: 1.0}  # one build over the whole run
+        assert history(client, rid, f"{site}/worker_warm") == {1: 1.0, 2: 1.0}
+        pids = set(history(client, rid, f"{site}/worker_pid").values())
+        assert len(pids) == 1, pids  # one process answered every round
+        log = procs.text(site)
+        assert "warm: one site worker runs this site's installed NEARL code" in log
+        assert "Start `flwr-clientapp` process" not in log and "Starting Flower SuperExec" not in log, log
+    assert history(client, rid, "sites_warm") == {1: 2.0, 2: 2.0}
+
+    cold_tmp, cold_procs, cold_client, cold_rid = runs["--cold"]
+    for site in ("site1", "site2"):
+        assert history(cold_client, cold_rid, f"{site}/worker_warm") == {1: 0.0, 2: 0.0}
+        assert len(set(history(cold_client, cold_rid, f"{site}/worker_pid").values())) == 2  # a process per message
+        assert "cold: every message runs in a new process" in cold_procs.text(site)
+
+    warm, cold = final_adapters(tmp), final_adapters(cold_tmp)
+    assert set(warm) == set(cold)
+    different = [k for k in warm if not np.array_equal(warm[k], cold[k])]
+    assert not different, f"warm and cold runs differ in {different}"
+
+
+def task_file(state: Path) -> Path | None:
+    found = sorted((state / "runtime").glob("task-*.json"))
+    return found[0] if found else None
+
+
+@pytest.mark.timeout(1800)
+def test_a_killed_worker_fails_its_sites_round_and_a_new_worker_answers_the_next(tmp_path):
+    sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
+    procs, uri = federation(tmp_path, sites, "--warm", rounds=3)
+    state = tmp_path / "state-site2"
+    try:
+        wait_for(procs, "server", "round 1/3  sites 2/2", 900)
+        deadline, killed = time.monotonic() + 600, None
+        while killed is None and time.monotonic() < deadline and procs.procs["server"].poll() is None:
+            # the worker holds round 2's train message
+            path = task_file(state)
+            if path is not None:
+                try:
+                    record = json.loads(path.read_text())
+                except (OSError, ValueError):
+                    record = {}
+                if record.get("round") == 2 and record.get("message_type") == "train":
+                    killed = int(record["pid"])
+                    os.kill(killed, signal.SIGKILL)
+            time.sleep(0.05)
+        assert killed, f"site2's worker never held round 2's train message\n{dump(procs)}"
+        assert procs.wait("server", 1200) == 0, dump(procs)
+    finally:
+        procs.stop_all()
+    out = procs.text("server")
+    assert "round 2/3  sites 1/2" in out and "round 3/3  sites 2/2" in out, out
+    assert "site2: the site worker died while running this train message" in out or \
+        "rejected site2: the site worker died" in out, out
+    log = procs.text("site2")
+    assert f"site worker pid {killed} exited with code -9" in log and "starting a new one" in log, log
+    client, run = mlflow_run(uri)
+    rid = run.info.run_id
+    assert history(client, rid, "site2/answered") == {1: 1.0, 2: 0.0, 3: 1.0}
+    pids = history(client, rid, "site2/worker_pid")
+    assert pids[1] == killed and pids[3] != killed
+    assert history(client, rid, "site2/worker_builds")[3] == 1.0  # the new worker built its own, once
+    refused = [x for x in read_lines(state / "audit.jsonl") if x["refused"]]
+    assert [(x["round"], x["message_type"]) for x in refused] == [(2, "train")], refused
+    assert "the site worker died" in refused[0]["refused"]
+
+
+def copy_app(dst: Path) -> Path:
+    """This installation's code with one changed byte in README.md: another NEARL bundle (another hash)."""
+    dst.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dst / name)
+    for pkg in ("nearl_core", "nearl_protocol", "server", "client", "configs"):
+        shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "README.md").write_text((dst / "README.md").read_text() + "\nanother version\n")
+    return dst
+
+
+@pytest.mark.timeout(900)
+def test_a_site_refuses_a_nearl_bundle_with_another_hash(tmp_path):
+    sites = generate_demo_data(tmp_path / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
+    other = copy_app(tmp_path / "other-version")
+    procs = Procs(tmp_path / "logs")
+    port = flower.free_port()
+    try:
+        cmd = [str(Path(flower.BIN) / "nearl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure",
+               "--rounds", "1", "--min-sites", "1", "--round-timeout", "300", "--wait-timeout", "300",
+               "--checkpoint-dir", str(tmp_path / "ck"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+        procs.start("server", cmd, env=env(tmp_path / "home-server", PYTHONPATH=str(other)), cwd=tmp_path)
+        wait_for(procs, "server", "submitted", 300)
+        nearl_client(procs, "site1", sites[0], port, tmp_path, "--insecure", "--state-dir",
+                     str(tmp_path / "state-site1"))
+        wait_for(procs, "server", "rejected site1", 600)
+    finally:
+        procs.stop_all()
+    ours = [x for x in procs.text("site1").splitlines() if "app bundle sha256 " in x][0].rsplit(" ", 1)[1]
+    assert "is not one this site accepts" in procs.text("server"), procs.text("server")
+    log = procs.text("site1")
+    assert "refused: app bundle sha256 " in log and "accept it with nearl-client --accept-fab" in log, log
+    theirs = log.split("refused: app bundle sha256 ", 1)[1].split()[0]
+    assert theirs != ours
+    lines = read_lines(tmp_path / "state-site1" / "audit.jsonl")
+    assert lines and all("is not one this site accepts" in x["refused"] and x["bytes_sent"] == 0 for x in lines)
+
+
+FOREIGN_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "foreign-app"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.setuptools]
+py-modules = ["foreign_app"]
+
+[tool.flwr.app]
+publisher = "someone-else"
+
+[tool.flwr.app.components]
+serverapp = "foreign_app:server"
+clientapp = "foreign_app:client"
+
+[tool.flwr.app.config]
+out = ""
+"""
+
+FOREIGN_APP = '''\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    while not list(grid.get_node_ids()):
+        time.sleep(0.5)
+    msgs = [Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
+            for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=300))
+    rows = [{"error": m.error.reason if m.has_error() else None} for m in replies]
+    Path(context.run_config["out"]).write_text(json.dumps(rows))
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    Path("/tmp/nearl-foreign-app-ran").write_text("ran")
+    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
+'''
+
+
+@pytest.mark.timeout(900)
+def test_a_site_refuses_a_foreign_flower_app_and_runs_none_of_it(tmp_path):
+    sites = generate_demo_data(tmp_path / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
+    app = tmp_path / "foreign"
+    app.mkdir()
+    (app / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
+    (app / "foreign_app.py").write_text(FOREIGN_APP)
+    marker = Path("/tmp/nearl-foreign-app-ran")
+    marker.unlink(missing_ok=True)
+    out = tmp_path / "foreign.json"
+    procs = Procs(tmp_path / "logs")
+    port = flower.free_port()
+    try:
+        link = procs.start("superlink", flower.superlink_command(host="127.0.0.1", port=port, certs=None,
+                                                                 database=None), env=env(tmp_path / "home-link"))
+        flower.wait_for_port("127.0.0.1", port, link, procs.log("superlink"), "SuperLink")
+        nearl_client(procs, "site1", sites[0], port, tmp_path, "--insecure", "--state-dir",
+                     str(tmp_path / "state-site1"))
+        wait_for(procs, "site1", "backbone and site index ready", 300)
+        home = tmp_path / "home-cli"
+        flower.write_connection(home, f"127.0.0.1:{port}", None)
+        cli_env = env(home)
+        run_cfg = flower.write_run_config(tmp_path / "run.toml", {"out": str(out)})
+        run_id = str(flower.flwr_json(["run", str(app), flower.CONNECTION, "--run-config", str(run_cfg)],
+                                      env=cli_env, timeout=300)["run-id"])
+        deadline = time.monotonic() + 600
+        while not out.exists() and time.monotonic() < deadline:
+            time.sleep(1)
+        assert out.exists(), f"{flower.run_logs(run_id, env=cli_env)}\n{dump(procs)}"
+    finally:
+        procs.stop_all()
+    (reply,) = json.loads(out.read_text())
+    assert reply["error"] and reply["error"].startswith("site1: not a NEARL app: publisher=someone-else "
+                                                        "name=foreign-app"), reply
+    assert not marker.exists(), "the foreign ClientApp ran at the site"
+    log = procs.text("site1")
+    assert "refused: not a NEARL app" in log and "Start `flwr-clientapp` process" not in log, log
+    (line,) = read_lines(tmp_path / "state-site1" / "audit.jsonl")
+    assert line["refused"].startswith("not a NEARL app") and line["bytes_sent"] == 0

@@ -1,0 +1,122 @@
+"""A warm site's fast checks: the Flower internals it relies on, the app bundles it accepts, and what
+its worker answers to a bundle it refuses (without a SuperNode: the task input is built here)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Context, RecordDict
+
+from client import flower_internals as fi
+from client.fab_check import COMPONENTS, FabPolicy, fab_identity, own_fab_hash
+from client.worker import Worker
+from nearl_protocol import keys
+from nearl_protocol.messages import REFUSAL_CODE, instruction_config, read_reply
+from nearl_protocol.processes import APP_DIR
+from tests.fed_helpers import instruction
+
+
+def test_the_installed_flower_offers_every_internal_the_site_worker_uses():
+    missing = fi.check()
+    assert not missing, (
+        f"flwr {fi.flower_version()} lacks what client/flower_internals.py uses (written for flwr=={fi.PINNED}.*): "
+        f"{', '.join(missing)}. Pin flwr back to {fi.PINNED}.* or port client/flower_internals.py; until then run "
+        "sites with nearl-client --cold.")
+    assert fi.flower_version().startswith(fi.PINNED + "."), \
+        f"flwr {fi.flower_version()} installed; client/flower_internals.py is checked against {fi.PINNED}.*"
+
+
+def test_flower_supernode_still_takes_the_flags_a_warm_site_starts_it_with():
+    from flwr.supernode.cli.flower_supernode import _parse_args_run_supernode
+
+    parser = _parse_args_run_supernode()
+    options = {o for action in parser._actions for o in action.option_strings}
+    assert set(fi.SUPERNODE_FLAGS) <= options, f"flower-supernode lacks {set(fi.SUPERNODE_FLAGS) - options}"
+    assert "process" in next(a for a in parser._actions if "--isolation" in a.option_strings).choices
+
+
+def fab(publisher: str = "nearl", name: str = "nearl-federated", components: dict | None = None) -> bytes:
+    comps = components or COMPONENTS
+    text = (f'[project]\nname = "{name}"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
+            "[tool.flwr.app.components]\n" + "".join(f'{k} = "{v}"\n' for k, v in comps.items()))
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("pyproject.toml", text)
+    return buf.getvalue()
+
+
+def test_own_fab_hash_is_the_bundle_flwr_run_submits_and_is_deterministic():
+    own = own_fab_hash(APP_DIR)
+    assert own == fi.fab_sha256(fi.build_fab(APP_DIR)) and len(own) == 64
+    assert fab_identity(fi.build_fab(APP_DIR)) == ("nearl", "nearl-federated", COMPONENTS)
+
+
+def test_policy_accepts_only_listed_nearl_bundles():
+    ours = fab()
+    policy = FabPolicy(frozenset({fi.fab_sha256(ours)}))
+    assert policy.problem(ours, fi.fab_sha256(ours)) is None
+    other = fab(components={**COMPONENTS, "clientapp": "client.evil:app"})
+    assert "not a NEARL app" in policy.problem(other, fi.fab_sha256(other))
+    foreign = fab(publisher="flwrlabs", name="quickstart-pytorch",
+                  components={"clientapp": "pytorchexample.client_app:app", "serverapp": "pytorchexample.server_app:app"})
+    why = policy.problem(foreign, fi.fab_sha256(foreign))
+    assert why.startswith("not a NEARL app: publisher=flwrlabs name=quickstart-pytorch"), why
+    newer = fab(name="nearl-federated") + b"\0"  # a NEARL bundle with other bytes (another version)
+    assert "is not one this site accepts" in policy.problem(newer, fi.fab_sha256(newer))
+    assert "hash mismatch" in policy.problem(ours, "0" * 64)
+    assert "unreadable app bundle" in policy.problem(b"not a zip", "")
+
+
+@pytest.fixture
+def worker(tmp_path, demo_root) -> Worker:
+    spec = {"site": "siteA", "runtime_address": "127.0.0.1:1", "accepted_fabs": [fi.fab_sha256(fab())],
+            "task_file": str(tmp_path / "task.json"), "config": "demo", "data": str(demo_root / "site1")}
+    return Worker(spec)
+
+
+def task_input(tmp_path, demo_root, content: bytes, message_type: str = "train") -> fi.TaskInput:
+    from nearl_core.config import load_config
+
+    cfg = instruction_config(nearl_config=load_config("demo").to_dict(), transport="float32", backbone="")
+    msg = instruction(RecordDict({keys.CONFIG: cfg}), message_type)
+    node_config = {"site": "siteA", "data-path": str(demo_root / "site1"), "state-dir": str(tmp_path / "state"),
+                   "coordinator": "127.0.0.1:9"}
+    context = Context(run_id=1, node_id=1, node_config=node_config, state=RecordDict(), run_config={})
+    return fi.TaskInput(msg, context, fi.fab_sha256(content), content, "flwrlabs/x", "1.0.0")
+
+
+@pytest.mark.parametrize("case", ["foreign app", "other hash", "query message"])
+def test_worker_refuses_with_a_reason_in_the_reply_log_and_audit_trail(tmp_path, demo_root, worker, capsys, case):
+    content = {"foreign app": fab(publisher="flwrlabs"), "other hash": fab() + b"\0", "query message": fab()}[case]
+    reply, ok, _ = worker.answer(task_input(tmp_path, demo_root, content, "query" if case == "query message" else "train"))
+    assert ok and reply.has_error() and reply.error.code == REFUSAL_CODE
+    why = read_reply(reply)
+    expected = {"foreign app": "not a NEARL app", "other hash": "is not one this site accepts",
+                "query message": "message type 'query' is not served"}[case]
+    assert why.claimed_site == "siteA" and expected in why.error
+    assert expected in capsys.readouterr().out
+    (line,) = [json.loads(x) for x in (tmp_path / "state" / "audit.jsonl").read_text().splitlines()]
+    assert expected in line["refused"] and line["bytes_sent"] == 0 and line["arrays"] == []
+
+
+def test_a_dead_workers_message_header_round_trips(tmp_path, demo_root):
+    msg = task_input(tmp_path, demo_root, fab()).message
+    back = fi.message_from_header(fi.message_header(msg))
+    assert back.metadata.message_id == msg.metadata.message_id and back.metadata.run_id == msg.metadata.run_id
+    assert not back.content.config_records and not back.content.array_records
+
+
+def test_train_replies_say_which_process_answered_and_whether_it_was_warm():
+    from client.task import cached_backbone, worker_metrics
+
+    before = cached_backbone.cache_info().misses
+    out = worker_metrics(before)
+    assert out == {keys.WORKER_PID: os.getpid(), keys.WORKER_BUILDS: before, keys.WORKER_WARM: 1}
+    assert worker_metrics(before - 1)[keys.WORKER_WARM] == 0
+    assert {keys.mlflow_name(k) for k in keys.WORKER} == {"worker_pid", "worker_builds", "worker_warm"}
