@@ -53,8 +53,9 @@ from pathlib import Path
 
 from common import exit_on_sigterm, kill_tree, load_average, machine, result
 
-TARGET_S = 1.0
-WARM_VS_TRIVIAL_TARGET = 2.0  # a warm NEARL round (2 sites training on 2 cores) within 2x the trivial app's round
+TARGET_S = 1.0  # cold overhead per round (Flower's process per message; kept from the first version)
+WARM_TARGET_S = 3.0  # warm overhead per round, tiny demo model
+WARM_VS_TRIVIAL_TARGET = 1.0  # warm NEARL overhead per round no larger than the trivial app's round
 BIN = Path(sys.executable).parent
 
 FLOOR_PYPROJECT = """\
@@ -337,9 +338,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"median over rounds 2..{args.rounds - 1}: simulation overhead {sim_overhead:.2f}s "
               f"(slowest site compute {sim_compute:.2f}s)")
     result("federation_overhead_seconds", overhead, floor_s, TARGET_S, on="value", unit="s")  # cold, as before
-    # warm: the round against the trivial app's round on the same engine; the overhead against the cold one's
-    result("federation_overhead_warm_vs_trivial", warm_wall, floor_s, WARM_VS_TRIVIAL_TARGET, on="ratio", unit="s")
-    result("federation_overhead_warm_seconds", warm_overhead, overhead, TARGET_S, on="value", unit="s")
+    # warm: its overhead per round against the trivial app's round (all overhead: its sites compute nothing),
+    # and against the cold overhead of the same run
+    result("federation_overhead_warm_vs_trivial", warm_overhead, floor_s, WARM_VS_TRIVIAL_TARGET, on="ratio", unit="s")
+    result("federation_overhead_warm_seconds", warm_overhead, overhead, WARM_TARGET_S, on="value", unit="s")
     if sim:  # baseline: the slowest site's compute, so the ratio is the overhead relative to the work
         result("federation_overhead_simulation_seconds", sim_overhead, sim_compute, TARGET_S, on="value", unit="s")
     return 0

@@ -27,6 +27,7 @@ from typing import Any
 
 PROG = "nearl-client"
 STATUS_FILE = "status.json"
+FORWARD_GRACE = 2.0  # seconds a signalled supervisor waits before passing SIGTERM on to its SuperNode
 
 
 def log(line: str) -> None:
@@ -55,6 +56,8 @@ class Supervisor:
         self.worker_started = 0.0
         self.restarts = 0
         self.stopping = False
+        self.stop_asked = 0.0
+        self.forwarded = False
         self.crash_delay = 0.0
 
     # -- processes -------------------------------------------------------------------------------------
@@ -78,13 +81,26 @@ class Supervisor:
         os.replace(tmp, self.runtime_dir / STATUS_FILE)
 
     def on_signal(self, signum, _frame) -> None:
-        self.stopping = True
-        for proc in (self.supernode, self.worker):
-            if proc is not None and proc.poll() is None:
-                try:
-                    proc.send_signal(signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
+        """Stop: the SuperNode gets SIGTERM from us only if it has not stopped within a grace period.
+
+        A signal sent to the whole process group (a terminal's Ctrl-C, ``kill -- -PGID``) reaches
+        the SuperNode too; Flower's handler exits on the first signal and restores the default
+        action, so forwarding a second one at once would kill it mid-shutdown (exit 143).
+        """
+        if not self.stopping:
+            self.stopping = True
+            self.stop_asked = time.monotonic()
+
+    def forward_stop(self) -> None:
+        """The SuperNode still runs ``FORWARD_GRACE`` seconds after our signal: it was not told; tell it."""
+        if self.forwarded or time.monotonic() - self.stop_asked < FORWARD_GRACE:
+            return
+        self.forwarded = True
+        if self.supernode is not None and self.supernode.poll() is None:
+            try:
+                self.supernode.send_signal(signal.SIGTERM)
+            except ProcessLookupError:
+                pass
 
     def stop(self, timeout: float = 20.0) -> None:
         self.stopping = True
@@ -148,6 +164,7 @@ class Supervisor:
                 self.cleanup()
                 return code if code >= 0 else 128 - code
             if self.stopping:
+                self.forward_stop()
                 time.sleep(0.2)
                 continue
             if self.worker is not None and self.worker.poll() is not None:
