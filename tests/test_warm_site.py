@@ -120,3 +120,35 @@ def test_train_replies_say_which_process_answered_and_whether_it_was_warm():
     assert out == {keys.WORKER_PID: os.getpid(), keys.WORKER_BUILDS: before, keys.WORKER_WARM: 1}
     assert worker_metrics(before - 1)[keys.WORKER_WARM] == 0
     assert {keys.mlflow_name(k) for k in keys.WORKER} == {"worker_pid", "worker_builds", "worker_warm"}
+
+
+def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grace_period(tmp_path, monkeypatch):
+    """A group signal already reached the SuperNode: a second SIGTERM at once would kill it mid-shutdown."""
+    import signal
+
+    from client import supervisor as sv
+
+    class Proc:
+        def __init__(self):
+            self.signals = []
+
+        def poll(self):
+            return None
+
+        def send_signal(self, sig):
+            self.signals.append(sig)
+
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"task_file": str(tmp_path / "task.json"), "site": "siteA"}))
+    sup = sv.Supervisor(spec)
+    sup.supernode = Proc()
+    now = [100.0]
+    monkeypatch.setattr(sv.time, "monotonic", lambda: now[0])
+    sup.on_signal(signal.SIGTERM, None)
+    sup.on_signal(signal.SIGTERM, None)  # a second signal does not restart the grace period
+    sup.forward_stop()
+    assert sup.stopping and sup.supernode.signals == []
+    now[0] += sv.FORWARD_GRACE
+    sup.forward_stop()
+    sup.forward_stop()
+    assert sup.supernode.signals == [signal.SIGTERM]
