@@ -177,14 +177,20 @@ def floor_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
 
 
 # -- NEARL: nearl-server + nearl-client ----------------------------------------------------------------------
-def nearl_rounds(tmp: Path, rounds: int, sites: int, mode: str = "--warm") -> list[dict]:
-    """One NEARL federation; ``mode`` = ``--warm`` (a site worker per site) or ``--cold`` (a process per message)."""
+def nearl_rounds(tmp: Path, rounds: int, sites: int, mode: str = "--warm", config: tuple[str, ...] = (),
+                 images: int = 24) -> list[dict]:
+    """One NEARL federation; ``mode`` = ``--warm`` (a site worker per site) or ``--cold`` (a process per message).
+
+    ``config``: extra nearl-server arguments choosing the model (default: the demo config);
+    ``images``: training images per site.
+    """
     from nearl_core.demo_data import generate_demo_data
     from nearl_protocol import processes as flower
 
     tmp = tmp / mode.strip("-")
     tmp.mkdir()
-    roots = generate_demo_data(tmp / "data", sites, train_per_site=24, val_per_site=8, test_per_site=8)
+    roots = generate_demo_data(tmp / "data", sites, train_per_site=images, val_per_site=max(4, images // 3),
+                               test_per_site=max(4, images // 3))
     port = flower.free_port()
     db = tmp / "mlflow.db"
     server_log = tmp / "server.log"
@@ -193,7 +199,7 @@ def nearl_rounds(tmp: Path, rounds: int, sites: int, mode: str = "--warm") -> li
         server = flower.start_process(
             [str(BIN / "nearl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure", "--rounds",
              str(rounds), "--min-sites", str(sites), "--local-epochs", "1", "--round-timeout", "900",
-             "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"), "--mlflow-uri", f"sqlite:///{db}"],
+             "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"), "--mlflow-uri", f"sqlite:///{db}", *config],
             env=flower.flower_env(tmp / "home-server"), log_file=server_log, cwd=tmp)
         procs.append(server)
         _wait(lambda: "submitted" in server_log.read_text(errors="replace") if server_log.exists() else False,
@@ -269,15 +275,42 @@ def read_mlflow_rounds(uri: str, sites: list[str]) -> list[dict]:
     return rows
 
 
+VIT_B16 = ("--config", "vit-b16", "--set", "model.pretrained=null", "--set", "train.batch-size=8")
+
+
+def vit_b16(args: argparse.Namespace) -> int:
+    """Warm vs cold on the full-size model: what a site saves by not rebuilding ViT-B-16 per message."""
+    print(f"# warm vs cold on ViT-B-16 (random init), {args.sites} sites, {args.rounds} rounds x 1 local epoch, "
+          f"8 training images per site, loopback")
+    print(f"# machine: {machine()}; device cpu; load average {load_average()}", flush=True)
+    walls = {}
+    with tempfile.TemporaryDirectory(prefix="nearl-bench-fed-vit-") as tmp_s:
+        tmp = Path(tmp_s) if args.workdir is None else args.workdir.resolve()
+        tmp.mkdir(parents=True, exist_ok=True)
+        for mode in ("--cold", "--warm"):
+            rows = nearl_rounds(tmp, args.rounds, args.sites, mode, VIT_B16, images=8)
+            for n in rows:
+                print(f"{mode[2:]:>4} round {n['round']}: wall {n['wall']:.1f}s, slowest site compute "
+                      f"{n['slowest']:.1f}s")
+            walls[mode] = statistics.median(n["wall"] for n in rows[1:])  # round 1 also waits for the sites
+    print(f"# load average now {load_average()}; rounds after the first (the last one carries the final evaluate)")
+    result("federation_round_vit_b16_warm_vs_cold", walls["--warm"], walls["--cold"], 1.0, on="ratio", unit="s")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rounds", type=int, default=4, help="rounds per run (>= 3; default 4)")
     ap.add_argument("--sites", type=int, default=2)
     ap.add_argument("--simulation", action="store_true",
                     help="also measure the same rounds on the Simulation Engine (printed, no RESULT line)")
+    ap.add_argument("--vit-b16", action="store_true",
+                    help="instead: warm vs cold round wall time on ViT-B-16 (random init, CPU), 8 images per site")
     ap.add_argument("--workdir", type=Path, default=None,
                     help="keep logs, data and the MLflow file here (default: a temp folder, removed)")
     args = ap.parse_args(argv)
+    if args.vit_b16:
+        return vit_b16(args)
     if args.rounds < 3:
         ap.error("--rounds must be >= 3 (the first and last rounds are not representative)")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")

@@ -173,6 +173,7 @@ def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[s
     may claim its tasks.
     """
     from client.fab_check import own_fab_hash
+    from client.worker import write_private_json
     from nearl_protocol import processes as flower
 
     runtime = args.runtime_dir
@@ -201,11 +202,10 @@ def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[s
             "config": args.config, "pretrained": str(Path(args.pretrained).expanduser().resolve())
             if args.pretrained else None, "data": str(args.data.expanduser().resolve()),
             "state_dir": str(args.state_dir_resolved), "coordinator": args.server, "supernode_cmd": supernode_cmd,
-            "poll_seconds": float(env.get("NEARL_WORKER_POLL_SECONDS", "0.2"))}
+            "poll_seconds": float(env.get("NEARL_WORKER_POLL_SECONDS", "0.2")),
+            "app_dir": str(flower.APP_DIR), "own_fab": own}
     spec_file = runtime / f"spec-{pid}.json"
-    fd = os.open(spec_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(spec, fh)
+    write_private_json(spec_file, spec)
     return [sys.executable, "-m", "client.supervisor", str(spec_file)]
 
 

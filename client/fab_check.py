@@ -68,6 +68,28 @@ class FabPolicy:
         return None
 
 
+# what a FAB built from the installation holds: a change to any of these is an upgrade of the site's code
+INSTALLED = ("pyproject.toml", "client", "server", "nearl_core", "nearl_protocol", "configs")
+
+
+def installation_stamp(app_dir: Path) -> str:
+    """A cheap digest (names, sizes, mtimes) of the installed NEARL code: it changes when the site upgrades.
+
+    The site worker compares it between messages; hashing the files themselves (a FAB build)
+    would cost a second per check.
+    """
+    digest = hashlib.sha256()
+    for top in INSTALLED:
+        root = app_dir / top
+        paths = sorted(root.rglob("*")) if root.is_dir() else [root]
+        for path in paths:
+            if "__pycache__" in path.parts or not path.is_file():
+                continue
+            st = path.stat()
+            digest.update(f"{path.relative_to(app_dir)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def own_fab_hash(app_dir: Path) -> str | None:
     """The sha256 of the FAB built from this installation (None when it is not a source tree)."""
     from client import flower_internals

@@ -25,6 +25,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from client.worker import EXIT_UPGRADED, write_private_json
+
 PROG = "nearl-client"
 STATUS_FILE = "status.json"
 FORWARD_GRACE = 2.0  # seconds a signalled supervisor waits before passing SIGTERM on to its SuperNode
@@ -180,6 +182,10 @@ class Supervisor:
     def restart_worker(self) -> None:
         code = self.worker.returncode
         lived = time.monotonic() - self.worker_started
+        if code == EXIT_UPGRADED:
+            self.accept_upgraded_bundle()
+            self.start_worker()
+            return
         log(f"site worker pid {self.worker.pid} exited with code {code} after {lived:.0f}s; starting a new one")
         self.answer_for_dead_worker(code)
         self.crash_delay = min(30.0, max(1.0, self.crash_delay * 2)) if lived < 15 else 0.0
@@ -189,6 +195,23 @@ class Supervisor:
         if not self.stopping:
             self.restarts += 1
             self.start_worker()
+
+    def accept_upgraded_bundle(self) -> None:
+        """The site upgraded NEARL: accept the bundle of the new installation in place of the old one's."""
+        from client.fab_check import own_fab_hash
+
+        old = self.spec.get("own_fab")
+        try:
+            new = own_fab_hash(Path(self.spec["app_dir"]))
+        except Exception as err:  # noqa: BLE001 - keep what was accepted; the new worker logs the refusals
+            log(f"the installed NEARL code changed but its app bundle cannot be built ({err}); "
+                "still accepting the previous bundle(s)")
+            return
+        extra = [h for h in self.spec["accepted_fabs"] if h != old]
+        self.spec["accepted_fabs"] = sorted({*extra, *([new] if new else [])})
+        self.spec["own_fab"] = new
+        write_private_json(self.spec_file, self.spec)
+        log(f"the installed NEARL code changed: starting a worker on it; this installation's app bundle sha256 {new}")
 
     def cleanup(self) -> None:
         for path in (self.task_file, Path(self.spec.get("secret_file", "")), self.spec_file,

@@ -30,9 +30,11 @@ from pathlib import Path
 from typing import Any
 
 from client import flower_internals as fi
-from client.fab_check import FabPolicy
+from client.fab_check import FabPolicy, installation_stamp
 
 PROG = "nearl-worker"
+EXIT_UPGRADED = 75  # the installed NEARL code changed: the supervisor starts a worker on the new code
+UPGRADE_CHECK_SECONDS = 5.0  # how often an idle worker looks at its installation
 
 
 def log(line: str) -> None:
@@ -66,8 +68,8 @@ def watch_pids(pids: list[int], interval: float = 0.5) -> None:
     threading.Thread(target=loop, name="nearl-worker-watch", daemon=True).start()
 
 
-def write_task_file(path: Path, record: dict[str, Any]) -> None:
-    """The task in hand (token included): 0600, replaced atomically."""
+def write_private_json(path: Path, record: dict[str, Any]) -> None:
+    """A file only the site's user may read (a task token, the worker's spec): 0600, replaced atomically."""
     tmp = path.with_suffix(".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
@@ -86,6 +88,9 @@ class Worker:
         secret_file = spec.get("secret_file")
         self.secret = fi.load_secret(secret_file) if secret_file else None
         self.served = 0
+        self.app_dir = Path(spec["app_dir"]) if spec.get("app_dir") else None
+        self.stamp = installation_stamp(self.app_dir) if self.app_dir else None
+        self.checked = time.monotonic()
 
     def prewarm(self) -> None:
         """Build the backbone and index the site before the first message (both are cached)."""
@@ -115,9 +120,20 @@ class Worker:
                 time.sleep(max(self.poll, 1.0))
                 continue
             if task is None:
+                self.exit_if_upgraded()
                 time.sleep(self.poll)
                 continue
             self.serve(*task)
+
+    def exit_if_upgraded(self) -> None:
+        """Between messages: when the site has upgraded its installed NEARL, exit so that new code answers."""
+        if self.app_dir is None or time.monotonic() - self.checked < UPGRADE_CHECK_SECONDS:
+            return
+        self.checked = time.monotonic()
+        if installation_stamp(self.app_dir) != self.stamp:
+            log(f"site {self.site}: the installed NEARL code in {self.app_dir} changed; exiting so that a worker "
+                "on the new code answers the next message")
+            sys.exit(EXIT_UPGRADED)
 
     def serve(self, token: str, task_id: int, run_id: int) -> None:
         client = fi.task_client(self.address, token)
@@ -127,7 +143,7 @@ class Worker:
             task = fi.pull_task_input(client)
             context = task.context
             msg = task.message
-            write_task_file(self.task_file, {"round": _server_round(msg),
+            write_private_json(self.task_file, {"round": _server_round(msg),
                 "token": token, "task_id": task_id, "run_id": run_id, "node_id": int(context.node_id),
                 "header": fi.message_header(msg), "message_type": msg.metadata.message_type,
                 "group_id": msg.metadata.group_id, "phase": "running", "pid": os.getpid(), "site": self.site})
@@ -153,7 +169,7 @@ class Worker:
         except (OSError, ValueError):
             return
         record["phase"] = phase
-        write_task_file(self.task_file, record)
+        write_private_json(self.task_file, record)
 
     def answer(self, task: fi.TaskInput) -> tuple[Any, bool, str]:
         """(reply, task succeeded, details): the site's own handler, or a refusal."""

@@ -65,14 +65,17 @@ def final_adapters(tmp: Path) -> dict[str, np.ndarray]:
 @pytest.mark.timeout(1800)
 def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(tmp_path):
     sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
-    runs = {}
-    for mode in ("--warm", "--cold"):
-        tmp = tmp_path / mode.strip("-")
-        procs, uri = federation(tmp, sites, mode, rounds=2)
-        try:
+    started = {}
+    try:  # both federations at once: each spends most of its time in Flower's polling sleeps
+        for mode in ("--warm", "--cold"):
+            started[mode] = (tmp_path / mode.strip("-"), *federation(tmp_path / mode.strip("-"), sites, mode, rounds=2))
+        for _, procs, _ in started.values():
             assert procs.wait("server", 1200) == 0, dump(procs)
-        finally:
+    finally:
+        for _, procs, _ in started.values():
             procs.stop_all()
+    runs = {}
+    for mode, (tmp, procs, uri) in started.items():
         client, run = mlflow_run(uri)
         runs[mode] = (tmp, procs, client, run.info.run_id)
 

@@ -152,3 +152,45 @@ def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grac
     sup.forward_stop()
     sup.forward_stop()
     assert sup.supernode.signals == [signal.SIGTERM]
+
+
+def fake_installation(root: Path) -> Path:
+    (root / "client").mkdir(parents=True)
+    (root / "pyproject.toml").write_text('[project]\nname = "nearl-federated"\n')
+    (root / "client" / "task.py").write_text("x = 1\n")
+    return root
+
+
+def test_an_idle_worker_exits_for_a_restart_when_the_installed_code_changes(tmp_path, worker, monkeypatch, capsys):
+    from client import fab_check
+    from client import worker as worker_module
+
+    app = fake_installation(tmp_path / "app")
+    stamp = fab_check.installation_stamp(app)
+    (app / "client" / "__pycache__").mkdir()
+    (app / "client" / "__pycache__" / "task.cpython-311.pyc").write_bytes(b"x")
+    assert fab_check.installation_stamp(app) == stamp  # byte-code caches are not the installation
+    worker.app_dir, worker.stamp, worker.checked = app, stamp, 0.0
+    worker.exit_if_upgraded()  # unchanged: nothing happens
+    worker.checked = 0.0
+    (app / "client" / "task.py").write_text("x = 22\n")  # an upgrade
+    with pytest.raises(SystemExit) as stopped:
+        worker.exit_if_upgraded()
+    assert stopped.value.code == worker_module.EXIT_UPGRADED
+    assert "installed NEARL code" in capsys.readouterr().out
+
+
+def test_after_an_upgrade_the_supervisor_accepts_the_new_bundle_instead_of_the_old(tmp_path, monkeypatch):
+    from client import fab_check
+    from client import supervisor as sv
+
+    spec_file = tmp_path / "spec.json"
+    spec_file.write_text(json.dumps({"task_file": str(tmp_path / "task.json"), "site": "siteA",
+                                     "app_dir": str(tmp_path), "own_fab": "a" * 64,
+                                     "accepted_fabs": ["a" * 64, "c" * 64]}))
+    monkeypatch.setattr(fab_check, "own_fab_hash", lambda app_dir: "b" * 64)
+    sup = sv.Supervisor(spec_file)
+    sup.accept_upgraded_bundle()
+    saved = json.loads(spec_file.read_text())
+    assert saved["accepted_fabs"] == ["b" * 64, "c" * 64] and saved["own_fab"] == "b" * 64  # --accept-fab kept
+    assert os.stat(spec_file).st_mode & 0o777 == 0o600
