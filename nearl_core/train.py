@@ -20,7 +20,8 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from nearl_core.config import NearlConfig, TrainConfig
-from nearl_core.data import ImageDataset, Sample
+from nearl_core.data import Sample
+from nearl_core.image_cache import image_dataset
 from nearl_core.metrics import classification_metrics
 from nearl_core.model import NearlCLIP
 
@@ -50,7 +51,7 @@ def make_loader(samples: Sequence[Sample], transform, cfg: TrainConfig, device: 
     on_gpu = device.type == "cuda"
     workers = cfg.num_workers if cfg.num_workers or not on_gpu else 4
     generator = torch.Generator().manual_seed(seed)
-    return DataLoader(ImageDataset(samples, transform), batch_size=cfg.batch_size, shuffle=shuffle,
+    return DataLoader(image_dataset(samples, transform, in_process=workers == 0), batch_size=cfg.batch_size, shuffle=shuffle,
                       num_workers=workers, pin_memory=on_gpu, generator=generator,
                       persistent_workers=workers > 0)
 
