@@ -20,6 +20,9 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from nearl_protocol import processes as flower
+from nearl_protocol.flat import FlatLayout
+from nearl_protocol.messages import adapter_record
+from nearl_protocol.schema import schema_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -44,6 +47,11 @@ def reply_from(node: int, content: RecordDict | None = None, *, error: str | Non
     if error is not None:
         return Message(error=Error(code=0, reason=error), metadata=md)
     return Message(content=content, metadata=md)
+
+
+def flat_record(tensors: dict[str, Any]) -> ArrayRecord:
+    """Tensors (numpy or torch, one dtype) as they travel: one flat array, packed in the dict's order."""
+    return adapter_record(FlatLayout.of(schema_of(tensors)).pack({k: np.asarray(v) for k, v in tensors.items()}))
 
 
 def train_reply_content(site: str, arrays: dict[str, np.ndarray], n: int = 10, **metrics: float) -> RecordDict:
