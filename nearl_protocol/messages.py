@@ -1,15 +1,16 @@
 """The messages of a round, one builder and one reader each.
 
-Server -> site: a train or evaluate *instruction*: the global adapters (``arrays``) and a
-``config`` record built by :func:`instruction_config` (Flower's strategies add
-``server-round`` and, for FedProx, ``proximal-mu``), read at the site by
-:func:`read_instruction`.
+Server -> site: a train or evaluate *instruction*: the global adapters (``arrays``: one
+flat array, :mod:`nearl_protocol.flat`) and a ``config`` record built by
+:func:`instruction_config` (Flower's strategies add ``server-round`` and, for FedProx,
+``proximal-mu``; NEARL's adds ``adapter-layout``), read at the site by
+:func:`read_instruction` and :func:`instruction_adapters`.
 
 Site -> server: a *reply* built by :func:`build_reply` (``metrics``, ``site`` and, for
-a train reply, ``arrays``) or, when the site refuses the instruction, an error reply
-from :func:`refusal`; the server reads either with :func:`read_reply`.  Which site a
-reply belongs to is decided by the server from the node that sent it; the ``site``
-record is only a claim.
+a train reply, ``arrays``: the site's adapters as one flat array) or, when the site
+refuses the instruction, an error reply from :func:`refusal`; the server reads either
+with :func:`read_reply`.  Which site a reply belongs to is decided by the server from
+the node that sent it; the ``site`` record is only a claim.
 """
 
 from __future__ import annotations
@@ -75,12 +76,6 @@ def read_instruction(msg: Message) -> Instruction:
         node_refused=str(config.get(keys.NODE_REFUSED, "")), adapter_layout=str(config.get(keys.ADAPTER_LAYOUT, "")))
 
 
-def instruction_arrays(msg: Message) -> dict[str, np.ndarray] | None:
-    """The global adapters an instruction carries (in the transport dtype), or None."""
-    rec = msg.content.array_records.get(keys.ARRAYS)
-    return None if rec is None else {k: a.numpy() for k, a in rec.items()}
-
-
 def adapter_record(flat: np.ndarray) -> ArrayRecord:
     """The ``arrays`` record of a message: the adapters as one flat array (:meth:`FlatLayout.pack`)."""
     return ArrayRecord({keys.ADAPTERS: Array(np.ascontiguousarray(flat))})
@@ -105,12 +100,12 @@ def instruction_adapters(msg: Message, layout: FlatLayout) -> np.ndarray | None:
 
 
 def build_reply(msg: Message, *, site: str, metrics: Mapping[str, float],
-                arrays: Mapping[str, np.ndarray] | None = None) -> Message:
-    """A reply to ``msg``: scalar metrics, the site's name and (train replies) the adapter tensors."""
+                adapters: np.ndarray | None = None) -> Message:
+    """A reply to ``msg``: scalar metrics, the site's name and (train replies) the flat adapter array."""
     records: dict[str, Any] = {keys.METRICS: MetricRecord(dict(metrics)),
                                keys.SITE: ConfigRecord({keys.SITE_NAME: site})}
-    if arrays is not None:
-        records[keys.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    if adapters is not None:
+        records[keys.ARRAYS] = adapter_record(adapters)
     return Message(content=RecordDict(records), reply_to=msg)
 
 

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from nearl_protocol import processes as flower
 from nearl_protocol.flat import FlatLayout
@@ -56,8 +56,7 @@ def flat_record(tensors: dict[str, Any]) -> ArrayRecord:
 
 def train_reply_content(site: str, arrays: dict[str, np.ndarray], n: int = 10, **metrics: float) -> RecordDict:
     m = {"num-examples": n, "train-loss": 1.0, "train-accuracy": 0.5, **metrics}
-    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                       "metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
+    return RecordDict({"arrays": flat_record(arrays), "metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
 
 
 class FakeGrid:

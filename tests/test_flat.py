@@ -1,5 +1,5 @@
 """Adapters on the wire as one flat array (nearl_protocol.flat): packing, reading, every malformed payload,
-the layout digest and exact widening."""
+the layout digest, exact widening, and the aggregate equal bit for bit to the per-tensor path before it."""
 
 from __future__ import annotations
 
@@ -7,13 +7,15 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from nearl_core.transport import decode, encode, widen_flat, wire_schema
 from nearl_protocol.arrays import PayloadError
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import adapter_record, instruction_adapters
-from tests.fed_helpers import flat_record, instruction, restore_task_identity, server_task_identity
+from server.strategy import STRATEGIES, make_strategy
+from tests.fed_helpers import (FakeGrid, flat_record, instruction, metadata, reply_from, restore_task_identity,
+                               server_task_identity, train_reply_content)
 
 SCHEMA = {"a.weight": ((3, 4), "float32"), "b.bias": ((5,), "float32"), "c.gate": ((1,), "float32")}
 LAYOUT = FlatLayout.of(SCHEMA)
@@ -138,3 +140,89 @@ def test_widening_a_flat_payload_equals_widening_tensor_by_tensor(transport):
         assert wide[k].dtype == np.float32 and wide[k].tobytes() == v.tobytes()
     if transport == "float32":
         assert np.shares_memory(widen_flat(flat, transport), flat)  # no copy
+
+
+# -- the aggregate over flat replies equals the per-tensor path, bit for bit ----------------------------
+SITES = 25
+
+
+def _updates(transport: str) -> tuple[list[dict[str, np.ndarray]], list[float]]:
+    rng = np.random.default_rng(7)
+    updates = [{k: (rng.standard_normal(shape) * rng.uniform(0.01, 3)).astype(dtype)
+                for k, (shape, dtype) in SCHEMA.items()} for _ in range(SITES)]
+    if transport != "float32":  # what the sites can send: values representable in the transport dtype
+        updates = [decode(encode(u, transport), SCHEMA, transport) for u in updates]
+    return updates, [float(n) for n in rng.integers(5, 5000, size=SITES)]
+
+
+def _per_tensor_fedavg(updates, counts) -> dict[str, np.ndarray]:
+    """The server's FedAvg before flat payloads (server/arrays.py then): every tensor of every update decoded
+    and widened to float64, concatenated in schema order, acc += x * (n / total) site by site in site-name
+    order (the strategy sorts replies); float64, before the cast to the schema's float32."""
+    total = math.fsum(counts)
+    acc = np.zeros(LAYOUT.size, np.float64)
+    for i in sorted(range(SITES), key=lambda i: f"site{i:02d}"):
+        acc += np.concatenate([updates[i][k].ravel().astype(np.float64) for k in SCHEMA]) * (counts[i] / total)
+    out, offset = {}, 0
+    for k, (shape, _) in SCHEMA.items():
+        size = math.prod(shape)
+        out[k] = acc[offset:offset + size].reshape(shape)
+        offset += size
+    return out
+
+
+def _flowers_own(name: str, updates, counts) -> dict[str, np.ndarray]:
+    """Every other strategy before flat payloads: Flower's class on per-tensor float64 messages, one per
+    site in site-name order, weighted by the count (what NEARL's strategy handed it); float64."""
+    reference = make_strategy(name, schema=SCHEMA, min_nodes=1, total_rounds=1)
+    base = STRATEGIES[name]
+    initial = ArrayRecord({k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()})
+    base.configure_train(reference, 1, initial, ConfigRecord(), FakeGrid([1]))
+    messages = [Message(content=RecordDict({
+        "arrays": ArrayRecord({k: Array(updates[i][k].astype(np.float64)) for k in SCHEMA}),
+        "metrics": MetricRecord({"num-examples": counts[i]})}), metadata=metadata(src=i + 1, dst=0))
+        for i in sorted(range(SITES), key=lambda i: f"site{i:02d}")]
+    arrays, _ = base.aggregate_train(reference, 1, messages)
+    return {k: arrays[k].numpy() for k in SCHEMA}
+
+
+@pytest.mark.parametrize("transport", ["float32", "fp16", "bf16"])
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_the_aggregate_of_flat_replies_is_bit_identical_to_the_per_tensor_path(name, transport):
+    updates, counts = _updates(transport)
+    strategy = make_strategy(name, schema=SCHEMA, min_nodes=1, total_rounds=1, transport=transport,
+                             options={"outlier-factor": 0.0})
+    initial = ArrayRecord({k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()})
+    sent = list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1])))
+    assert set(sent[0].content["arrays"]) == {"adapters"}
+    assert sent[0].content["config"]["adapter-layout"] == strategy.wire_layout.digest
+    replies = [reply_from(i + 1, train_reply_content(f"site{i:02d}", encode(updates[i], transport), n=counts[i]))
+               for i in range(SITES)]
+    exact = []  # the strategy's float64 aggregate, before the cast to float32 hides its last bits
+    inner = strategy._aggregate_updates
+    strategy._aggregate_updates = lambda u, w: exact.append(inner(u, w)) or exact[-1]
+    arrays, _ = strategy.aggregate_train(1, replies[::-1])  # arrival order does not matter either
+    assert arrays is not None and len(exact) == 1
+    want = _per_tensor_fedavg(updates, counts) if name in ("fedavg", "fedprox") else _flowers_own(name, updates, counts)
+    for k in SCHEMA:
+        assert exact[0][k].dtype == np.float64 and exact[0][k].tobytes() == want[k].tobytes(), k
+        got = arrays[k].numpy()
+        assert got.dtype == np.float32 and got.shape == SCHEMA[k][0]
+        assert got.tobytes() == want[k].astype(np.float32).tobytes(), k
+
+
+def test_the_payload_hash_is_the_one_of_the_bytes_as_received():
+    """Under fp16 the server widens each update; the hash it reports is still the one of what the site sent."""
+    from nearl_protocol.arrays import payload_sha256
+
+    strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, total_rounds=1, transport="fp16")
+    initial = ArrayRecord({k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()})
+    list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1])))
+    content = train_reply_content("site1", encode(tensors(), "fp16"))
+    want = payload_sha256(content["arrays"])
+    recorded = []
+    strategy.listener = type("L", (), {"evaluated": lambda *a: None,
+                                       "round_finished": lambda self, report, s: recorded.append(report)})()
+    strategy.aggregate_train(1, [reply_from(1, content)])
+    strategy.aggregate_evaluate(1, [])
+    assert recorded[0].payload_sha256 == {"site1": want}
