@@ -9,7 +9,7 @@ from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from nearl_protocol.arrays import PayloadError, decode_array, payload_sha256
 from server.arrays import CHUNK, weighted_mean, weighted_mean_flat
-from server.robust import _distance
+from server.robust import distances
 
 
 @pytest.mark.parametrize("value", [
@@ -96,8 +96,9 @@ def test_the_blockwise_mean_is_bit_identical_to_summing_whole_updates(size):
 
 
 @pytest.mark.parametrize("size", [0, 5, CHUNK + 3])
-def test_the_guards_distance_is_the_float64_l2_norm(size):
+def test_the_guards_distances_are_float64_l2_norms(size):
     rng = np.random.default_rng(1)
-    values, reference = rng.standard_normal(size).astype(np.float32), rng.standard_normal(size)
-    want = float(np.linalg.norm(values.astype(np.float64) - reference))
-    assert _distance(values, reference, np.empty(min(size, CHUNK))) == pytest.approx(want, rel=1e-13, abs=0)
+    values, reference = [rng.standard_normal(size).astype(np.float32) for _ in range(3)], rng.standard_normal(size)
+    want = [float(np.linalg.norm(v.astype(np.float64) - reference)) for v in values]
+    assert distances(values, reference) == pytest.approx(want, rel=1e-13, abs=0)
+    assert distances(values[1:], reference) == distances(values, reference)[1:]  # each on its own
