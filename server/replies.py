@@ -40,6 +40,7 @@ HASH_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
 class Received:
     """One reply as it came in: its size on the wire, its update or why it has none, its payload hash."""
 
+    reply: Message  # held, so that no other message can take its id() while this entry exists
     nbytes: int
     values: np.ndarray | None  # float32, the schema's order; None when the reply must not be aggregated
     problem: str | None  # why (screening's reason); None when ``values`` is set
@@ -78,7 +79,7 @@ class ReplyScreening:
             if id(msg) in self._received or not msg.has_content():
                 continue
             values, problem = read_update(msg.content, self.wire_layout, self.transport)
-            got = Received(record_bytes(msg.content), values, problem)
+            got = Received(msg, record_bytes(msg.content), values, problem)
             if values is not None:
                 got.digest = self._hasher().submit(payload_sha256, msg.content[keys.ARRAYS])
             self._received[id(msg)] = got
