@@ -2,9 +2,9 @@
 
 One JSON line per message the site answers, appended, flushed and fsynced *before* the
 reply is handed to Flower, so a reply that left is always on record.  A line holds the
-time, run id, round, coordinator address, message type, each outgoing array's name,
-shape and dtype, the sha256 of the payload bytes (the server logs the same hash for
-what it received), bytes sent, the scalar metrics sent, epsilon before and after, and
+time, run id, round, coordinator address, message type, each outgoing tensor's name,
+shape and dtype (the split of the one flat array the adapters travel as), the sha256 of
+the payload bytes (the server logs the same hash for what it received), bytes sent, the scalar metrics sent, epsilon before and after, and
 whether the site declined (privacy budget) or refused (e.g. another backbone) and why.
 ``nearl-client audit --state-dir DIR`` summarises the file per run.
 """
@@ -17,18 +17,23 @@ import os
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 from flwr.app import Message
 
 from nearl_protocol import keys
 from nearl_protocol.arrays import payload_sha256
 from nearl_protocol.messages import metrics_of, record_bytes
+from nearl_protocol.schema import Schema
 
 
 def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, server_round: int | None,
-               eps_before: float | None, eps_after: float | None) -> dict[str, Any]:
-    """What the audit trail records for one answered message (``server_round`` None: unreadable instruction)."""
+               eps_before: float | None, eps_after: float | None, schema: Schema | None = None) -> dict[str, Any]:
+    """What the audit trail records for one answered message (``server_round`` None: unreadable instruction).
+
+    ``schema``: the layout the reply's flat adapter array was packed with (checked by the
+    egress gate); the line lists its tensors.  Without it the line lists the record's arrays.
+    """
     line: dict[str, Any] = {"time": time.time(), "run_id": int(msg.metadata.run_id), "round": server_round,
                             "site": site, "coordinator": coordinator, "message_type": msg.metadata.message_type,
                             "arrays": [], "payload_sha256": None, "bytes_sent": 0, "metrics": {},
@@ -41,13 +46,20 @@ def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, ser
     metrics = metrics_of(reply.content)
     line.update(metrics=metrics, bytes_sent=record_bytes(reply.content))
     if arrays is not None:
-        line["arrays"] = [[name, list(a.shape), a.dtype] for name, a in arrays.items()]
+        line["arrays"] = _listed(arrays, schema)
         line["payload_sha256"] = payload_sha256(arrays)
     if metrics.get(keys.DP_DECLINED) == 1.0:
         line["declined"] = (f"privacy budget: epsilon {metrics.get(keys.EPSILON, math.nan):.3f} spent, the round "
                             f"would reach {metrics.get(keys.DP_EPSILON_NEXT, math.nan):.3f} > "
                             f"{metrics.get(keys.DP_MAX_EPSILON, math.nan):g}")
     return line
+
+
+def _listed(arrays: Mapping[str, Any], schema: Schema | None) -> list[list[Any]]:
+    """[name, shape, dtype] of every tensor sent: the schema's split of the flat array, else the arrays as they are."""
+    if schema:
+        return [[name, list(shape), dtype] for name, (shape, dtype) in schema.items()]
+    return [[name, list(a.shape), a.dtype] for name, a in arrays.items()]
 
 
 def append(path: Path, line: dict[str, Any]) -> None:

@@ -2,27 +2,32 @@
 
 A reply may hold exactly
 
-* ``arrays``  (train replies only): one ArrayRecord with precisely the adapter tensors of
-  the agreed schema (same names, shapes and dtypes; plain numpy arrays);
+* ``arrays``  (train replies only): one ArrayRecord holding one flat array, precisely the
+  adapter tensors of the agreed schema packed in its order (:func:`pack_outgoing` checks
+  their names, shapes and dtypes before packing; :func:`check_reply` checks the array's
+  name, dtype, length and that its bytes agree with its metadata);
 * ``metrics``: one MetricRecord of scalar numbers (no lists: a list could carry
   per-sample outputs), at most :data:`MAX_METRICS` keys with short names;
 * ``site``:    one ConfigRecord holding only ``name``, the site's short name.
 
-Anything else (another record, a backbone tensor, an extra or mis-shaped array, a
-string metric, per-sample values) raises :class:`EgressError`, which aborts the reply:
-the ClientApp fails the message and the server sees an error instead of data.
+Anything else (another record, a backbone tensor, an extra or mis-shaped tensor, a
+second array, a string metric, per-sample values) raises :class:`EgressError`, which
+aborts the reply: the site sends a refusal with the one-line reason instead of data.
 """
 
 from __future__ import annotations
 
 import re
+from typing import Any, Mapping
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from nearl_core.errors import NearlError
 from nearl_protocol import keys
-from nearl_protocol.arrays import PayloadError, decode_array
-from nearl_protocol.schema import Schema, schema_problem
+from nearl_protocol.arrays import PayloadError
+from nearl_protocol.flat import FlatLayout
+from nearl_protocol.schema import Schema
 
 MAX_METRICS = 256
 SITE_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -50,15 +55,20 @@ def check_reply(content: RecordDict, schema: Schema, *, with_arrays: bool) -> No
     _check_site(content[keys.SITE])
 
 
+def pack_outgoing(tensors: Mapping[str, Any], schema: Schema) -> np.ndarray:
+    """The adapters as the one flat array that may leave, after checking every tensor's name, shape and
+    dtype against the agreed (wire) schema: the split the coordinator will apply to it."""
+    try:
+        return FlatLayout.of(schema).pack(tensors)
+    except PayloadError as err:
+        raise EgressError(f"outgoing {err}; refusing to send") from None
+
+
 def _check_arrays(arrays: ArrayRecord, schema: Schema) -> None:
-    problem = schema_problem(arrays, schema)
-    if problem:
-        raise EgressError(f"outgoing {problem}; refusing to send")
-    for name, arr in arrays.items():
-        try:
-            decode_array(arr)  # bytes agree with the stated layout: nothing hidden after the data
-        except PayloadError as err:
-            raise EgressError(f"tensor '{name}': {err}; refusing to send") from None
+    try:  # one array of the schema's dtype and length, bytes that agree with it: nothing hidden after the data
+        FlatLayout.of(schema).read(arrays)
+    except PayloadError as err:
+        raise EgressError(f"outgoing {err}; refusing to send") from None
 
 
 def _check_metrics(metrics: MetricRecord) -> None:

@@ -26,7 +26,7 @@ from flwr.app import Context, Message
 
 from client import audit
 from client.binding import SiteBinding, site_binding
-from client.egress import EgressError, check_reply
+from client.egress import EgressError, check_reply, pack_outgoing
 from nearl_core.adapter_io import adapter_schema, get_adapter_state, set_adapter_state
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import ModelConfig, NearlConfig, from_dict
@@ -34,10 +34,11 @@ from nearl_core.data import SiteData, scan_site
 from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
-from nearl_core.transport import check_transport, decode, encode, wire_schema
+from nearl_core.transport import check_transport, encode, widen_flat, wire_schema
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 from nearl_protocol import keys
-from nearl_protocol.messages import Instruction, build_reply, instruction_arrays, read_instruction, refusal
+from nearl_protocol.flat import FlatLayout
+from nearl_protocol.messages import Instruction, build_reply, instruction_adapters, read_instruction, refusal
 
 
 class SiteRefusal(NearlError):
@@ -70,13 +71,20 @@ def cached_site(root: Path, classes: tuple[str, ...]) -> SiteData:
     return scan_site(root, classes, verify=False)
 
 
-def build_site_model(cfg: NearlConfig, arrays: Mapping[str, np.ndarray] | None, device: torch.device,
+def build_site_model(cfg: NearlConfig, msg: Message | None, device: torch.device,
                      transport: str = "float32") -> NearlCLIP:
-    """The site's model with the global adapters from the message (widened from the transport dtype)."""
+    """The site's model with the global adapters the instruction carries.
+
+    They arrive as one flat array in the transport dtype; it is read against this model's
+    own layout (the coordinator's stated layout must be the same), widened and split.
+    """
     model = build_model(cfg, cfg.task.classes, backbone=cached_backbone(cfg.model))
-    if arrays is not None:
-        wide = decode(dict(arrays), adapter_schema(model), transport)
-        set_adapter_state(model, {k: torch.from_numpy(np.array(v)) for k, v in wide.items()})
+    if msg is not None:
+        schema = adapter_schema(model)
+        flat = instruction_adapters(msg, FlatLayout.of(wire_schema(schema, transport)))
+        if flat is not None:
+            wide = FlatLayout.of(schema).split(np.array(widen_flat(flat, transport)))
+            set_adapter_state(model, {k: torch.from_numpy(v) for k, v in wide.items()})
     return model.to(device)
 
 
@@ -173,7 +181,7 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     n_train = len(site.samples("train"))
     transport = check_transport(instruction.transport)
     builds_before = cached_backbone.cache_info().misses
-    model = build_site_model(cfg, instruction_arrays(msg), device, transport)
+    model = build_site_model(cfg, msg, device, transport)
     check_backbone(model, instruction)
     budget = (_round_budget(binding, cfg, n_train, instruction.local_epochs, instruction.total_rounds, log)
               if cfg.privacy.enabled else None)
@@ -219,7 +227,7 @@ def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log:
     cfg = site_config(instruction, binding)
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)
-    model = build_site_model(cfg, instruction_arrays(msg), device, check_transport(instruction.transport))
+    model = build_site_model(cfg, msg, device, check_transport(instruction.transport))
     check_backbone(model, instruction)
     val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp),
                     keys.EVAL_PREFIX)
@@ -252,7 +260,7 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
         outcome, reply = Outcome({}), refusal(msg, reason, site=binding.site)
     line = audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
                             server_round=server_round if isinstance(server_round, int) else None,
-                            eps_before=outcome.eps_before, eps_after=outcome.eps_after)
+                            eps_before=outcome.eps_before, eps_after=outcome.eps_after, schema=_sent_schema(outcome))
     audit.append(binding.audit_file(), line)
     if not reply.has_error() and reply.content.array_records:
         sent = sum(a.numpy().nbytes for a in reply.content[keys.ARRAYS].values())
@@ -261,10 +269,16 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
     return reply
 
 
+def _sent_schema(outcome: Outcome) -> dict[str, tuple[tuple[int, ...], str]]:
+    """The (wire) layout of the adapters a train reply carries; empty when it carries none."""
+    return wire_schema(adapter_schema(outcome.model), outcome.transport) if outcome.model is not None else {}
+
+
 def _reply(msg: Message, binding: SiteBinding, outcome: Outcome) -> Message:
     arrays = encode(get_adapter_state(outcome.model), outcome.transport) if outcome.model is not None else None
-    reply = build_reply(msg, site=binding.site, metrics=outcome.metrics, arrays=arrays)
-    schema = wire_schema(adapter_schema(outcome.model), outcome.transport) if outcome.model is not None else {}
+    schema = _sent_schema(outcome)
+    flat = pack_outgoing(arrays, schema) if arrays is not None else None
+    reply = build_reply(msg, site=binding.site, metrics=outcome.metrics, adapters=flat)
     check_reply(reply.content, schema, with_arrays=outcome.model is not None)
     return reply
 

@@ -4,7 +4,8 @@ Sites train and the server aggregates in float32; only the copy that crosses the
 network is narrowed (``--transport-dtype``), which halves every payload in both
 directions.  numpy has no bfloat16, so bf16 travels as the raw 16-bit patterns in an
 ``int16`` array (what the egress check and the server's schema then expect) and is
-widened back exactly.
+widened back exactly.  :func:`widen_flat` widens a whole flat payload
+(:mod:`nearl_protocol.flat`) with numpy alone: the server widens every reply with it.
 """
 
 from __future__ import annotations
@@ -57,3 +58,17 @@ def decode(values: Mapping[str, np.ndarray], schema: Schema, transport: str) -> 
         else:
             out[k] = np.asarray(v).astype(want, copy=False)
     return out
+
+
+def widen_flat(values: np.ndarray, transport: str) -> np.ndarray:
+    """A flat wire payload of float32 tensors -> float32, exactly (fp16 and bf16 values are float32 values).
+
+    bf16 is the upper half of a float32's bits, so widening is a 16-bit shift (what torch's
+    conversion does); float32 transport returns ``values`` itself, without a copy.
+    """
+    check_transport(transport)
+    if transport == "fp16" and values.dtype == np.float16:
+        return values.astype(np.float32)
+    if transport == "bf16" and values.dtype == np.int16:
+        return (values.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+    return values

@@ -8,7 +8,8 @@ One convention on the wire: kebab-case, as Flower's own keys (``num-examples``,
 from __future__ import annotations
 
 # -- records of a message -------------------------------------------------------------------------
-ARRAYS = "arrays"  # ArrayRecord: the adapter tensors (global in an instruction, the site's in a reply)
+ARRAYS = "arrays"  # ArrayRecord: the adapters (global in an instruction, the site's in a reply) ...
+ADAPTERS = "adapters"  # ... as its one flat array, every tensor in the agreed schema's order (nearl_protocol.flat)
 CONFIG = "config"  # ConfigRecord of an instruction
 METRICS = "metrics"  # MetricRecord of a reply: scalars only
 SITE = "site"  # ConfigRecord of a reply: the site's self-reported name (never trusted for attribution)
@@ -23,6 +24,7 @@ TRANSPORT = "transport-dtype"
 EVALUATE_FIRST = "evaluate-first"
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 BACKBONE = "backbone-fingerprint"  # the coordinator's frozen backbone; a site with another one refuses
+ADAPTER_LAYOUT = "adapter-layout"  # digest of the flat adapters' layout (names, shapes, dtype, order)
 NODE_REFUSED = "node-refused"  # why the server refuses this node's replies (e.g. a duplicate site name)
 
 # -- reply metrics (site -> server) ---------------------------------------------------------------

@@ -1,15 +1,16 @@
 """The messages of a round, one builder and one reader each.
 
-Server -> site: a train or evaluate *instruction*: the global adapters (``arrays``) and a
-``config`` record built by :func:`instruction_config` (Flower's strategies add
-``server-round`` and, for FedProx, ``proximal-mu``), read at the site by
-:func:`read_instruction`.
+Server -> site: a train or evaluate *instruction*: the global adapters (``arrays``: one
+flat array, :mod:`nearl_protocol.flat`) and a ``config`` record built by
+:func:`instruction_config` (Flower's strategies add ``server-round`` and, for FedProx,
+``proximal-mu``; NEARL's adds ``adapter-layout``), read at the site by
+:func:`read_instruction` and :func:`instruction_adapters`.
 
 Site -> server: a *reply* built by :func:`build_reply` (``metrics``, ``site`` and, for
-a train reply, ``arrays``) or, when the site refuses the instruction, an error reply
-from :func:`refusal`; the server reads either with :func:`read_reply`.  Which site a
-reply belongs to is decided by the server from the node that sent it; the ``site``
-record is only a claim.
+a train reply, ``arrays``: the site's adapters as one flat array) or, when the site
+refuses the instruction, an error reply from :func:`refusal`; the server reads either
+with :func:`read_reply`.  Which site a reply belongs to is decided by the server from
+the node that sent it; the ``site`` record is only a claim.
 """
 
 from __future__ import annotations
@@ -22,6 +23,8 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from nearl_protocol import keys
+from nearl_protocol.arrays import PayloadError
+from nearl_protocol.flat import FlatLayout
 
 REFUSAL_CODE = 4001  # an error reply the site chose to send (its reason is one readable line)
 
@@ -41,6 +44,7 @@ class Instruction:
     proximal_mu: float = 0.0
     backbone: str = ""  # the coordinator's backbone fingerprint ("" = not checked)
     node_refused: str = ""  # why the coordinator refuses this node's replies ("" = it does not)
+    adapter_layout: str = ""  # digest of the layout the coordinator packed the adapters with ("" = not stated)
 
 
 def instruction_config(*, nearl_config: Mapping[str, Any], transport: str, backbone: str,
@@ -69,22 +73,39 @@ def read_instruction(msg: Message) -> Instruction:
         local_epochs=int(config.get(keys.LOCAL_EPOCHS, 1)), total_rounds=int(config.get(keys.TOTAL_ROUNDS, 1)),
         transport=str(config.get(keys.TRANSPORT, "float32")), evaluate_first=bool(config.get(keys.EVALUATE_FIRST, False)),
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)), backbone=str(config.get(keys.BACKBONE, "")),
-        node_refused=str(config.get(keys.NODE_REFUSED, "")))
+        node_refused=str(config.get(keys.NODE_REFUSED, "")), adapter_layout=str(config.get(keys.ADAPTER_LAYOUT, "")))
 
 
-def instruction_arrays(msg: Message) -> dict[str, np.ndarray] | None:
-    """The global adapters an instruction carries (in the transport dtype), or None."""
+def adapter_record(flat: np.ndarray) -> ArrayRecord:
+    """The ``arrays`` record of a message: the adapters as one flat array (:meth:`FlatLayout.pack`)."""
+    return ArrayRecord({keys.ADAPTERS: Array(np.ascontiguousarray(flat))})
+
+
+def instruction_adapters(msg: Message, layout: FlatLayout) -> np.ndarray | None:
+    """The global adapters of an instruction as one flat array in the wire dtype (read-only), or None.
+
+    ``layout`` is the receiving site's own (wire) layout.  An instruction packed with another
+    layout, one that differs only in the order of the tensors included, is refused: its values
+    would land in the wrong tensors.
+    """
     rec = msg.content.array_records.get(keys.ARRAYS)
-    return None if rec is None else {k: a.numpy() for k, a in rec.items()}
+    if rec is None:
+        return None
+    config = msg.content.config_records.get(keys.CONFIG)
+    stated = str(config.get(keys.ADAPTER_LAYOUT, "")) if config is not None else ""
+    if stated and stated != layout.digest:
+        raise PayloadError(f"adapter layout mismatch: the coordinator packed layout {stated}, this site's adapters "
+                           f"have layout {layout.digest}; install the same NEARL version on both sides")
+    return layout.read(rec)
 
 
 def build_reply(msg: Message, *, site: str, metrics: Mapping[str, float],
-                arrays: Mapping[str, np.ndarray] | None = None) -> Message:
-    """A reply to ``msg``: scalar metrics, the site's name and (train replies) the adapter tensors."""
+                adapters: np.ndarray | None = None) -> Message:
+    """A reply to ``msg``: scalar metrics, the site's name and (train replies) the flat adapter array."""
     records: dict[str, Any] = {keys.METRICS: MetricRecord(dict(metrics)),
                                keys.SITE: ConfigRecord({keys.SITE_NAME: site})}
-    if arrays is not None:
-        records[keys.ARRAYS] = ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+    if adapters is not None:
+        records[keys.ARRAYS] = adapter_record(adapters)
     return Message(content=RecordDict(records), reply_to=msg)
 
 

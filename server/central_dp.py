@@ -28,14 +28,13 @@ import logging
 from collections.abc import Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, Message, MetricRecord
 from flwr.serverapp.strategy import DifferentialPrivacyServerSideFixedClipping
 from flwr.supercore.differential_privacy import compute_clip_model_update
 
 from nearl_core.privacy import epsilon_of
-from nearl_protocol import keys
 from nearl_protocol.arrays import decode_array
-from server.screening import UNIT_WEIGHT_KEY, check_update, declined
+from server.screening import UNIT_WEIGHT_KEY, declined
 from server.strategy import NearlStrategyMixin
 
 log = logging.getLogger("nearl.central_dp")
@@ -61,10 +60,10 @@ class NearlServerSideDP(DifferentialPrivacyServerSideFixedClipping):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         inner: NearlStrategyMixin = self.strategy  # type: ignore[assignment]
         replies = list(replies)
-        inner.widen_replies(replies)  # clip float32 updates, whatever the transport dtype
+        inner.receive_replies(replies)  # each update read once, as float32 whatever the transport dtype
         clipped = [r for r in replies if self._is_update(r, inner)]
         for reply in clipped:
-            self._clip(reply)
+            self._clip(reply, inner)
         # the NEARL strategy screens, logs and averages (equal weights) what it accepts
         arrays, metrics = inner.aggregate_train(server_round, replies)
         if arrays is None:
@@ -87,18 +86,22 @@ class NearlServerSideDP(DifferentialPrivacyServerSideFixedClipping):
             return False
         if declined(reply.content):
             return False
-        return check_update(reply.content, inner.schema) is None
+        return inner.update_values(reply) is not None
 
-    def _clip(self, reply: Message) -> None:
-        """Clip this reply's update (reply - current global) to the L2 norm C, in place; mark it unit-weight."""
-        rec = reply.content.array_records[keys.ARRAYS]
-        names = list(rec.keys())
-        values = [decode_array(rec[k]) for k in names]
+    def _clip(self, reply: Message, inner: NearlStrategyMixin) -> None:
+        """Clip this reply's update (reply - current global) to the L2 norm C, tensor by tensor as Flower
+        does; the strategy aggregates the clipped values; the reply is marked unit-weight.
+
+        The reply's bytes stay as received, so its payload hash is still the one its site recorded.
+        """
+        names = list(inner.schema)
+        tensors = inner.layout.split(inner.update_values(reply))
+        values = [tensors[k] for k in names]
         current = [decode_array(self.current_arrays[k]) for k in names]
         update_norm = float(np.sqrt(sum(float(np.square(v.astype(np.float64) - c).sum()) for v, c in zip(values, current))))
         if update_norm > self.clipping_norm:  # (Flower's helper divides by the norm: a zero update would crash it)
-            compute_clip_model_update(values, current, self.clipping_norm)
-        reply.content[keys.ARRAYS] = ArrayRecord({k: Array(np.asarray(v)) for k, v in zip(names, values)})
+            compute_clip_model_update(values, current, self.clipping_norm)  # replaces the list's entries
+            inner.replace_update(reply, np.concatenate([np.asarray(v, np.float32).reshape(-1) for v in values]))
         next(iter(reply.content.metric_records.values()))[UNIT_WEIGHT_KEY] = 1.0
 
 

@@ -1,27 +1,50 @@
-"""How the strategy reads replies: narrowing/widening for the transport dtype, attribution, screening.
+"""How the strategy reads replies: the flat wire format, attribution, screening.
 
-:class:`ReplyScreening` is mixed into :class:`server.strategy.NearlStrategyMixin`.  Every
-reply is attributed by the node that sent it (:class:`server.screening.SiteIdentities`)
-and judged by :func:`server.screening.check_update` (each tensor decoded against its own
-metadata, the schema, finite values, a positive example count) before anything else
-reads it; a refused node is told why in its next instruction.
+:class:`ReplyScreening` is mixed into :class:`server.strategy.NearlStrategyMixin`.  Adapters
+cross the network as one flat array per message (:mod:`nearl_protocol.flat`) in the
+transport dtype: :meth:`ReplyScreening._to_wire` packs the global adapters of every
+instruction, :meth:`ReplyScreening.receive_replies` reads every reply once
+(:func:`server.screening.read_update`: the record, the array's metadata against its bytes,
+dtype and length against the agreed layout, widened to float32, finiteness checked once,
+a positive example count) and keeps the update as one float32 vector for the guard and
+the aggregation.  Every reply is attributed by the node that sent it
+(:class:`server.screening.SiteIdentities`); a refused node is told why in its next
+instruction.  The payload hash (what the site's audit trail records) is taken of the
+bytes as received, on worker threads while the main thread screens (hashlib and numpy
+both release the GIL).
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
 
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, RecordDict
+import numpy as np
+from flwr.app import ConfigRecord, Message, RecordDict
 
-from nearl_core.transport import decode, encode
+from nearl_core.transport import encode
 from nearl_protocol import keys
-from nearl_protocol.arrays import PayloadError, decode_array, payload_sha256
-from nearl_protocol.messages import read_reply, record_bytes
+from nearl_protocol.arrays import decode_array, payload_sha256
+from nearl_protocol.messages import adapter_record, read_reply, record_bytes
 from server.rounds import SiteReply
-from server.screening import UNIT_WEIGHT_KEY, check_metrics, check_update, declined, declined_reason, site_metrics
+from server.screening import UNIT_WEIGHT_KEY, check_metrics, declined, declined_reason, read_update, site_metrics
 
 log = logging.getLogger("nearl.strategy")
+HASH_THREADS = max(1, min(4, (os.cpu_count() or 1) - 1))
+
+
+@dataclass
+class Received:
+    """One reply as it came in: its size on the wire, its update or why it has none, its payload hash."""
+
+    reply: Message  # held, so that no other message can take its id() while this entry exists
+    nbytes: int
+    values: np.ndarray | None  # float32, the schema's order; None when the reply must not be aggregated
+    problem: str | None  # why (screening's reason); None when ``values`` is set
+    digest: Future | None = None  # sha256 of the adapter bytes as received
 
 
 class ReplyScreening:
@@ -35,47 +58,65 @@ class ReplyScreening:
                 config = ConfigRecord({**m.content[keys.CONFIG], keys.NODE_REFUSED: why})
                 m.content = RecordDict({**{k: v for k, v in m.content.items()}, keys.CONFIG: config})
 
-    def _narrowed(self, messages: list[Message]) -> list[Message]:
-        """Send the global adapters in the transport dtype (the strategy itself keeps float32)."""
-        if self.transport == "float32" or not messages:
+    def _to_wire(self, messages: list[Message]) -> list[Message]:
+        """Send the global adapters as one flat array in the transport dtype (the strategy keeps float32 tensors).
+
+        Packing checks the global adapters against the schema; Flower's messages share one
+        record, so the array is built once per round.
+        """
+        rec = messages[0].content.array_records.get(keys.ARRAYS) if messages else None
+        if rec is None:
             return messages
-        rec = messages[0].content.array_records.get(keys.ARRAYS)
-        if rec is not None:
-            wire = ArrayRecord({k: Array(v) for k, v in encode({k: a.numpy() for k, a in rec.items()},
-                                                                self.transport).items()})
-            for m in messages:
-                m.content[keys.ARRAYS] = wire
+        flat = self.layout.pack({k: decode_array(a) for k, a in rec.items()})
+        wire = adapter_record(encode({keys.ADAPTERS: flat}, self.transport)[keys.ADAPTERS])
+        for m in messages:
+            m.content[keys.ARRAYS] = wire
         return messages
 
-    def widen_replies(self, replies: Iterable[Message]) -> None:
-        """Widen updates that arrived in the transport dtype back to the schema's float32, in place.
-
-        Idempotent (a widened reply no longer matches the wire layout); a reply that does not
-        match the wire layout is left for :meth:`screen_replies` to judge.
-        """
-        if self.transport == "float32":
-            return
+    def receive_replies(self, replies: Iterable[Message]) -> None:
+        """Read every reply's update once (idempotent): size on the wire, values or the reason, payload hash."""
         for msg in replies:
-            rec = msg.content.array_records.get(keys.ARRAYS) if msg.has_content() else None
-            if rec is None or set(rec) != set(self.wire_schema):
+            if id(msg) in self._received or not msg.has_content():
                 continue
-            if all((tuple(rec[k].shape), str(rec[k].dtype)) == tuple(self.wire_schema[k]) for k in rec):
-                try:
-                    narrow = {k: decode_array(a) for k, a in rec.items()}
-                except PayloadError:
-                    continue  # screening rejects it with the reason
-                self._wire_bytes[id(msg)] = record_bytes(msg.content)  # what crossed the network
-                self._wire_hash[id(msg)] = payload_sha256(rec)
-                wide = decode(narrow, self.schema, self.transport)
-                msg.content[keys.ARRAYS] = ArrayRecord({k: Array(v) for k, v in wide.items()})
+            values, problem = read_update(msg.content, self.wire_layout, self.transport)
+            got = Received(msg, record_bytes(msg.content), values, problem)
+            if values is not None:
+                got.digest = self._hasher().submit(payload_sha256, msg.content[keys.ARRAYS])
+            self._received[id(msg)] = got
+
+    def update_values(self, msg: Message) -> np.ndarray | None:
+        """The screened update of a received reply (float32, flat, read-only), or None."""
+        got = self._received.get(id(msg))
+        return got.values if got is not None else None
+
+    def replace_update(self, msg: Message, values: np.ndarray) -> None:
+        """What the round aggregates for this reply from now on (server-side DP's clipped update)."""
+        self._received[id(msg)].values = values
+
+    def payload_hash(self, msg: Message) -> str | None:
+        """sha256 of a received reply's adapter bytes (what its audit trail records); waits for the hash thread."""
+        got = self._received.get(id(msg))
+        return got.digest.result() if got is not None and got.digest is not None else None
+
+    def forget_replies(self) -> None:
+        self._received.clear()
+
+    def _hasher(self) -> ThreadPoolExecutor:
+        if self._hash_pool is None:
+            self._hash_pool = ThreadPoolExecutor(HASH_THREADS, thread_name_prefix="nearl-payload-sha256")
+        return self._hash_pool
 
     def screen_replies(self, replies: Iterable[Message], *, train: bool) -> tuple[list[Message], list[SiteReply],
                                                                                   dict[str, str]]:
         """Split replies into (accepted messages, their per-site data, rejected site -> reason).
 
         Each reply is attributed by the node it came from (an error the SuperLink writes for an
-        unreachable node is attributed to the node the instruction went to).
+        unreachable node is attributed to the node the instruction went to).  A train reply's
+        payload hash is left to :meth:`payload_hash`, so that it is computed while the round
+        is guarded and aggregated.
         """
+        if train:
+            self.receive_replies(replies)
         accepted, sites, rejected = [], [], {}
         destination = {m.metadata.message_id: m.metadata.dst_node_id for m in self._outgoing if m.metadata.message_id}
         for msg in replies:
@@ -88,9 +129,8 @@ class ReplyScreening:
                 accepted.append(msg)
                 metrics = site_metrics(msg.content)
                 metrics.pop(keys.mlflow_name(UNIT_WEIGHT_KEY), None)  # the server's own mark (server-side DP)
-                sites.append(SiteReply(node, site, metrics,
-                                       self._wire_bytes.get(id(msg), record_bytes(msg.content)),
-                                       payload=self._payload_hash(msg) if train else None))
+                got = self._received.get(id(msg)) if train else None
+                sites.append(SiteReply(node, site, metrics, got.nbytes if got else record_bytes(msg.content)))
             elif problem == "declined":
                 sites.append(SiteReply(node, site, site_metrics(msg.content), record_bytes(msg.content),
                                        declined=declined_reason(site_metrics(msg.content))))
@@ -107,9 +147,5 @@ class ReplyScreening:
             return error
         if train and declined(msg.content):
             return "the reply declines the round but carries adapter tensors" if msg.content.array_records else "declined"
-        return check_update(msg.content, self.schema) if train else check_metrics(msg.content)
-
-    def _payload_hash(self, msg: Message) -> str:
-        """sha256 of the adapter bytes as received (before widening): what the site's audit trail records."""
-        return self._wire_hash.get(id(msg)) or payload_sha256(msg.content[keys.ARRAYS])
+        return self._received[id(msg)].problem if train else check_metrics(msg.content)
 

@@ -4,9 +4,10 @@
   node that sent it, never by the name it carries: the first node to use a name in a run
   owns it (with SuperNode authentication the registry of registered keys decides), and a
   second node claiming a taken name is refused with ``duplicate site name``.
-* :func:`check_update`: a train reply is aggregated only when every tensor decodes
-  against its own metadata, matches the agreed schema and is finite, and its example
-  count is a positive finite number.
+* :func:`read_update`: a train reply is aggregated only when its one flat adapter array
+  decodes against its own metadata, has the agreed layout's dtype and length, is finite
+  (checked once, on the widened float32 values) and its example count is a positive
+  finite number; :func:`check_update` is the same verdict without the values.
 * :func:`aggregate_metrics`: example-weighted, NaN-aware means of the sites' metrics
   under their MLflow names (:func:`nearl_protocol.keys.mlflow_name`).
 """
@@ -21,10 +22,12 @@ from typing import Mapping
 import numpy as np
 from flwr.app import RecordDict
 
+from nearl_core.transport import wire_schema, widen_flat
 from nearl_protocol import keys
-from nearl_protocol.arrays import PayloadError, decode_array
+from nearl_protocol.arrays import PayloadError
+from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import metrics_of
-from nearl_protocol.schema import Schema, schema_problem
+from nearl_protocol.schema import Schema
 
 DUPLICATE = "duplicate site name"
 UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each received update by server-side DP (equal weights); never logged
@@ -77,23 +80,28 @@ def load_registry(path: str | Path | None) -> dict[int, str]:
     return {int(entry["node_id"]): site for site, entry in raw.get("sites", {}).items() if entry.get("node_id")}
 
 
-def check_update(content: RecordDict, schema: Schema) -> str | None:
-    """Why this train reply must not be aggregated, or None when it is sound."""
+def read_update(content: RecordDict, layout: FlatLayout, transport: str = "float32"
+                ) -> tuple[np.ndarray | None, str | None]:
+    """(the update as one float32 vector in the schema's order, None), or (None, why it must not be aggregated).
+
+    ``layout`` is the wire layout (the schema in the transport dtype).  The array is decoded
+    once, in place; only fp16/bf16 payloads are copied, when widened.
+    """
     arrays = content.array_records
     if set(arrays) != {keys.ARRAYS}:
-        return f"expected one ArrayRecord '{keys.ARRAYS}', got {sorted(arrays)}"
-    rec = arrays[keys.ARRAYS]
-    problem = schema_problem(rec, schema)
-    if problem:
-        return problem
-    for name in schema:
-        try:
-            values = decode_array(rec[name])
-        except PayloadError as err:
-            return f"tensor '{name}': {err}"
-        if not np.isfinite(values).all():
-            return f"tensor '{name}' holds NaN or Inf values"
-    return check_metrics(content)
+        return None, f"expected one ArrayRecord '{keys.ARRAYS}', got {sorted(arrays)}"
+    try:
+        values = widen_flat(layout.read(arrays[keys.ARRAYS]), transport)
+        layout.check_finite(values)
+    except PayloadError as err:
+        return None, str(err)
+    problem = check_metrics(content)
+    return (None, problem) if problem else (values, None)
+
+
+def check_update(content: RecordDict, schema: Schema, transport: str = "float32") -> str | None:
+    """Why this train reply (adapters of ``schema`` sent in ``transport``) must not be aggregated, or None."""
+    return read_update(content, FlatLayout.of(wire_schema(schema, transport)), transport)[1]
 
 
 def check_metrics(content: RecordDict) -> str | None:

@@ -6,15 +6,17 @@ and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` 
 
 * waits (bounded by ``wait_timeout``) until ``min_nodes`` sites are connected instead of
   Flower's unbounded wait, and fails the run with a clear message otherwise;
-* screens every train reply before aggregation (:class:`server.replies.ReplyScreening`):
-  error replies, missing or mis-shaped adapter tensors, bytes that disagree with their
-  metadata, wrong dtypes, NaN/Inf values and bad example counts are rejected (never
-  aggregated) and logged with the site's name;
+* sends the global adapters as one flat array in the transport dtype and states its
+  layout (``adapter-layout``) in every instruction (:mod:`nearl_protocol.flat`);
+* screens every train reply before aggregation (:class:`server.replies.ReplyScreening`),
+  reading its one flat array once: a missing or extra array, bytes that disagree with
+  their metadata, a wrong dtype or length, NaN/Inf values and bad example counts are
+  rejected (never aggregated) and logged with the site's name;
 * bounds what an accepted update can do (:class:`server.robust.RoundGuard`): values
   beyond ``max-abs-value``, norm outliers, inflated example claims (capped), updates
   that make the aggregation raise (rejected, the round goes on), and an aggregate that
   is not finite or out of range (not applied); every strategy aggregates the decoded
-  values, in float64;
+  values in float64 (FedAvg/FedProx widen each float32 update as they sum it);
 * aggregates metrics itself (weighted by the matching example count, NaN-aware,
   epsilon as the maximum over sites) and keeps per-site values;
 * records sites that decline a round because of their privacy budget (a metrics-only
@@ -45,9 +47,10 @@ from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrim
 
 from nearl_core.transport import check_transport, wire_schema
 from nearl_protocol import keys
+from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import metrics_of, read_reply, record_bytes
 from nearl_protocol.schema import Schema
-from server.arrays import flatten, split, unflatten, weighted_mean_flat
+from server.arrays import flatten, unflatten, weighted_mean_flat
 from server.replies import UNIT_WEIGHT_KEY, ReplyScreening
 from server.robust import CAPS_STATE, Limits, Outcome, RoundGuard, Update
 from server.rounds import NotEnoughSites, RoundListener, RoundReport, SiteReply
@@ -100,8 +103,10 @@ class NearlStrategyMixin(ReplyScreening):
         self.plain_mean = getattr(type(self), "aggregate_train_base", None) is FedAvg.aggregate_train
         self.transport = check_transport(transport)
         self.wire_schema = wire_schema(self.schema, self.transport)
-        self._wire_bytes: dict[int, int] = {}  # reply -> its size as received, before widening
-        self._wire_hash: dict[int, str] = {}  # reply -> sha256 of its adapter bytes as received
+        self.layout = FlatLayout.of(self.schema)  # the float32 tensors the strategy keeps
+        self.wire_layout = FlatLayout.of(self.wire_schema)  # what crosses the network
+        self._received: dict[int, Any] = {}  # id(reply) -> server.replies.Received, for one aggregate_train
+        self._hash_pool = None  # worker threads for payload hashes, started on first use
         self.listener = listener
         self.round_offset = round_offset
         self.total_rounds = total_rounds
@@ -144,7 +149,8 @@ class NearlStrategyMixin(ReplyScreening):
         self._round_start = time.perf_counter()
         self._wait_for_sites(grid)
         config[keys.EVALUATE_FIRST] = bool(self.evaluate_in_train)
-        messages = self._narrowed(list(super().configure_train(r, arrays, config, grid)))  # type: ignore[misc]
+        config[keys.ADAPTER_LAYOUT] = self.wire_layout.digest
+        messages = self._to_wire(list(super().configure_train(r, arrays, config, grid)))  # type: ignore[misc]
         self._reference = flatten(arrays, self.schema) if set(arrays) == set(self.schema) else None
         self._tell_refused_nodes(messages)
         self._sampled = [m.metadata.dst_node_id for m in messages]
@@ -157,14 +163,15 @@ class NearlStrategyMixin(ReplyScreening):
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.global_round(server_round)
         replies = in_site_order(replies)
-        self.widen_replies(replies)
         report = self._round or RoundReport(round=r, arrays=ArrayRecord())
         accepted, sites, rejected = self.screen_replies(replies, train=True)
         report.bytes_received = sum(s.nbytes for s in sites)
-        self._wire_bytes.clear()
-        self._wire_hash.clear()
         self._current_round = r
-        outcome = self._guarded(r, accepted, [s for s in sites if not s.declined])
+        updating = [s for s in sites if not s.declined]
+        outcome = self._guarded(r, accepted, updating)
+        for msg, s in zip(accepted, updating, strict=True):
+            s.payload = self.payload_hash(msg)  # hashed on worker threads meanwhile
+        self.forget_replies()
         for site, why in outcome.rejected.items():
             log.warning("round %d: rejected the train reply of site %s: %s", r, site, why)
         rejected.update(outcome.rejected)
@@ -203,8 +210,7 @@ class NearlStrategyMixin(ReplyScreening):
 
     def _guarded(self, r: int, accepted: list[Message], sites: list[SiteReply]) -> Outcome:
         """The round's screened updates through :class:`server.robust.RoundGuard` (range, outliers, caps, fence)."""
-        updates = [Update(s.site, flatten(m.content[keys.ARRAYS], self.schema),
-                          metrics_of(m.content)[keys.NUM_EXAMPLES], source=m.metadata)
+        updates = [Update(s.site, self.update_values(m), metrics_of(m.content)[keys.NUM_EXAMPLES], source=m.metadata)
                    for m, s in zip(accepted, sites, strict=True)]
         outcome = self.guard.run(r, updates, self._reference, self._aggregate_updates, self._snapshot, self._restore,
                                  equal_weights=self.weighted_by_key == UNIT_WEIGHT_KEY)
@@ -219,15 +225,16 @@ class NearlStrategyMixin(ReplyScreening):
     def _aggregate_updates(self, updates: list[Update], weights: list[float]) -> dict[str, np.ndarray]:
         """This strategy's aggregate (float64) of updates already decoded against their metadata.
 
-        FedAvg/FedProx: the weighted mean on flat float64 buffers.  Every other strategy gets
-        messages rebuilt from the decoded values (float64, so its sums and distances do not
-        overflow) with the weight as their only metric: Flower's code never reads a reply's
-        own bytes or metrics.
+        FedAvg/FedProx: the weighted mean, summed in float64 on flat buffers.  Every other
+        strategy gets messages rebuilt from the decoded values (widened to float64, so its sums
+        and distances do not overflow) with the weight as their only metric: Flower's code
+        never reads a reply's own bytes or metrics.
         """
         if self.plain_mean:
-            return split(weighted_mean_flat([u.values for u in updates], weights), self.schema)
+            return self.layout.split(weighted_mean_flat([u.values for u in updates], weights))
         messages = [Message(content=RecordDict({
-            keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in split(u.values, self.schema).items()}),
+            keys.ARRAYS: ArrayRecord({k: Array(v) for k, v in
+                                      self.layout.split(u.values.astype(np.float64)).items()}),
             keys.METRICS: MetricRecord({self.weighted_by_key: float(w)})}), metadata=u.source)
             for u, w in zip(updates, weights, strict=True)]
         arrays, _ = super().aggregate_train(self._current_round, messages)  # type: ignore[misc]
@@ -267,7 +274,8 @@ class NearlStrategyMixin(ReplyScreening):
         if self.evaluate_in_train and r < self.total_rounds:
             return []
         self._wait_for_sites(grid)
-        messages = self._narrowed(list(super().configure_evaluate(r, arrays, config, grid)))  # type: ignore[misc]
+        config[keys.ADAPTER_LAYOUT] = self.wire_layout.digest
+        messages = self._to_wire(list(super().configure_evaluate(r, arrays, config, grid)))  # type: ignore[misc]
         self._tell_refused_nodes(messages)
         if self._round is not None:
             self._round.bytes_sent += sum(record_bytes(m.content) for m in messages)

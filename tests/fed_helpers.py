@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, MetricRecord, RecordDict
 
 from nearl_protocol import processes as flower
+from nearl_protocol.flat import FlatLayout
+from nearl_protocol.messages import adapter_record
+from nearl_protocol.schema import schema_of
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
@@ -46,10 +49,14 @@ def reply_from(node: int, content: RecordDict | None = None, *, error: str | Non
     return Message(content=content, metadata=md)
 
 
+def flat_record(tensors: dict[str, Any]) -> ArrayRecord:
+    """Tensors (numpy or torch, one dtype) as they travel: one flat array, packed in the dict's order."""
+    return adapter_record(FlatLayout.of(schema_of(tensors)).pack({k: np.asarray(v) for k, v in tensors.items()}))
+
+
 def train_reply_content(site: str, arrays: dict[str, np.ndarray], n: int = 10, **metrics: float) -> RecordDict:
     m = {"num-examples": n, "train-loss": 1.0, "train-accuracy": 0.5, **metrics}
-    return RecordDict({"arrays": ArrayRecord({k: Array(np.asarray(v)) for k, v in arrays.items()}),
-                       "metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
+    return RecordDict({"arrays": flat_record(arrays), "metrics": MetricRecord(m), "site": ConfigRecord({"name": site})})
 
 
 class FakeGrid:

@@ -1,6 +1,8 @@
 """Hostile replies, in one process, through the real screening and strategy code.
 
-Each case is one site's round-2 reply, sent next to five honest sites' replies (round 1:
+Adapters travel as one flat array per message (``nearl_protocol.flat``); the cases forge
+that array (length, dtype, shape, bytes, values) or the record around it (an extra array,
+no array, the per-tensor format).  Each case is one site's round-2 reply, sent next to five honest sites' replies (round 1:
 every site honest, so the strategies have a history and the hostile site an example cap).
 :func:`run_case` runs the round with the hostile reply and, on a second strategy of the
 same kind, the reference round: the honest replies only (a rejected case), or the honest
@@ -73,20 +75,34 @@ def _poisoned(values: Values, bad: float) -> Values:
     return _with(values, "a.weight", a)
 
 
-def _forged_content(values: Values) -> RecordDict:
+def _flat(values: Values) -> np.ndarray:
+    return np.concatenate([values[k].reshape(-1) for k in SCHEMA])
+
+
+def _record(values: Values, record: ArrayRecord) -> RecordDict:
+    """The reply of ``values`` with its ``arrays`` record replaced."""
     content = _content(values)
-    content["arrays"]["a.weight"] = forged(values["a.weight"].astype(np.float64), values["a.weight"])
+    content["arrays"] = record
     return content
 
 
+def _one_array(values: Values, arr: Array, **extra: Array) -> RecordDict:
+    return _record(values, ArrayRecord({"adapters": arr, **extra}))
+
+
 CASES = [
-    Case("extra array", lambda v: _content({**v, "clip.visual.proj": np.zeros(3, np.float32)}), "unexpected"),
-    Case("missing array", lambda v: _content({"a.weight": v["a.weight"]}), "missing"),
+    Case("extra array", lambda v: _one_array(v, Array(_flat(v)), **{"clip.visual.proj": Array(np.zeros(3, np.float32))}),
+         "unexpected"),
+    Case("missing array", lambda v: _record(v, ArrayRecord()), "missing"),
+    Case("per-tensor arrays", lambda v: _record(v, ArrayRecord({k: Array(x) for k, x in v.items()})), "missing"),
+    Case("a tensor too many", lambda v: _content({**v, "clip.visual.proj": np.zeros(3, np.float32)}),
+         "holds 20 values"),
+    Case("a tensor too few", lambda v: _content({"a.weight": v["a.weight"]}), "holds 12 values"),
     Case("NaN value", lambda v: _content(_poisoned(v, math.nan)), "NaN or Inf"),
     Case("Inf value", lambda v: _content(_poisoned(v, math.inf)), "NaN or Inf"),
-    Case("wrong shape", lambda v: _content(_with(v, "a.weight", v["a.weight"].reshape(4, 3))), "shape"),
-    Case("wrong dtype", lambda v: _content(_with(v, "b.bias", v["b.bias"].astype(np.float64))), "dtype"),
-    Case("metadata vs bytes", _forged_content, "metadata says"),
+    Case("wrong shape", lambda v: _one_array(v, Array(_flat(v).reshape(1, -1))), "shape"),
+    Case("wrong dtype", lambda v: _one_array(v, Array(_flat(v).astype(np.float64))), "dtype"),
+    Case("metadata vs bytes", lambda v: _one_array(v, forged(_flat(v).astype(np.float64), _flat(v))), "metadata says"),
     Case("10x tensors", lambda v: _content(v), "outlier-factor"),  # scaled in run_case
     Case("num-examples -5", lambda v: _content(v, n=-5), "num-examples"),
     Case("num-examples 0", lambda v: _content(v, n=0), "num-examples"),

@@ -8,7 +8,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
 
 from nearl_protocol.arrays import PayloadError, decode_array, payload_sha256
-from server.arrays import weighted_mean
+from server.arrays import CHUNK, weighted_mean, weighted_mean_flat
+from server.robust import distances
 
 
 @pytest.mark.parametrize("value", [
@@ -79,3 +80,25 @@ def test_payload_hash_covers_names_and_bytes():
     c = ArrayRecord({"y": Array(np.zeros(3, np.float32)), "x": Array(np.ones(2, np.float32))})
     assert payload_sha256(a) == payload_sha256(ArrayRecord(dict(a.items())))
     assert len({payload_sha256(a), payload_sha256(b), payload_sha256(c)}) == 3
+
+
+@pytest.mark.parametrize("size", [1, CHUNK - 1, CHUNK, 2 * CHUNK + 17])
+def test_the_blockwise_mean_is_bit_identical_to_summing_whole_updates(size):
+    """Blocks keep each value's operations and their order: acc = acc + x_i * (w_i / sum w), i = 1..n."""
+    rng = np.random.default_rng(size)
+    flats = [(rng.standard_normal(size) * 10.0 ** rng.uniform(-3, 3, size)).astype(np.float32) for _ in range(9)]
+    weights = [float(w) for w in rng.integers(1, 1000, size=9)]
+    total = sum(weights)
+    want = np.zeros(size)
+    for flat, w in zip(flats, weights):
+        want += flat.astype(np.float64) * (w / total)
+    assert weighted_mean_flat(flats, weights).tobytes() == want.tobytes()
+
+
+@pytest.mark.parametrize("size", [0, 5, CHUNK + 3])
+def test_the_guards_distances_are_float64_l2_norms(size):
+    rng = np.random.default_rng(1)
+    values, reference = [rng.standard_normal(size).astype(np.float32) for _ in range(3)], rng.standard_normal(size)
+    want = [float(np.linalg.norm(v.astype(np.float64) - reference)) for v in values]
+    assert distances(values, reference) == pytest.approx(want, rel=1e-13, abs=0)
+    assert distances(values[1:], reference) == distances(values, reference)[1:]  # each on its own

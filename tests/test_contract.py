@@ -18,6 +18,7 @@ from nearl_core.config import load_config
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import build_model
 from nearl_protocol import keys
+from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import instruction_config
 from server.strategy import make_strategy
 from tests.fed_helpers import FakeGrid, RoundRecorder, restore_task_identity, server_task_identity
@@ -67,7 +68,8 @@ def test_replies_of_the_real_handler_pass_screening_and_a_taken_name_is_refused(
     assert report.answered == ["site1", "site2"]
     assert report.rejected == {"site1@node-13": "duplicate site name: site1 belongs to node 11"}
     # the aggregate is the example-weighted mean of exactly the two accepted updates (round 2)
-    sent = {node: {k: a.numpy() for k, a in r.content[keys.ARRAYS].items()} for node, r in replies.items()}
+    layout = FlatLayout.of(adapter_schema(model))  # what travels: one flat array per reply, split by the schema
+    sent = {node: layout.split(layout.read(r.content[keys.ARRAYS])) for node, r in replies.items()}
     counts = {node: r.content["metrics"][keys.NUM_EXAMPLES] for node, r in replies.items()}
     w = counts[11] / (counts[11] + counts[12])
     for name in sent[11]:

@@ -6,20 +6,22 @@ import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, MetricRecord, RecordDict
 
-from client.egress import EgressError, check_reply
+from client.egress import EgressError, check_reply, pack_outgoing
 from client.task import evaluate_reply, train_reply
 from nearl_core.adapter_io import adapter_schema, get_adapter_state
 from nearl_core.config import load_config
 from nearl_core.demo_data import generate_demo_data
 from nearl_core.model import build_model
-from tests.fed_helpers import instruction
+from nearl_protocol.flat import FlatLayout
+from nearl_protocol.schema import parameter_count
+from tests.fed_helpers import flat_record, instruction
 
 SCHEMA = {"oca.w": ((2, 3), "float32"), "q.tokens": ((4,), "float32")}
 
 
 def good(**changes) -> RecordDict:
     records = {
-        "arrays": ArrayRecord({k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()}),
+        "arrays": flat_record({k: np.zeros(s, d) for k, (s, d) in SCHEMA.items()}),
         "metrics": MetricRecord({"num-examples": 10, "train-loss": 0.5}),
         "site": ConfigRecord({"name": "siteA"}),
     }
@@ -35,13 +37,15 @@ def test_sound_reply_passes():
 @pytest.mark.parametrize("content, match", [
     (lambda: good(extra=ConfigRecord({"note": "x"})), "differ from the allowed"),
     (lambda: good(images=ArrayRecord({"x": Array(np.zeros((2, 3, 8, 8), np.float32))})), "differ from the allowed"),
-    (lambda: good(arrays=ArrayRecord({**{k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()},
+    (lambda: good(arrays=ArrayRecord({"adapters": Array(np.zeros(10, np.float32)),
                                       "clip.visual.proj": Array(np.zeros((4, 4), np.float32))})), "unexpected"),
-    (lambda: good(arrays=ArrayRecord({"oca.w": Array(np.zeros((2, 3), np.float32))})), "missing"),
-    (lambda: good(arrays=ArrayRecord({"oca.w": Array(np.zeros((3, 2), np.float32)),
-                                      "q.tokens": Array(np.zeros(4, np.float32))})), "has shape"),
-    (lambda: good(arrays=ArrayRecord({"oca.w": Array(np.zeros((2, 3), np.float64)),
-                                      "q.tokens": Array(np.zeros(4, np.float32))})), "has dtype"),
+    (lambda: good(arrays=ArrayRecord({k: Array(np.zeros(s, d)) for k, (s, d) in SCHEMA.items()})), "missing"),
+    (lambda: good(arrays=ArrayRecord({"adapters": Array(np.zeros(26, np.float32))})), "holds 26 values"),
+    (lambda: good(arrays=ArrayRecord({"adapters": Array(np.zeros((2, 5), np.float32))})), "has shape"),
+    (lambda: good(arrays=ArrayRecord({"adapters": Array(np.zeros(10, np.float64))})), "has dtype"),
+    (lambda: good(arrays=ArrayRecord({"adapters": Array(dtype="float32", shape=(10,), stype="numpy.ndarray",
+                                                        data=Array(np.zeros(10, np.float32)).data + b"hidden")})),
+     "data bytes"),
     (lambda: good(metrics=MetricRecord({"num-examples": 10, "per_sample_logits": [0.1, 0.9, 0.3]})), "scalar"),
     (lambda: good(metrics=ConfigRecord({"num-examples": 10, "note": "patient 17"})), "expected MetricRecord"),
     (lambda: good(site=ConfigRecord({"name": "siteA", "path": "/data/siteA"})), "only 'name'"),
@@ -55,6 +59,21 @@ def test_violations_abort_the_reply(content, match):
 def test_arrays_in_an_evaluate_reply_are_refused():
     with pytest.raises(EgressError):
         check_reply(good(), SCHEMA, with_arrays=False)
+
+
+@pytest.mark.parametrize("tensors, match", [
+    ({"oca.w": np.zeros((2, 3), np.float32), "q.tokens": np.zeros(4, np.float32), "leak": np.zeros(3, np.float32)},
+     r"unexpected \['leak'\]"),
+    ({"oca.w": np.zeros((2, 3), np.float32)}, r"missing \['q.tokens'\]"),
+    ({"oca.w": np.zeros((3, 2), np.float32), "q.tokens": np.zeros(4, np.float32)}, "'oca.w' has shape"),
+    ({"oca.w": np.zeros((2, 3), np.float32), "q.tokens": np.zeros(4, np.float64)}, "'q.tokens' has dtype float64"),
+])
+def test_packing_checks_every_tensor_against_the_schema_before_anything_is_flattened(tensors, match):
+    """A transposed tensor has the same flat bytes as the right one: the split is checked before packing."""
+    with pytest.raises(EgressError, match=f"outgoing .*{match}.*refusing to send"):
+        pack_outgoing(tensors, SCHEMA)
+    flat = pack_outgoing({k: np.full(s, i, d) for i, (k, (s, d)) in enumerate(SCHEMA.items())}, SCHEMA)
+    assert flat.dtype == np.float32 and flat.tolist() == [0.0] * 6 + [1.0] * 4  # schema order
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +90,7 @@ def test_captured_replies_hold_only_adapter_tensors_and_scalar_metrics(site, tmp
     state = get_adapter_state(model)
     config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1,
                            "evaluate-first": True})
-    msg = instruction(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in state.items()}),
+    msg = instruction(RecordDict({"arrays": flat_record({k: v.contiguous() for k, v in state.items()}),
                                   "config": config}), "train")
     state_dir = tmp_path / "state"
     ctx = Context(run_id=1, node_id=1, node_config={"site": "siteA", "data-path": str(site), "state-dir": str(state_dir)},
@@ -83,16 +102,15 @@ def test_captured_replies_hold_only_adapter_tensors_and_scalar_metrics(site, tmp
     assert set(content.keys()) == {"arrays", "metrics", "site"}
     assert dict(content["site"]) == {"name": "siteA"}
     sent = content["arrays"]
-    assert set(sent.keys()) == set(schema)  # exactly the adapter tensors, no backbone weight
-    assert all(not k.startswith(("clip.", "backbone")) for k in sent.keys())
-    for k, (shape, dtype) in schema.items():
-        assert tuple(sent[k].shape) == shape and str(sent[k].dtype) == dtype
-    assert any(not np.array_equal(sent[k].numpy(), state[k].numpy()) for k in schema), "local training changed nothing"
+    assert set(sent.keys()) == {"adapters"}  # one flat array: exactly the adapter tensors, no backbone weight
+    assert tuple(sent["adapters"].shape) == (parameter_count(schema),) and sent["adapters"].dtype == "float32"
+    values = FlatLayout.of(schema).split(sent["adapters"].numpy())
+    assert any(not np.array_equal(values[k], state[k].numpy()) for k in schema), "local training changed nothing"
     metrics = dict(content["metrics"])
     assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in metrics.values())
     assert metrics["num-examples"] == 12 and "eval-accuracy" in metrics and "train-loss" in metrics
     total = sum(len(a.data) for a in sent.values())
-    assert total < sum(int(np.prod(s)) * 4 for s, _ in schema.values()) + 200 * len(schema)
+    assert total < parameter_count(schema) * 4 + 200  # the data and one .npy header
 
     ev = evaluate_reply(instruction(RecordDict({"arrays": sent, "config": config}), "evaluate"), ctx,
                         log=lambda *a, **k: None)
@@ -112,7 +130,7 @@ def test_a_handler_whose_reply_breaks_the_schema_fails(site, monkeypatch, tmp_pa
     monkeypatch.setattr(task, "get_adapter_state",
                         lambda m: {**real(m), "leak": __import__("torch").zeros(3)})
     config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1})
-    msg = instruction(RecordDict({"arrays": ArrayRecord({k: v.contiguous() for k, v in
+    msg = instruction(RecordDict({"arrays": flat_record({k: v.contiguous() for k, v in
                                                          get_adapter_state(model).items()}), "config": config}))
     state_dir = tmp_path / "state"
     ctx = Context(run_id=1, node_id=1, node_config={"site": "siteA", "data-path": str(site), "state-dir": str(state_dir)},
@@ -123,6 +141,26 @@ def test_a_handler_whose_reply_breaks_the_schema_fails(site, monkeypatch, tmp_pa
     assert "unexpected ['leak']" in reply.error.reason and "refusing to send" in reply.error.reason
     line = json.loads((state_dir / "audit.jsonl").read_text().splitlines()[-1])
     assert reply.error.reason == f"siteA: {line['refused']}" and line["arrays"] == [] and line["bytes_sent"] == 0
+
+
+def test_an_instruction_packed_in_another_order_is_refused_before_anything_is_trained(site, tmp_path):
+    """Same tensors in another order: same length, same dtype; only the stated layout tells the site."""
+    from nearl_protocol.schema import schema_of
+
+    cfg = load_config("demo")
+    swapped = dict(reversed(list(get_adapter_state(build_model(cfg)).items())))
+    config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1,
+                           "adapter-layout": FlatLayout.of(schema_of(swapped)).digest})
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                  node_config={"site": "siteA", "data-path": str(site), "state-dir": str(tmp_path / "state")})
+    printed = []
+    reply = train_reply(instruction(RecordDict({"arrays": flat_record(swapped), "config": config})), ctx,
+                        log=lambda *a, **k: printed.append(" ".join(map(str, a))))
+    assert reply.has_error() and not reply.has_content()
+    assert "adapter layout mismatch: the coordinator packed layout" in reply.error.reason
+    assert not any("epoch" in p for p in printed)  # refused before training
+    line = json.loads((tmp_path / "state" / "audit.jsonl").read_text().splitlines()[-1])
+    assert "adapter layout mismatch" in line["refused"] and line["arrays"] == [] and line["bytes_sent"] == 0
 
 
 def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_path):
@@ -139,7 +177,7 @@ def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_pat
                   node_config={"site": "siteA", "data-path": str(site), "state-dir": str(tmp_path / "state")})
     eps = []
     for _ in range(2):
-        msg = instruction(RecordDict({"arrays": ArrayRecord(state), "config": config}))
+        msg = instruction(RecordDict({"arrays": flat_record(state), "config": config}))
         reply = train_reply(msg, ctx, log=lambda *a, **k: None)
         assert set(reply.content.keys()) == {"arrays", "metrics", "site"}
         metrics = dict(reply.content["metrics"])
@@ -152,7 +190,7 @@ def test_dp_round_reports_epsilon_and_keeps_the_ledger_on_the_site(site, tmp_pat
     # the site's own ceiling is what it has spent: the next round is declined, before any training
     ctx.node_config["max-epsilon"] = eps[1]
     config["evaluate-first"] = True
-    msg = instruction(RecordDict({"arrays": ArrayRecord(state), "config": config}))
+    msg = instruction(RecordDict({"arrays": flat_record(state), "config": config}))
     declined = train_reply(msg, ctx, log=lambda *a, **k: None)
     assert set(declined.content.keys()) == {"metrics", "site"}  # no arrays leave the site
     m = dict(declined.content["metrics"])
@@ -172,7 +210,7 @@ def test_bf16_transport_reply_is_half_size_and_passes_the_egress_schema(site, tm
     schema = adapter_schema(model)
     g = torch.Generator().manual_seed(0)
     state = {k: torch.randn(v.shape, generator=g) * 0.01 for k, v in get_adapter_state(model).items()}
-    wire_in = ArrayRecord({k: Array(v) for k, v in encode(state, "bf16").items()})
+    wire_in = flat_record(encode(state, "bf16"))
     config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1,
                            "transport-dtype": "bf16"})
     state_dir = tmp_path / "state"
@@ -181,13 +219,15 @@ def test_bf16_transport_reply_is_half_size_and_passes_the_egress_schema(site, tm
                   run_config={})
     reply = train_reply(instruction(RecordDict({"arrays": wire_in, "config": config})), ctx, log=lambda *a, **k: None)
     sent = reply.content["arrays"]
-    assert {k: (tuple(a.shape), str(a.dtype)) for k, a in sent.items()} == wire_schema(schema, "bf16")
-    assert sum(a.numpy().nbytes for a in sent.values()) * 2 == sum(int(np.prod(s)) * 4 for s, _ in schema.values())
+    assert {k: (tuple(a.shape), str(a.dtype)) for k, a in sent.items()} == {"adapters": ((parameter_count(schema),),
+                                                                                         "int16")}
+    assert FlatLayout.of(wire_schema(schema, "bf16")).read(sent).nbytes * 2 == parameter_count(schema) * 4
     ev = evaluate_reply(instruction(RecordDict({"arrays": sent, "config": config}), "evaluate"), ctx,
                         log=lambda *a, **k: None)
     assert set(ev.content.keys()) == {"metrics", "site"}
     from client.task import build_site_model
 
-    loaded = get_adapter_state(build_site_model(cfg, {k: a.numpy() for k, a in wire_in.items()}, torch.device("cpu"), "bf16"))
+    loaded = get_adapter_state(build_site_model(cfg, instruction(RecordDict({"arrays": wire_in, "config": config})),
+                                                torch.device("cpu"), "bf16"))
     for k, v in state.items():  # widened to float32, equal to torch's own bf16 rounding
         assert loaded[k].dtype == torch.float32 and torch.equal(loaded[k], v.to(torch.bfloat16).float())

@@ -6,7 +6,7 @@ from dataclasses import replace
 import pytest
 import torch
 import torch.nn.functional as F
-from flwr.app import ArrayRecord, ConfigRecord, Context, RecordDict
+from flwr.app import ConfigRecord, Context, RecordDict
 
 import client.task as task
 from nearl_core.adapter_io import get_adapter_state
@@ -14,7 +14,7 @@ from nearl_core.config import load_config
 from nearl_core.demo_data import generate_demo_data
 from nearl_core.model import build_model
 from tests.conftest import images_for, randomize_adapters, tiny_model
-from tests.fed_helpers import instruction
+from tests.fed_helpers import flat_record, instruction
 
 
 def _grads(model, images, labels) -> dict[str, torch.Tensor]:
@@ -86,7 +86,7 @@ def _round(site, tmp_path, *, privacy: bool, mu: float):
                            "total-rounds": 1, "proximal-mu": mu})
     ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                   node_config={"site": "siteA", "data-path": str(site), "state-dir": str(tmp_path / "state")})
-    return task.train_reply(instruction(RecordDict({"arrays": ArrayRecord(state), "config": config})), ctx,
+    return task.train_reply(instruction(RecordDict({"arrays": flat_record(state), "config": config})), ctx,
                             log=lambda *a, **k: None)
 
 

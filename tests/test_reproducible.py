@@ -76,7 +76,7 @@ def test_a_site_trains_the_same_update_from_the_same_message(demo_root, tmp_path
 
     from client.task import train_reply
     from nearl_protocol.messages import instruction_config
-    from tests.fed_helpers import instruction
+    from tests.fed_helpers import flat_record, instruction
 
     cfg = load_config("demo")
     config = instruction_config(nearl_config=cfg.to_dict(), transport="float32", backbone="", local_epochs=1,
@@ -84,7 +84,7 @@ def test_a_site_trains_the_same_update_from_the_same_message(demo_root, tmp_path
     sent = []
     for attempt in range(2):
         torch.manual_seed(attempt)  # whatever ran before in this worker
-        arrays = ArrayRecord({k: v.contiguous() for k, v in get_adapter_state(build_model(cfg)).items()})
+        arrays = flat_record({k: v.contiguous() for k, v in get_adapter_state(build_model(cfg)).items()})
         msg = instruction(RecordDict({"arrays": arrays, "config": config}))
         ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
                       node_config={"site": "site1", "data-path": str(demo_root / "site1"),

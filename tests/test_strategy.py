@@ -56,22 +56,31 @@ def run_round(strategy, replies, grid=None, server_round=1):
     return agg, metrics
 
 
+def with_record(content: RecordDict, record: ArrayRecord) -> RecordDict:
+    return RecordDict({**dict(content.items()), "arrays": record})
+
+
 def test_check_update_accepts_sound_and_rejects_bad_updates():
     assert check_update(train_reply_content("s", arrays(1.0)), SCHEMA) is None
     bad_nan = arrays(1.0)
     bad_nan["a.weight"][0, 0] = np.nan
-    assert "NaN or Inf" in check_update(train_reply_content("s", bad_nan), SCHEMA)
+    assert check_update(train_reply_content("s", bad_nan), SCHEMA) == "tensor 'a.weight' holds NaN or Inf values"
     bad_inf = arrays(1.0)
     bad_inf["b.bias"][1] = np.inf
-    assert "NaN or Inf" in check_update(train_reply_content("s", bad_inf), SCHEMA)
-    wrong_shape = arrays(1.0)
-    wrong_shape["a.weight"] = np.zeros((3, 2), np.float32)
-    assert "shape" in check_update(train_reply_content("s", wrong_shape), SCHEMA)
-    wrong_dtype = arrays(1.0)
-    wrong_dtype["b.bias"] = np.zeros(4, np.float64)
-    assert "dtype" in check_update(train_reply_content("s", wrong_dtype), SCHEMA)
-    extra = {**arrays(1.0), "clip.visual.proj": np.zeros(3, np.float32)}
-    assert "unexpected" in check_update(train_reply_content("s", extra), SCHEMA)
+    assert check_update(train_reply_content("s", bad_inf), SCHEMA) == "tensor 'b.bias' holds NaN or Inf values"
+    sound = train_reply_content("s", arrays(1.0))
+    flat = np.ones(10, np.float32)
+    assert "holds 13 values, the adapter schema has 10" in check_update(
+        train_reply_content("s", {**arrays(1.0), "clip.visual.proj": np.zeros(3, np.float32)}), SCHEMA)
+    assert "holds 6 values" in check_update(train_reply_content("s", {"a.weight": arrays()["a.weight"]}), SCHEMA)
+    assert "has shape (2, 5)" in check_update(with_record(sound, ArrayRecord({"adapters": Array(flat.reshape(2, 5))})),
+                                               SCHEMA)
+    assert "has dtype float64, expected float32" in check_update(
+        with_record(sound, ArrayRecord({"adapters": Array(flat.astype(np.float64))})), SCHEMA)
+    assert "unexpected ['extra']" in check_update(
+        with_record(sound, ArrayRecord({"adapters": Array(flat), "extra": Array(flat)})), SCHEMA)
+    per_tensor = ArrayRecord({k: Array(v) for k, v in arrays(1.0).items()})  # the format before flat payloads
+    assert "missing ['adapters']" in check_update(with_record(sound, per_tensor), SCHEMA)
     assert "num-examples" in check_update(train_reply_content("s", arrays(1.0), n=0), SCHEMA)
 
 
