@@ -69,7 +69,7 @@ class FabPolicy:
 
 
 # what a FAB built from the installation holds: a change to any of these is an upgrade of the site's code
-INSTALLED = ("pyproject.toml", "client", "server", "nearl_core", "nearl_protocol", "configs")
+INSTALLED = ("pyproject.toml", "README.md", "client", "server", "nearl_core", "nearl_protocol", "configs", "deploy")
 
 
 def installation_stamp(app_dir: Path) -> str:

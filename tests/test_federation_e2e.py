@@ -303,7 +303,9 @@ def test_a_killed_site_and_a_stopped_coordinator_the_run_resumes_in_the_same_mlf
         port = flower.free_port()
         args = ["--insecure", "--rounds", "3", "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "300",
                 "--checkpoint-dir", str(tmp_path / "ck"), "--mlflow-uri", uri]
-        nearl_server(procs, port, tmp_path, *args, "--min-sites", "1")
+        # both sites answer round 1; after site2 dies, round 3 waits for a second site, so the coordinator
+        # is stopped at a known point (after round 2)
+        nearl_server(procs, port, tmp_path, *args, "--min-sites", "2")
         wait_for(procs, "server", "submitted", 300)
         for i, site in enumerate(sites, 1):
             nearl_client(procs, f"site{i}", site, port, tmp_path, "--insecure", "--state-dir",
