@@ -20,7 +20,7 @@ LABELS = {
     "text": "LoRA, text tower",
     "head": "linear head (classes x embedding)",
     "image_tower": "image tower",
-    "text_tower_and_scale": "text tower and logit scale",
+    "text_tower": "text tower",
 }
 TITLES = {"nearl": "NEARL adapters", "coop": "CoOp context", "clip-adapter": "CLIP-Adapter",
           "lora": "LoRA updates", "linear-probe": "linear probe", "full-ft": "full fine-tuning"}

@@ -9,7 +9,8 @@ lives here once, so that a comparison measures the methods and not their plumbin
 The one rule, :func:`is_adapter_param`, decides what a method trains, as peft does:
 a parameter is trainable iff its name starts with the method's prefix, ``adapters.``
 for every method that adds parameters and ``clip.`` for full fine-tuning, which adds
-none.  The rule drives freezing (here, once, after a method has built its parts),
+none (its logit scale and bias excepted: the temperature stays CLIP's for every method,
+so that all of them are compared at the same scale).  The rule drives freezing (here, once, after a method has built its parts),
 what the optimiser sees, what is saved in an adapter file and loaded from it, the
 wire schema of a federation and what may leave a site.
 """
@@ -30,6 +31,7 @@ from nearl_core.towers import TextInputs, towers_of
 ADAPTER_PREFIX = "adapters."
 BACKBONE_PREFIX = "clip."
 _PREFIX_OF_METHOD = {"full-ft": BACKBONE_PREFIX}  # every other method: ADAPTER_PREFIX
+FROZEN_SCALARS = ("clip.logit_scale", "clip.logit_bias")  # CLIP's temperature (and SigLIP's bias)
 
 
 def trainable_prefix(method: str = "nearl") -> str:
@@ -39,7 +41,7 @@ def trainable_prefix(method: str = "nearl") -> str:
 
 def is_adapter_param(name: str, method: str = "nearl") -> bool:
     """The one rule for what a method trains: it drives freezing, saving, loading and egress."""
-    return name.startswith(trainable_prefix(method))
+    return name.startswith(trainable_prefix(method)) and name not in FROZEN_SCALARS
 
 
 @dataclass
@@ -183,10 +185,5 @@ def frozen_image_features(model: FrozenCLIP, images: torch.Tensor) -> torch.Tens
         return model.clip.encode_image(images)
 
 
-def embedding_width(model: FrozenCLIP) -> int:
-    """E, the joint embedding width (what the image and text heads project to)."""
-    return int(model.zero_shot_classifier().shape[-1])
-
-
-__all__ = ["ADAPTER_PREFIX", "BACKBONE_PREFIX", "FrozenCLIP", "NearlOutput", "embedding_width",
-           "frozen_image_features", "is_adapter_param", "trainable_prefix"]
+__all__ = ["ADAPTER_PREFIX", "BACKBONE_PREFIX", "FrozenCLIP", "NearlOutput", "frozen_image_features",
+           "is_adapter_param", "trainable_prefix"]

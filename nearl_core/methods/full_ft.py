@@ -7,8 +7,9 @@
 The upper reference of what adaptation can reach, and the lower reference of what it
 costs: every round moves the whole model both ways.  The forward pass is zero-shot
 CLIP's (through the same tower views, with the text context trimmed to the longest
-prompt), so a fresh model is exactly zero-shot.  ``logit_scale`` trains too and is
-clamped to [0, ln 100] in the forward pass, as open_clip's own training clamps it.
+prompt), so a fresh model is exactly zero-shot.  Every weight of both towers trains;
+the logit scale (CLIP's temperature) stays frozen, as for every other method, so that
+all methods are compared at the same scale (``is_adapter_param``).
 
 Three consequences, each enforced:
 
@@ -26,7 +27,6 @@ Three consequences, each enforced:
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import replace
 
 import torch
@@ -38,7 +38,6 @@ from nearl_core.errors import ConfigError
 from nearl_core.methods.base import FrozenCLIP, NearlOutput
 
 MAX_PARAMETERS = 50_000_000
-MAX_LOGIT_SCALE = math.log(100)
 
 
 class FullFineTuneCLIP(FrozenCLIP):
@@ -57,14 +56,11 @@ class FullFineTuneCLIP(FrozenCLIP):
         super().__init__(replace(backbone, clip=copy.deepcopy(backbone.clip)), cfg, classes)
 
     def setup(self, backbone: Backbone) -> None:
-        pass  # nothing to add: the rule makes every backbone weight trainable
+        pass  # nothing to add: the rule makes every weight of the (copied) towers trainable
 
     def components(self) -> dict[str, int]:
         visual = sum(p.numel() for p in self.clip.visual.parameters())
-        return {"image_tower": visual, "text_tower_and_scale": sum(p.numel() for p in self.clip.parameters()) - visual}
-
-    def _scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.clamp(0, MAX_LOGIT_SCALE).exp()
+        return {"image_tower": visual, "text_tower": sum(p.numel() for p in self.adapter_parameters().values()) - visual}
 
     def forward(self, images: torch.Tensor) -> NearlOutput:
         """images: (B, 3, H, W) preprocessed -> class logits (B, C)."""
