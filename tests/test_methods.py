@@ -232,6 +232,22 @@ def task_identity():
     restore_task_identity(saved)
 
 
+def test_nearl_server_set_adapter_method_reaches_the_federation_config():
+    """``nearl-server --set adapter.method=lora`` becomes a run-config key: Flower accepts it only if the app's
+    pyproject declares it, and the ServerApp's settings turn it into the NEARL config every instruction carries."""
+    import tomllib
+
+    from flwr.common.config import flatten_dict, fuse_dicts
+
+    from server.settings import FederationSettings
+    from tests.fed_helpers import ROOT
+
+    declared = flatten_dict(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"])
+    run_config = fuse_dicts(declared, {"adapter.method": "lora", "adapter.lora-rank": 4})  # refuses unknown keys
+    cfg = FederationSettings.from_run_config(run_config).nearl_config()
+    assert (cfg.adapter.method, cfg.adapter.lora_rank) == ("lora", 4)
+
+
 @pytest.mark.parametrize("method", METHODS)
 def test_one_federated_round_per_method(method, demo_root, tmp_path, task_identity):
     """Two sites train one epoch through the real site handler; the real strategy aggregates.
