@@ -135,6 +135,7 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.scatter([x], [start], s=40, facecolors="none", edgecolors="grey", zorder=2)
         ax.annotate(m, (x, acc), textcoords="offset points", xytext=(6, 4), fontsize=9)
     ax.set_xscale("log")
+    ax.margins(x=0.12)  # room for the labels of the outermost methods
     ax.set_xlabel("bytes per site per round (download + upload, log scale)")
     ax.set_ylabel("test accuracy, mean over sites")
     ax.set_ylim(0, 1.02)

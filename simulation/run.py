@@ -116,7 +116,8 @@ def run(args: argparse.Namespace) -> dict:
     print(format_summary(pool, rows))
     if not configs:
         summary = federate(args, cfg, out, site_roots, out)
-        print(f"simulation wall time {time.perf_counter() - start:.1f}s (federation {summary['simulation'].seconds:.1f}s)")
+        seconds = summary["simulation"].seconds
+        print(f"simulation wall time {time.perf_counter() - start:.1f}s (federation {seconds:.1f}s)")
         return summary
 
     configs = {m: c if c.task.classes else c.with_classes(pool.classes) for m, c in configs.items()}

@@ -10,9 +10,10 @@ The one rule, :func:`is_adapter_param`, decides what a method trains, as peft do
 a parameter is trainable iff its name starts with the method's prefix, ``adapters.``
 for every method that adds parameters and ``clip.`` for full fine-tuning, which adds
 none (its logit scale and bias excepted: the temperature stays CLIP's for every method,
-so that all of them are compared at the same scale).  The rule drives freezing (here, once, after a method has built its parts),
-what the optimiser sees, what is saved in an adapter file and loaded from it, the
-wire schema of a federation and what may leave a site.
+so that all of them are compared at the same scale).  The rule drives freezing (here,
+once, after a method has built its parts), what the optimiser sees, what is saved in an
+adapter file and loaded from it, the wire schema of a federation and what may leave a
+site.
 """
 
 from __future__ import annotations

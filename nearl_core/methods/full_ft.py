@@ -60,7 +60,8 @@ class FullFineTuneCLIP(FrozenCLIP):
 
     def components(self) -> dict[str, int]:
         visual = sum(p.numel() for p in self.clip.visual.parameters())
-        return {"image_tower": visual, "text_tower": sum(p.numel() for p in self.adapter_parameters().values()) - visual}
+        trainable = sum(p.numel() for p in self.adapter_parameters().values())
+        return {"image_tower": visual, "text_tower": trainable - visual}
 
     def forward(self, images: torch.Tensor) -> NearlOutput:
         """images: (B, 3, H, W) preprocessed -> class logits (B, C)."""
