@@ -309,6 +309,21 @@ def test_methods_table_columns_and_rows(tmp_path):
     assert methods.parse_methods("nearl, coop,nearl") == ["nearl", "coop"]
 
 
+@pytest.mark.parametrize("dp", [False, True])
+def test_methods_table_times_a_local_epoch_plain_or_under_dp(dp, demo_root):
+    from nearl_core.data import scan_site
+    from simulation import methods
+
+    overrides = {"privacy.enabled": True, "privacy.target-epsilon": 3.0} if dp else {}
+    cfg = load_config("demo", {"adapter.method": "linear-probe", **overrides})
+    _BACKBONES.setdefault("nearl-tiny", build_backbone(cfg.model))
+    site = scan_site(demo_root / "site1", cfg.task.classes, verify=False)
+    seconds = methods.epoch_seconds(cfg, _BACKBONES["nearl-tiny"], site, torch.device("cpu"))
+    assert 0 < seconds < 60
+    costs = methods.cost(cfg, _BACKBONES["nearl-tiny"], "fp16")
+    assert costs == {"trainable_params": 3 * 64 + 3, "payload_bytes_per_round": 2 * 2 * (3 * 64 + 3)}
+
+
 @pytest.mark.slow
 def test_simulation_runs_the_same_federation_once_per_method(tmp_path, monkeypatch):
     from nearl_core.demo_data import generate_demo_data
