@@ -9,7 +9,9 @@ The last lines of every script are machine-readable::
 
 ``on`` says whether the target applies to the ratio (most metrics) or to the value
 itself (absolute targets such as "aggregation < 0.5 s"); ``better`` gives the
-direction; ``unit`` is the unit of value and baseline (``-`` when unitless).
+direction; ``unit`` is the unit of value and baseline (``-`` when unitless).  A
+comparison that has no target (bench/methods.py: each method against NEARL) writes
+``target=- status=info``.
 :func:`parse_result` reads such a line back (``bench/run_all.py`` does).
 """
 
@@ -138,22 +140,27 @@ def run_child(script: Path, *args: str) -> dict:
 
 
 # -- RESULT lines -----------------------------------------------------------------------------------------
-def format_result(name: str, value: float, baseline: float, target: float, *, lower_is_better: bool = True,
+def format_result(name: str, value: float, baseline: float, target: float | None, *, lower_is_better: bool = True,
                   on: str = "ratio", unit: str = "") -> str:
-    """The RESULT line for one metric (see the module docstring); ``on`` = "ratio" or "value"."""
+    """The RESULT line for one metric (see the module docstring); ``on`` = "ratio" or "value";
+    ``target`` None: a comparison without a target (``status=info``)."""
     if on not in ("ratio", "value"):
         raise ValueError(f"on must be 'ratio' or 'value', got {on!r}")
     if any(c.isspace() or c == "=" for c in name) or not name:
         raise ValueError(f"metric name {name!r} must be one word without '='")
     ratio = value / baseline if baseline else float("nan")
     checked = ratio if on == "ratio" else value
-    met = math.isfinite(checked) and (checked <= target if lower_is_better else checked >= target)
+    if target is None:
+        target_text, status = "-", "info"
+    else:
+        met = math.isfinite(checked) and (checked <= target if lower_is_better else checked >= target)
+        target_text, status = f"{target:g}", "met" if met else "missed"
     return (f"RESULT name={name} value={value:.6g} baseline={baseline:.6g} ratio={ratio:.4g} "
-            f"target={target:g} status={'met' if met else 'missed'} on={on} "
+            f"target={target_text} status={status} on={on} "
             f"better={'lower' if lower_is_better else 'higher'} unit={unit or '-'}")
 
 
-def result(name: str, value: float, baseline: float, target: float, *, lower_is_better: bool = True,
+def result(name: str, value: float, baseline: float, target: float | None, *, lower_is_better: bool = True,
            on: str = "ratio", unit: str = "") -> str:
     """Print (and return) the machine-readable RESULT line of one metric."""
     line = format_result(name, value, baseline, target, lower_is_better=lower_is_better, on=on, unit=unit)
@@ -182,7 +189,7 @@ def parse_result(line: str) -> dict | None:
         out = {"name": fields["name"], "status": fields["status"], "on": fields.get("on", "ratio"),
                "better": fields.get("better", "lower"), "unit": "" if fields.get("unit", "-") == "-" else fields["unit"]}
         for key in ("value", "baseline", "ratio", "target"):
-            out[key] = float(fields[key])
+            out[key] = math.nan if key == "target" and fields[key] == "-" else float(fields[key])
     except ValueError:
         return None
     return out

@@ -50,6 +50,7 @@ SCRIPTS = (
     Script("simulation_scale", "f. simulation scale", (), ("--sites", "4,8", "--no-worker-run")),
     Script("dp_overhead", "DP-SGD overhead (privacy issue)", (), ("--repeats", "2")),
     Script("import_time", "ClientApp import time (issue 16)", (), ("--repeats", "3")),
+    Script("methods", "methods against NEARL (issue 17)", (), ("--repeats", "1")),
 )
 
 
@@ -143,6 +144,8 @@ def fmt_value(r: dict, key: str, device: str) -> str:
 
 
 def fmt_target(r: dict) -> str:
+    if r["status"] == "info":
+        return "-"
     op = "<=" if r["better"] == "lower" else ">="
     if r["on"] == "value":
         return f"value {op} {fmt_number(r['target'], r['unit'])}"
@@ -157,7 +160,7 @@ def table(outcomes: list[Outcome]) -> list[str]:
             rows.append(f"| `{o.script.name}` | - | - | - | - | **failed** (exit {o.code}) | `{o.command}` |")
             continue
         for r in o.results:
-            status = "met" if r["status"] == "met" else "**missed**"
+            status = {"met": "met", "info": "comparison"}.get(r["status"], "**missed**")
             rows.append(f"| `{r['name']}` | {fmt_value(r, 'value', o.device)} | {fmt_value(r, 'baseline', o.device)} | "
                         f"{r['ratio']:.4g} | {fmt_target(r)} | {status} | `{o.command}` |")
     return rows
@@ -166,7 +169,7 @@ def table(outcomes: list[Outcome]) -> list[str]:
 def render(outcomes: list[Outcome], *, quick: bool, when: str, commit: str, findings: str | None) -> str:
     results = [(o, r) for o in outcomes for r in o.results]
     met = [r["name"] for _, r in results if r["status"] == "met"]
-    missed = [r["name"] for _, r in results if r["status"] != "met"]
+    missed = [r["name"] for _, r in results if r["status"] not in ("met", "info")]
     failed = [o for o in outcomes if o.code != 0 or not o.results]
     headers = sorted({h for o in outcomes for h in o.header})
     gpu = [(o, h) for o in outcomes for h in o.header if o.device.startswith("cuda")]

@@ -1,11 +1,11 @@
 """Adapter-only state: what a site trains, what it sends, what a checkpoint holds.
 
 An adapter file is a directory with ``adapters.safetensors`` (exactly the tensors for
-which :func:`nearl_core.model.is_adapter_param` holds, without the prefix) and
-``adapters.json`` (backbone name and weight provenance, classes, prompts, the whole
-config and the package version).  Loading refuses a file made for another backbone or
-another class list: silently loading adapters into the wrong model would give
-plausible-looking but meaningless predictions.
+which :func:`nearl_core.model.is_adapter_param` holds for the model's method, without
+the method's prefix) and ``adapters.json`` (method, backbone name and weight provenance,
+classes, prompts, the whole config and the package version).  Loading refuses a file
+made for another method, another backbone or another class list: silently loading
+adapters into the wrong model would give plausible-looking but meaningless predictions.
 
 ``adapters.json`` also records the sha256 of ``adapters.safetensors``
 (``weights_sha256``) and loading checks it: a file damaged in a copy can still parse
@@ -33,7 +33,7 @@ from safetensors.torch import load as load_safetensors
 from safetensors.torch import save as save_safetensors
 
 from nearl_core.errors import AdapterFileError, UncheckedAdapterWarning
-from nearl_core.model import ADAPTER_PREFIX, NearlCLIP, is_adapter_param
+from nearl_core.model import FrozenCLIP
 from nearl_protocol.schema import schema_of, schema_problem
 
 WEIGHTS_FILE = "adapters.safetensors"
@@ -48,23 +48,19 @@ def package_version() -> str:
         return "0+unknown"
 
 
-def get_adapter_state(model: NearlCLIP) -> dict[str, torch.Tensor]:
-    """Exactly the adapter tensors, detached on CPU, keyed without the ``adapters.`` prefix."""
-    return {
-        name[len(ADAPTER_PREFIX):]: p.detach().cpu().clone()
-        for name, p in model.named_parameters()
-        if is_adapter_param(name)
-    }
+def get_adapter_state(model: FrozenCLIP) -> dict[str, torch.Tensor]:
+    """Exactly the trainable tensors, detached on CPU, keyed without the method's prefix (``adapters.``)."""
+    return {name: p.detach().cpu().clone() for name, p in model.adapter_parameters().items()}
 
 
-def adapter_schema(model: NearlCLIP) -> dict[str, tuple[tuple[int, ...], str]]:
+def adapter_schema(model: FrozenCLIP) -> dict[str, tuple[tuple[int, ...], str]]:
     """name -> (shape, dtype): the agreed layout of every payload for this model."""
     return schema_of(get_adapter_state(model))
 
 
-def set_adapter_state(model: NearlCLIP, state: Mapping[str, torch.Tensor]) -> None:
+def set_adapter_state(model: FrozenCLIP, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors, refusing missing, extra or mis-shaped entries."""
-    params = {name[len(ADAPTER_PREFIX):]: p for name, p in model.named_parameters() if is_adapter_param(name)}
+    params = model.adapter_parameters()
     problem = schema_problem(state, schema_of(params), dtypes=False)
     if problem:
         raise AdapterFileError(f"adapter {problem}; were they made with other adapter dimensions?")
@@ -73,11 +69,12 @@ def set_adapter_state(model: NearlCLIP, state: Mapping[str, torch.Tensor]) -> No
             p.copy_(torch.as_tensor(state[name]).to(dtype=p.dtype, device=p.device))
 
 
-def model_metadata(model: NearlCLIP, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+def model_metadata(model: FrozenCLIP, extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """What a reader needs to rebuild the same model and check compatibility."""
     meta = {
         "format": "nearl-adapters/1",
         "version": package_version(),
+        "method": model.method,
         "backbone": model.backbone_name,
         "backbone_source": model.backbone_source,
         "classes": list(model.classes),
@@ -89,7 +86,7 @@ def model_metadata(model: NearlCLIP, extra: Mapping[str, Any] | None = None) -> 
     return meta
 
 
-def save_adapters(model: NearlCLIP, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
+def save_adapters(model: FrozenCLIP, out_dir: str | Path, extra: Mapping[str, Any] | None = None,
                   *, overwrite: bool = False) -> Path:
     """Write weights + metadata atomically (temp files then rename); refuse to clobber by default."""
     out = Path(out_dir)
@@ -145,8 +142,14 @@ def _check_checksum(folder: Path, data: bytes, meta: Mapping[str, Any]) -> None:
         )
 
 
-def check_compatible(meta: Mapping[str, Any], model: NearlCLIP, source: str = "adapter file") -> None:
-    """Refuse adapters made for another backbone, other weights or another class list."""
+def check_compatible(meta: Mapping[str, Any], model: FrozenCLIP, source: str = "adapter file") -> None:
+    """Refuse adapters made for another method, another backbone, other weights or another class list."""
+    method = meta_method(meta)
+    if method != model.method:
+        raise AdapterFileError(
+            f"{source} holds {method} adapters, this model is {model.method}; "
+            f"use --set adapter.method={method} (or the config they were trained with)"
+        )
     if meta.get("backbone") != model.backbone_name:
         raise AdapterFileError(
             f"{source} was trained on backbone '{meta.get('backbone')}', this model is '{model.backbone_name}'; "
@@ -164,7 +167,15 @@ def check_compatible(meta: Mapping[str, Any], model: NearlCLIP, source: str = "a
         )
 
 
-def load_adapters(model: NearlCLIP, path: str | Path) -> dict[str, Any]:
+def meta_method(meta: Mapping[str, Any]) -> str:
+    """The method an adapter file was written for (files from before methods existed are NEARL's)."""
+    config = meta.get("config")
+    adapter = config.get("adapter") if isinstance(config, Mapping) else None
+    from_config = adapter.get("method") if isinstance(adapter, Mapping) else None
+    return str(meta.get("method") or from_config or "nearl")
+
+
+def load_adapters(model: FrozenCLIP, path: str | Path) -> dict[str, Any]:
     """Check compatibility, then load; returns the metadata."""
     state, meta = read_adapters(path)
     check_compatible(meta, model, source=str(path))

@@ -20,6 +20,13 @@ from nearl_core.errors import ConfigError
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
 TEXT_CONDITIONING = ("per-image", "shared")
+# adapter.method: NEARL and the methods it is measured against (docs/methods.md)
+METHODS = ("nearl", "coop", "clip-adapter", "lora", "linear-probe", "full-ft")
+COOP_INIT = ("random", "template")
+FULL_FT_DP_REFUSAL = (
+    "adapter.method full-ft cannot train under DP-SGD: per-sample gradients of the backbone's own attention "
+    "layers would need Opacus to replace them, which changes open_clip's outputs; use lora or another method"
+)
 ACCOUNTANTS = ("rdp", "prv")
 # Optional numbers: None (or "none" / "" in YAML and run config) means "not set".
 _OPTIONAL_FLOATS = ("target_epsilon", "noise_multiplier", "delta", "max_epsilon")
@@ -36,8 +43,11 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AdapterConfig:
-    """NEARL adapter dimensions (docs/architecture.md); the defaults give 1.449M on ViT-B-16 (budget 1.46M)."""
+    """Which method trains what: NEARL's dimensions (docs/architecture.md; the defaults give 1.449M on
+    ViT-B-16, budget 1.46M) and the baselines' own settings (docs/methods.md).  Each method reads only
+    its own keys, so one config file serves a whole comparison with ``--set adapter.method=...``."""
 
+    method: str = "nearl"  # nearl | coop | clip-adapter | lora | linear-probe | full-ft
     queries: int = 16  # M learnable synergy query tokens
     width: int = 32  # d, width of the USEformer
     rank: int = 24  # r, OCA bottleneck
@@ -46,6 +56,12 @@ class AdapterConfig:
     text_conditioning: str = "per-image"  # or "shared"
     ortho_lambda: float = 0.0  # weight of the orthogonal regulariser
     eps: float = 1e-6  # Gram-Schmidt denominator guard
+    coop_tokens: int = 16  # coop: learnable context vectors before the class name, shared by all classes
+    coop_init: str = "random"  # coop: random (CoOp's N(0, 0.02)) or template (the first template's words)
+    clip_adapter_reduction: int = 4  # clip-adapter: bottleneck width = embedding width / reduction
+    clip_adapter_ratio: float = 0.2  # clip-adapter: residual ratio (share of the adapted feature)
+    lora_rank: int = 8  # lora: rank of each update of the attention projections
+    lora_alpha: float = 8.0  # lora: updates are scaled by alpha / rank
 
 
 @dataclass(frozen=True)
@@ -237,6 +253,13 @@ def validate(cfg: NearlConfig, source: str = "config") -> None:
     """Cross-field checks that a type alone cannot express."""
     a, t = cfg.adapter, cfg.train
     checks = [
+        (a.method in METHODS, f"adapter.method '{a.method}' is unknown; valid methods: {', '.join(METHODS)}"),
+        (not (a.method == "full-ft" and cfg.privacy.enabled), FULL_FT_DP_REFUSAL),
+        (a.coop_tokens >= 1 and a.coop_init in COOP_INIT,
+         f"adapter.coop-tokens must be >= 1 and adapter.coop-init one of {', '.join(COOP_INIT)}"),
+        (a.clip_adapter_reduction >= 1 and 0 <= a.clip_adapter_ratio <= 1,
+         "adapter.clip-adapter-reduction must be >= 1 and adapter.clip-adapter-ratio in [0, 1]"),
+        (a.lora_rank >= 1 and a.lora_alpha > 0, "adapter.lora-rank must be >= 1 and adapter.lora-alpha > 0"),
         (a.text_conditioning in TEXT_CONDITIONING, f"adapter.text-conditioning must be one of {TEXT_CONDITIONING}"),
         (a.queries >= 1 and a.width >= 1 and a.rank >= 1, "adapter.queries, width and rank must be >= 1"),
         (a.heads >= 1 and a.width % a.heads == 0 and a.rank % a.heads == 0,

@@ -16,11 +16,14 @@ Text conditioning (``adapter.text-conditioning``):
   shared     the text stream sees queries built from text context only, so class
              embeddings depend on parameters alone: computed once per step and cached
              for inference (:meth:`NearlCLIP.cache_text`).
+
+The methods NEARL is measured against (``adapter.method``: CoOp, CLIP-Adapter, LoRA, a
+linear probe, full fine-tuning) share the frozen backbone, the class prompts and the
+rule of what trains (:mod:`nearl_core.methods.base`) and live in their own files under
+``nearl_core/methods/``; :func:`build_model` at the end of this file picks one.
 """
 
 from __future__ import annotations
-
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -30,14 +33,13 @@ from nearl_core.adapters import OCA, QueryTokens, USEBlock
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import AdapterConfig, NearlConfig
 from nearl_core.errors import ConfigError
-from nearl_core.towers import TextInputs, towers_of
-
-ADAPTER_PREFIX = "adapters."
-
-
-def is_adapter_param(name: str) -> bool:
-    """The one rule for what is an adapter weight: it drives freezing, saving, loading and egress."""
-    return name.startswith(ADAPTER_PREFIX)
+from nearl_core.methods.base import (ADAPTER_PREFIX, FrozenCLIP, NearlOutput, is_adapter_param,  # noqa: F401
+                                     trainable_prefix)
+from nearl_core.methods.clip_adapter import CLIPAdapterCLIP
+from nearl_core.methods.coop import CoOpCLIP
+from nearl_core.methods.full_ft import FullFineTuneCLIP
+from nearl_core.methods.linear_probe import LinearProbeCLIP
+from nearl_core.methods.lora import LoRACLIP
 
 
 def lockstep_schedule(vision_layers: int, text_layers: int) -> list[tuple[int | None, int | None]]:
@@ -68,44 +70,35 @@ class NearlAdapters(nn.Module):
         self.oca_text = nn.ModuleList(OCA(text_width, d, r, h, cfg.eps) for _ in range(text_layers))
 
 
-@dataclass
-class NearlOutput:
-    logits: torch.Tensor  # (B, C)
-    ortho: torch.Tensor  # scalar: mean cos^2 between raw OCA updates and their tokens
-
-
-class NearlCLIP(nn.Module):
+class NearlCLIP(FrozenCLIP):
     """A frozen open_clip CLIP plus NEARL adapters, bound to a list of class prompts."""
 
-    def __init__(self, backbone: Backbone, cfg: NearlConfig, classes: tuple[str, ...]):
-        super().__init__()
-        if not classes:
-            raise ConfigError("no classes: set task.classes in the config or give a data folder with class folders")
-        vision, text = towers_of(backbone.clip)  # refuses unknown layouts before anything changes
-        self.backbone_name, self.backbone_source = backbone.name, backbone.source
-        self.cfg, self.classes = cfg.with_classes(tuple(classes)), tuple(classes)
-        self.clip = backbone.clip
-        self.preprocess = backbone.preprocess  # the backbone's eval transform (PIL image -> tensor)
-        self.vision, self.text = vision, text
-        vision.checkpoint = text.checkpoint = cfg.train.checkpoint_backbone  # an option: same gradients, less memory
+    method = "nearl"
+
+    def setup(self, backbone: Backbone) -> None:
+        vision, text = self.vision, self.text
         self.schedule = lockstep_schedule(len(vision.blocks), len(text.blocks))
-        self.adapters = NearlAdapters(cfg.adapter, vision.width, text.width, len(vision.blocks), len(text.blocks))
-        for name, p in self.named_parameters():
-            p.requires_grad_(is_adapter_param(name))
-        self.num_templates = len(cfg.task.templates)
-        prompts = [p for per_class in self.cfg.task.prompts() for p in per_class]  # class-major, C*P
-        full = backbone.tokenizer(prompts)
-        self.register_buffer("full_tokens", full, persistent=False)  # (C*P, context) for zero-shot reference
-        self._prompts = text.prepare(full)
+        self.adapters = NearlAdapters(self.cfg.adapter, vision.width, text.width, len(vision.blocks), len(text.blocks))
         self._text_cache: tuple | None = None
         self._cache_enabled = False
-        # shared mode under DP-SGD: run the (sample-independent) text branch once per sample
-        self.per_sample_text = False
+
+    @property
+    def shared_text(self) -> bool:
+        return self.cfg.adapter.text_conditioning == "shared"
+
+    def components(self) -> dict[str, int]:
+        a = self.adapters
+        count = lambda m: sum(p.numel() for p in m.parameters())  # noqa: E731
+        return {"useformer": count(a.useformer) + count(a.queries), "oca_vision": count(a.oca_vision),
+                "oca_text": count(a.oca_text)}
+
+    def dimensions(self) -> dict:
+        a = self.cfg.adapter
+        return {"queries": a.queries, "width": a.width, "rank": a.rank, "heads": a.heads, **super().dimensions()}
 
     # -- modes -------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "NearlCLIP":
         super().train(mode)
-        self.clip.eval()  # the backbone never leaves eval mode
         self._text_cache = None
         return self
 
@@ -116,10 +109,8 @@ class NearlCLIP(nn.Module):
         self._text_cache = None
         self._cache_enabled = enabled
 
-    def _apply(self, fn, recurse=True):  # keep the prompt tensors on the model's device
+    def _apply(self, fn, recurse=True):
         out = super()._apply(fn, recurse)
-        p = self._prompts
-        self._prompts = TextInputs(fn(p.tokens), fn(p.eot), fn(p.valid))
         self._text_cache = None
         return out
 
@@ -138,7 +129,8 @@ class NearlCLIP(nn.Module):
         xt = xt0.unsqueeze(0).expand(b, *xt0.shape)  # (B, S, T, D_t): one text stream per image
         z = self.adapters.queries(xv)  # (B, M, d)
         xv, xt, _, ortho = self._lockstep(xv, xt, z, None)
-        return NearlOutput(self._logits(xv, xt), ortho)
+        image_emb = F.normalize(self.vision.head(xv), dim=-1)  # (B, E)
+        return NearlOutput(self._logits(image_emb, self._class_embeddings(xt)), ortho)  # per image: (B, C, E)
 
     def _forward_shared(self, images: torch.Tensor) -> NearlOutput:
         cached = self._cache_enabled and not torch.is_grad_enabled()
@@ -161,8 +153,7 @@ class NearlCLIP(nn.Module):
                 xv, o = self.adapters.oca_vision[i](xv, z)
                 ortho = ortho + o
         image_emb = F.normalize(self.vision.head(xv), dim=-1)  # (B, E)
-        logits = self._scale() * torch.einsum("be,bce->bc", image_emb, class_emb.expand(b, -1, -1))
-        return NearlOutput(self._bias(logits), ortho / self._num_ocas())
+        return NearlOutput(self._logits(image_emb, class_emb), ortho / self._num_ocas())
 
     def _shared_text(self, batch: int = 1) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor]:
         """Text stream conditioned on text-only queries.
@@ -203,12 +194,6 @@ class NearlCLIP(nn.Module):
                 ortho = ortho + o
         return xv, xt, z, ortho / self._num_ocas()
 
-    def _text_block(self, j: int, xt: torch.Tensor) -> torch.Tensor:
-        bt, s, t, dt = xt.shape
-        mask = self.text.mask(self._prompts.valid.repeat(bt, 1))  # causal, or key padding (bidirectional)
-        out = self.text.block(j, xt.reshape(bt * s, t, dt), mask)  # frozen, per prompt
-        return out.reshape(bt, s, t, dt)
-
     def _text_oca(self, j: int, xt: torch.Tensor, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         bt, s, t, dt = xt.shape
         out, o = self.adapters.oca_text[j](xt.reshape(bt, s * t, dt), z)  # batch-first for per-sample grads
@@ -221,48 +206,35 @@ class NearlCLIP(nn.Module):
         bt, _, dt = per_prompt.shape
         return per_prompt.reshape(bt, len(self.classes), self.num_templates, dt).mean(2)
 
-    def _class_embeddings(self, xt: torch.Tensor) -> torch.Tensor:
-        """(Bt, S, T, D_t) -> (Bt, C, E): normalised, averaged over templates, renormalised."""
-        bt, s, t, dt = xt.shape
-        emb = F.normalize(self.text.head(xt.reshape(bt * s, t, dt), self._prompts.eot.repeat(bt)), dim=-1)
-        emb = emb.reshape(bt, len(self.classes), self.num_templates, -1).mean(2)
-        return F.normalize(emb, dim=-1)
-
-    def _logits(self, xv: torch.Tensor, xt: torch.Tensor) -> torch.Tensor:
-        image_emb = F.normalize(self.vision.head(xv), dim=-1)  # (B, E)
-        class_emb = self._class_embeddings(xt)  # (B, C, E)
-        return self._bias(self._scale() * torch.einsum("be,bce->bc", image_emb, class_emb))
-
-    def _scale(self) -> torch.Tensor:
-        return self.clip.logit_scale.exp()
-
-    def _bias(self, logits: torch.Tensor) -> torch.Tensor:
-        bias = getattr(self.clip, "logit_bias", None)
-        return logits if bias is None else logits + bias
-
     def _num_ocas(self) -> int:
         return len(self.adapters.oca_vision) + len(self.adapters.oca_text)
 
-    # -- reference -------------------------------------------------------------------------
-    @torch.no_grad()
-    def zero_shot_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Plain open_clip zero-shot logits (full context, no adapters): the baseline and the invariant."""
-        image_emb = self.clip.encode_image(images, normalize=True)  # (B, E)
-        text_emb = self.clip.encode_text(self.full_tokens, normalize=True)  # (C*P, E)
-        text_emb = F.normalize(text_emb.reshape(len(self.classes), self.num_templates, -1).mean(1), dim=-1)
-        return self._bias(self._scale() * image_emb @ text_emb.t())
+
+# adapter.method -> the class that implements it: NEARL here, each baseline in its own file
+MODEL_CLASSES: dict[str, type[FrozenCLIP]] = {
+    "nearl": NearlCLIP,
+    "coop": CoOpCLIP,
+    "clip-adapter": CLIPAdapterCLIP,
+    "lora": LoRACLIP,
+    "linear-probe": LinearProbeCLIP,
+    "full-ft": FullFineTuneCLIP,
+}
 
 
-def build_model(cfg: NearlConfig, classes: tuple[str, ...] | None = None, backbone: Backbone | None = None) -> NearlCLIP:
-    """One factory call: the frozen backbone + zero-initialised adapters for these classes.
+def build_model(cfg: NearlConfig, classes: tuple[str, ...] | None = None,
+                backbone: Backbone | None = None) -> FrozenCLIP:
+    """One factory call: the frozen backbone + the method's parts (``adapter.method``) for these classes.
 
-    The adapters' random parts (query tokens, projections) are drawn from ``train.seed`` in
-    a forked RNG: the same config gives the same initial adapters in every process, so a
-    federation's round 0 (built by the coordinator) is reproducible, and the caller's own
-    random stream is left as it was.
+    The method's random parts (NEARL's query tokens and projections, CoOp's context, LoRA's
+    down-projections) are drawn from ``train.seed`` in a forked RNG: the same config gives
+    the same initial adapters in every process, so a federation's round 0 (built by the
+    coordinator) is reproducible, and the caller's own random stream is left as it was.
     """
+    method = cfg.adapter.method
+    if method not in MODEL_CLASSES:  # a validated config cannot get here; a hand-built one can
+        raise ConfigError(f"adapter.method '{method}' is unknown; valid methods: {', '.join(MODEL_CLASSES)}")
     classes = tuple(classes) if classes else cfg.task.classes
     backbone = backbone or build_backbone(cfg.model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(cfg.train.seed)
-        return NearlCLIP(backbone, cfg, classes)
+        return MODEL_CLASSES[method](backbone, cfg, classes)

@@ -1,65 +1,71 @@
-"""Parameter and payload accounting: what NEARL trains and what a site sends."""
+"""Parameter and payload accounting: what a method trains and what a site sends.
+
+The same report for every method (``nearl params --set adapter.method=M``): the trainable
+parameters are those of the one rule (``is_adapter_param``), the payload is their bytes in
+one direction, and a round moves it twice per site (the global weights down, the update up).
+"""
 
 from __future__ import annotations
 
-from torch import nn
+from nearl_core.model import FrozenCLIP
 
-from nearl_core.model import NearlCLIP
+# display names of the parts each method reports (FrozenCLIP.components); others print as named
+LABELS = {
+    "useformer": "USEformer (queries + blocks)",
+    "oca_vision": "OCA, vision tower",
+    "oca_text": "OCA, text tower",
+    "context": "context vectors (prompt)",
+    "image": "adapter MLP on the image feature",
+    "vision": "LoRA, vision tower",
+    "text": "LoRA, text tower",
+    "head": "linear head (classes x embedding)",
+    "image_tower": "image tower",
+    "text_tower": "text tower",
+}
+TITLES = {"nearl": "NEARL adapters", "coop": "CoOp context", "clip-adapter": "CLIP-Adapter",
+          "lora": "LoRA updates", "linear-probe": "linear probe", "full-ft": "full fine-tuning"}
 
 
-def _count(module: nn.Module) -> int:
-    return sum(p.numel() for p in module.parameters())
-
-
-def parameter_report(model: NearlCLIP) -> dict:
-    """total / trainable / per-component counts and the adapter payload in bytes (one direction)."""
-    a = model.adapters
-    components = {
-        "useformer": _count(a.useformer) + _count(a.queries),
-        "oca_vision": _count(a.oca_vision),
-        "oca_text": _count(a.oca_text),
-        "backbone_frozen": _count(model.clip),
-    }
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+def parameter_report(model: FrozenCLIP) -> dict:
+    """total / trainable / per-component counts and the payload in bytes (one direction and per round)."""
+    params = list(model.parameters())
+    total = sum(p.numel() for p in params)
+    adapters = model.adapter_parameters()
+    trainable = sum(p.numel() for p in adapters.values())
+    payload = sum(p.numel() * p.element_size() for p in adapters.values())
     return {
+        "method": model.method,
         "backbone": model.backbone_name,
-        "total": _count(model),
+        "total": total,
         "trainable": trainable,
-        "trainable_fraction": trainable / max(_count(model), 1),
-        "payload_bytes": sum(p.numel() * p.element_size() for p in a.parameters()),
-        "full_model_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
-        "components": components,
-        "dimensions": {
-            "queries": model.cfg.adapter.queries, "width": model.cfg.adapter.width,
-            "rank": model.cfg.adapter.rank, "heads": model.cfg.adapter.heads,
-            "vision_layers": len(a.oca_vision), "text_layers": len(a.oca_text),
-            "vision_width": model.vision.width, "text_width": model.text.width,
-        },
+        "trainable_fraction": trainable / max(total, 1),
+        "payload_bytes": payload,
+        "payload_bytes_per_round": 2 * payload,  # per site: the global weights down, the update up
+        "full_model_bytes": sum(p.numel() * p.element_size() for p in params),
+        "components": {**model.components(), "backbone_frozen": total - trainable},
+        "dimensions": model.dimensions(),
     }
 
 
 def format_report(report: dict) -> str:
-    c = report["components"]
-    rows = [
-        ("USEformer (queries + blocks)", c["useformer"]),
-        ("OCA, vision tower", c["oca_vision"]),
-        ("OCA, text tower", c["oca_text"]),
-        ("trainable (NEARL adapters)", report["trainable"]),
-        ("frozen CLIP backbone", c["backbone_frozen"]),
-        ("total", report["total"]),
-    ]
-    d = report["dimensions"]
+    c, d = report["components"], report["dimensions"]
+    title = TITLES.get(report["method"], report["method"])
+    rows = [(LABELS.get(k, k), n) for k, n in c.items() if k != "backbone_frozen"]
+    rows += [(f"trainable ({title})", report["trainable"]), ("frozen CLIP backbone", c["backbone_frozen"]),
+             ("total", report["total"])]
+    sizes = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("vision_layers", "text_layers",
+                                                                    "vision_width", "text_width"))
     lines = [
-        f"NEARL on {report['backbone']}: M={d['queries']} queries, d={d['width']}, r={d['rank']}, "
-        f"{d['heads']} heads; layers vision/text {d['vision_layers']}/{d['text_layers']}, "
-        f"widths {d['vision_width']}/{d['text_width']}",
+        f"{title} ({report['method']}) on {report['backbone']}: {sizes}; layers vision/text "
+        f"{d['vision_layers']}/{d['text_layers']}, widths {d['vision_width']}/{d['text_width']}",
         "",
     ]
-    lines += [f"  {name:<32}{n:>14,}" for name, n in rows]
+    lines += [f"  {name:<34}{n:>14,}" for name, n in rows]
     lines += [
         "",
-        f"  trainable fraction              {100 * report['trainable_fraction']:>13.3f}%",
-        f"  adapter payload per direction   {report['payload_bytes']:>14,} bytes ({report['payload_bytes'] / 2**20:.2f} MiB)",
-        f"  full model (fine-tuning)        {report['full_model_bytes']:>14,} bytes ({report['full_model_bytes'] / 2**20:.1f} MiB)",
+        f"  trainable fraction                {100 * report['trainable_fraction']:>13.3f}%",
+        f"  payload per direction             {report['payload_bytes']:>14,} bytes ({report['payload_bytes'] / 2**20:.2f} MiB)",
+        f"  per site per round (down + up)    {report['payload_bytes_per_round']:>14,} bytes",
+        f"  full model (fine-tuning)          {report['full_model_bytes']:>14,} bytes ({report['full_model_bytes'] / 2**20:.1f} MiB)",
     ]
     return "\n".join(lines)

@@ -2,15 +2,17 @@
 
 What is private-trained, and how:
 
-* Only ``model.adapters`` gets Opacus' per-sample-gradient hooks (``GradSampleHooks``,
+* Only the module holding the method's trainable parameters (``model.adapters``; see
+  ``is_adapter_param``) gets Opacus' per-sample-gradient hooks (``GradSampleHooks``,
   attached in place, no wrapper, so parameter names and the model object stay as they
   are).  The frozen open_clip backbone is never wrapped, validated, "fixed" or replaced:
   Opacus would swap its ``nn.MultiheadAttention`` for ``DPMultiheadAttention``, which
   changes open_clip's outputs (opacus issue 774).  Adapter layers are ``nn.Linear`` and
   ``nn.LayerNorm`` (Opacus' own samplers) plus two tiny parameter modules
   (``QueryTokens``, ``ScaleGate``) that Opacus handles through ``torch.func``.
-* In ``shared`` text mode the sample-independent text branch is run once per sample
-  (``model.per_sample_text``) so that every hooked layer sees the sample batch first.
+* Where class text depends on trainable parameters but not on the image (NEARL's
+  ``shared`` mode, CoOp, LoRA: ``model.shared_text``), the text branch is run once per
+  sample (``model.per_sample_text``) so that every hooked layer sees the sample batch first.
 * Batches are Poisson-sampled (``DPDataLoader``): each image joins each step with
   probability q = 1 / ceil(N / batch-size), and there are ceil(N / batch-size) steps per
   epoch.  An empty batch still takes a noise-only step, and that step is accounted.
@@ -50,9 +52,9 @@ from opacus.optimizers import DPOptimizer
 from opacus.validators import ModuleValidator
 from torch.utils.data import DataLoader
 
-from nearl_core.config import NearlConfig, PrivacyConfig
+from nearl_core.config import FULL_FT_DP_REFUSAL, NearlConfig, PrivacyConfig
 from nearl_core.errors import ConfigError, NearlError
-from nearl_core.model import NearlCLIP, is_adapter_param
+from nearl_core.model import FrozenCLIP, is_adapter_param
 from nearl_core.train import EpochStats, _epoch_line, chunks, epoch_row, loss_fn, make_optimizer, warmup_cosine
 
 STATE_FILE = "privacy.json"
@@ -324,13 +326,15 @@ def _generator(device: torch.device | str, seed: int | None) -> torch.Generator:
     return gen.manual_seed(seed)
 
 
-def check_private_model(model: NearlCLIP) -> list[torch.nn.Parameter]:
+def check_private_model(model: FrozenCLIP) -> list[torch.nn.Parameter]:
     """The trainable parameters, refusing a model where anything but the adapters trains."""
-    outside = [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n)]
+    if model.method == "full-ft":
+        raise NearlError(FULL_FT_DP_REFUSAL)
+    outside = [n for n, p in model.named_parameters() if p.requires_grad and not is_adapter_param(n, model.method)]
     if outside:
         raise NearlError(f"DP-SGD trains the adapters only, but {outside[0]} (and {len(outside) - 1} more) "
                          "outside them require grad; keep the backbone frozen")
-    return [p for p in model.adapters.parameters() if p.requires_grad]
+    return [p for p in model.adapter_parameters().values() if p.requires_grad]
 
 
 class PrivateTraining:
@@ -340,16 +344,17 @@ class PrivateTraining:
     leaving the model exactly as it was (plus the trained adapter weights).
     """
 
-    def __init__(self, model: NearlCLIP, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
+    def __init__(self, model: FrozenCLIP, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, sample_rate: float, expected_batch_size: float, accountant=None,
                  noise_seed: int | None = None):
         self.model = model
         self.params = check_private_model(model)
         self._per_sample_text = model.per_sample_text
         model.train()
-        model.per_sample_text = model.cfg.adapter.text_conditioning == "shared"
-        ModuleValidator.validate(model.adapters, strict=True)  # adapters only: the backbone is never looked at
-        self.hooks = GradSampleHooks(model.adapters, batch_first=True, loss_reduction="mean", strict=True)
+        model.per_sample_text = model.shared_text
+        trainable = model.trainable_module()
+        ModuleValidator.validate(trainable, strict=True)  # adapters only: the backbone is never looked at
+        self.hooks = GradSampleHooks(trainable, batch_first=True, loss_reduction="mean", strict=True)
         self.hooks.forbid_grad_accumulation()
         device = self.params[0].device
         self.optimizer = DPOptimizer(optimizer, noise_multiplier=noise_multiplier, max_grad_norm=max_grad_norm,
@@ -433,7 +438,7 @@ def poisson_loader(loader: DataLoader, *, seed: int | None = None) -> DPDataLoad
     return dp
 
 
-def train_private_round(model: NearlCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device,
+def train_private_round(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device,
                         state: PrivacyState, *, epochs: int | None = None, val_loader: DataLoader | None = None,
                         state_dir: str | Path | None = None, max_epsilon: float | None = None,
                         seed: int | None = None, log: Log | None = print) -> list[dict]:

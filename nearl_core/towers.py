@@ -84,6 +84,14 @@ class TextTower:
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         """(S, T) token ids -> (S, T, D_t) tokens entering the first block."""
+        return self.embed_words(self.word_embed(tokens))
+
+    def word_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(S, T) token ids -> (S, T, D_t) word vectors only (what a learned prompt replaces, e.g. CoOp's)."""
+        raise NotImplementedError
+
+    def embed_words(self, words: torch.Tensor) -> torch.Tensor:
+        """(N, T, D_t) word vectors -> tokens entering the first block (positions etc. added)."""
         raise NotImplementedError
 
     def mask(self, valid: torch.Tensor) -> Any:
@@ -178,11 +186,12 @@ class CausalTextTower(TextTower):
         positions = torch.arange(tokens.shape[1]).unsqueeze(0)
         return TextInputs(tokens=tokens, eot=eot, valid=positions <= eot.unsqueeze(1))
 
-    def embed(self, tokens: torch.Tensor) -> torch.Tensor:
-        o = self.owner
-        cast = o.transformer.get_cast_dtype()
-        x = o.token_embedding(tokens).to(cast)
-        return x + o.positional_embedding[: tokens.shape[1]].to(cast)  # (S, T, D_t)
+    def word_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.owner.token_embedding(tokens).to(self.owner.transformer.get_cast_dtype())
+
+    def embed_words(self, words: torch.Tensor) -> torch.Tensor:
+        cast = self.owner.transformer.get_cast_dtype()
+        return words + self.owner.positional_embedding[: words.shape[1]].to(cast)  # (S, T, D_t)
 
     def mask(self, valid: torch.Tensor) -> torch.Tensor | None:
         """The causal mask alone: a token never sees the padding after it."""
@@ -232,6 +241,12 @@ class HFTextTower(TextTower):
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.model.embeddings(input_ids=tokens)  # (S, T, D_t): word + position + type, LayerNorm
+
+    def word_embed(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings.word_embeddings(tokens)
+
+    def embed_words(self, words: torch.Tensor) -> torch.Tensor:
+        return self.model.embeddings(inputs_embeds=words)  # the same sums and LayerNorm as from token ids
 
     def mask(self, valid: torch.Tensor) -> Any:
         """The model's own key-padding mask (bidirectional), in its attention implementation's format."""
@@ -319,7 +334,8 @@ def _is_plain_block(block: nn.Module) -> bool:
             and attn.bias_k is None and attn.bias_v is None and not attn.add_zero_attn)
 
 
-def _written_out_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def _written_out_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | None,
+                       delta: Any = None) -> torch.Tensor:
     """``ResidualAttentionBlock.forward`` on batch-first ``x`` (N, L, D), attention spelled out.
 
     Mirrors open_clip (``ln_1`` -> attention -> ``ls_1`` residual, ``ln_2`` -> MLP -> ``ls_2``
@@ -327,17 +343,24 @@ def _written_out_block(block: nn.Module, x: torch.Tensor, mask: torch.Tensor | N
     ``scaled_dot_product_attention`` with the mask cast to the tokens' dtype as
     open_clip's ``attention`` does, no dropout since the backbone is in eval mode, output
     projection), with the q/k/v projection as one (N*L, D) x (D, 3D) matmul.
+
+    ``delta`` (LoRA, nearl_core/methods/lora.py) adds ``delta.qkv(y)`` to the packed q/k/v
+    projection and ``delta.out(a)`` to the output projection: open_clip's attention has no
+    separate projection modules to attach them to.
     """
     attn = block.attn
     n, length, width = x.shape
     heads = attn.num_heads
     y = block.ln_1(x)
     qkv = F.linear(y, attn.in_proj_weight, attn.in_proj_bias)  # (N, L, 3D)
+    if delta is not None:
+        qkv = qkv + delta.qkv(y)
     q, k, v = qkv.view(n, length, 3, heads, width // heads).permute(2, 0, 3, 1, 4).unbind(0)  # (N, h, L, D/h)
     m = mask.to(y.dtype) if mask is not None else None
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=m)  # (N, h, L, D/h)
-    a = F.linear(a.transpose(1, 2).reshape(n, length, width), attn.out_proj.weight, attn.out_proj.bias)
-    x = x + block.ls_1(a)
+    a = a.transpose(1, 2).reshape(n, length, width)
+    out = F.linear(a, attn.out_proj.weight, attn.out_proj.bias)
+    x = x + block.ls_1(out if delta is None else out + delta.out(a))
     return x + block.ls_2(block.mlp(block.ln_2(x)))
 
 

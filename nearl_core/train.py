@@ -23,7 +23,7 @@ from nearl_core.config import NearlConfig, TrainConfig
 from nearl_core.data import Sample
 from nearl_core.image_cache import image_dataset
 from nearl_core.metrics import classification_metrics
-from nearl_core.model import NearlCLIP
+from nearl_core.model import FrozenCLIP
 
 Log = Callable[[str], None]
 
@@ -63,7 +63,7 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def loss_fn(model: NearlCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float):
+def loss_fn(model: FrozenCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float):
     """Cross-entropy plus the optional orthogonal regulariser; returns (loss, logits)."""
     out = model(images)
     loss = F.cross_entropy(out.logits.float(), labels)
@@ -78,7 +78,7 @@ def chunks(n: int, micro_batch: int) -> list[slice]:
     return [slice(start, min(start + size, n)) for start in range(0, n, max(size, 1))]
 
 
-def backward(model: NearlCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float, *,
+def backward(model: FrozenCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float, *,
              micro_batch: int = 0, device: torch.device | None = None, amp: bool = True):
     """Forward and backward of one batch, optionally in micro-batches; returns (loss, logits), detached.
 
@@ -118,7 +118,7 @@ def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_fra
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def make_optimizer(model: NearlCLIP, cfg: TrainConfig) -> torch.optim.Optimizer:
+def make_optimizer(model: FrozenCLIP, cfg: TrainConfig) -> torch.optim.Optimizer:
     """AdamW over adapter parameters only (the rule in model.is_adapter_param froze the rest)."""
     params = [p for p in model.parameters() if p.requires_grad]
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -132,7 +132,7 @@ class EpochStats:
     seconds: float
 
 
-def run_epoch(model: NearlCLIP, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
+def run_epoch(model: FrozenCLIP, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
               *, ortho_lambda: float = 0.0, amp: bool = True, micro_batch: int = 0) -> EpochStats:
     """One pass over the loader; the backbone stays in eval mode throughout."""
     model.train()
@@ -152,7 +152,7 @@ def run_epoch(model: NearlCLIP, loader: DataLoader, optimizer: torch.optim.Optim
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, time.perf_counter() - start)
 
 
-def fit(model: NearlCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device, *,
+def fit(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device, *,
         val_loader: DataLoader | None = None, epochs: int | None = None, log: Log | None = print) -> list[dict]:
     """Train the adapters for ``epochs`` (default cfg.train.epochs); returns one dict per epoch."""
     t = cfg.train
@@ -170,7 +170,7 @@ def fit(model: NearlCLIP, train_loader: DataLoader, cfg: NearlConfig, device: to
     return history
 
 
-def epoch_row(epoch: int, stats: EpochStats, model: NearlCLIP, val_loader: DataLoader | None,
+def epoch_row(epoch: int, stats: EpochStats, model: FrozenCLIP, val_loader: DataLoader | None,
               device: torch.device, *, amp: bool = True) -> dict:
     """One history row: the epoch's training stats plus validation metrics when a loader is given."""
     row = {"epoch": epoch, "train_loss": stats.loss, "train_accuracy": stats.accuracy,
@@ -191,7 +191,7 @@ def _epoch_line(row: dict, epochs: int) -> str:
 
 
 @torch.no_grad()
-def predict_logits(model: NearlCLIP, loader: DataLoader, device: torch.device, *, amp: bool = True):
+def predict_logits(model: FrozenCLIP, loader: DataLoader, device: torch.device, *, amp: bool = True):
     """(N, C) logits and (N,) labels over a loader, in loader order."""
     model.eval()
     all_logits, all_labels = [], []
@@ -204,7 +204,7 @@ def predict_logits(model: NearlCLIP, loader: DataLoader, device: torch.device, *
     return torch.cat(all_logits), torch.cat(all_labels)
 
 
-def evaluate(model: NearlCLIP, loader: DataLoader, device: torch.device, *, amp: bool = True) -> dict[str, float]:
+def evaluate(model: FrozenCLIP, loader: DataLoader, device: torch.device, *, amp: bool = True) -> dict[str, float]:
     """Loss, accuracy, balanced accuracy, macro-F1, AUROC, per-class recall and example count."""
     logits, labels = predict_logits(model, loader, device, amp=amp)
     metrics = classification_metrics(logits, labels, model.classes)

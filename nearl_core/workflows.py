@@ -23,7 +23,7 @@ from nearl_core.data import SiteData, format_counts, infer_classes, load_image, 
 from nearl_core.demo_data import generate_demo_data
 from nearl_core.errors import AdapterFileError, ConfigError, ModelOutputError, NearlError
 from nearl_core.metrics import METRIC_NAMES
-from nearl_core.model import NearlCLIP, build_model
+from nearl_core.model import FrozenCLIP, build_model
 from nearl_core.params import format_report, parameter_report
 from nearl_core import privacy
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
@@ -105,7 +105,7 @@ def train(data: Path, out: Path, cfg: NearlConfig, *, overwrite: bool = False) -
     seed_everything(cfg.train.seed)
     device = select_device(cfg.train.device)
     model = build_model(cfg).to(device)
-    print(f"model {cfg.model.name} ({model.backbone_source}), "
+    print(f"model {cfg.model.name} ({model.backbone_source}), method {cfg.adapter.method}, "
           f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable parameters, device {device}")
     loaders = {s: make_loader(site.samples(s), model.preprocess, cfg.train, device, shuffle=(s == "train"),
                               seed=cfg.train.seed) for s in site.splits}
@@ -118,7 +118,8 @@ def train(data: Path, out: Path, cfg: NearlConfig, *, overwrite: bool = False) -
     else:
         history = fit(model, loaders["train"], cfg, device, val_loader=loaders["val"])
     final = evaluate(model, loaders[report_split], device, amp=cfg.train.amp)
-    results = {"zero-shot": zero_shot, "NEARL": final}
+    method = cfg.adapter.method
+    results = {"zero-shot": zero_shot, "NEARL" if method == "nearl" else method: final}
     save_adapters(model, out, {"trained_on": str(data), "epochs": cfg.train.epochs, **extra}, overwrite=overwrite)
     _write_history(out / "history.csv", history)
     (out / "metrics.json").write_text(json.dumps({"split": report_split, **results, **extra}, indent=2))
@@ -133,7 +134,7 @@ def train(data: Path, out: Path, cfg: NearlConfig, *, overwrite: bool = False) -
     return results
 
 
-def _train_private(model: NearlCLIP, loaders: dict, cfg: NearlConfig, device: torch.device,
+def _train_private(model: FrozenCLIP, loaders: dict, cfg: NearlConfig, device: torch.device,
                    out: Path) -> tuple[list[dict], dict]:
     train_loader = loaders["train"]
     state = privacy.open_privacy_state(out, cfg.privacy, n_train=len(train_loader.dataset),
@@ -143,7 +144,7 @@ def _train_private(model: NearlCLIP, loaders: dict, cfg: NearlConfig, device: to
     return history, state.report()
 
 
-def model_from_adapters(adapters: Path, pretrained: str | None = None) -> NearlCLIP:
+def model_from_adapters(adapters: Path, pretrained: str | None = None) -> FrozenCLIP:
     """Rebuild the exact model an adapter folder was trained with, then load it (checked).
 
     The folder is read (and its checksum verified) once; its metadata says how to build the model.
@@ -193,7 +194,7 @@ def predict(adapters: Path, images: Sequence[Path], *, pretrained: str | None = 
 
 
 @contextmanager
-def finite_outputs(model: NearlCLIP, adapters: Path) -> Iterator[None]:
+def finite_outputs(model: FrozenCLIP, adapters: Path) -> Iterator[None]:
     """Raise :class:`ModelOutputError` as soon as ``model`` returns a NaN or infinite logit.
 
     Softmax turns such logits into NaN probabilities that would be printed as a

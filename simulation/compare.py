@@ -22,14 +22,14 @@ from nearl_core.backbone import Backbone
 from nearl_core.config import NearlConfig
 from nearl_core.data import SiteData
 from nearl_core.metrics import METRIC_NAMES
-from nearl_core.model import NearlCLIP, build_model
+from nearl_core.model import FrozenCLIP, build_model
 from nearl_core.train import evaluate, fit, make_loader, seed_everything
 
 ARMS = ("zero-shot", "federated", "centralized", "local-only")
 PerSite = dict[str, dict[str, float]]
 
 
-def evaluate_sites(model: NearlCLIP, sites: dict[str, SiteData], cfg: NearlConfig, device: torch.device) -> PerSite:
+def evaluate_sites(model: FrozenCLIP, sites: dict[str, SiteData], cfg: NearlConfig, device: torch.device) -> PerSite:
     """Test metrics of one model on each site's own test split (val when a site has no test)."""
     out = {}
     for name, site in sites.items():
@@ -39,7 +39,7 @@ def evaluate_sites(model: NearlCLIP, sites: dict[str, SiteData], cfg: NearlConfi
     return out
 
 
-def _fresh(cfg: NearlConfig, backbone: Backbone, device: torch.device) -> NearlCLIP:
+def _fresh(cfg: NearlConfig, backbone: Backbone, device: torch.device) -> FrozenCLIP:
     seed_everything(cfg.train.seed)
     return build_model(cfg, backbone=backbone).to(device)
 

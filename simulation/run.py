@@ -4,6 +4,8 @@
     python simulation/run.py --sites 50 --rounds 2
     python simulation/run.py --compare             # + centralized and local-only arms, results.md, curves.png
     python simulation/run.py --dp-epsilon 3        # every site under DP-SGD, epsilon 3 over the whole run
+    python simulation/run.py --methods nearl,coop,clip-adapter,lora,linear-probe [--compare]
+                                                   # the same federation once per method: methods.csv/.md/.png
     python simulation/run.py --data pneumoniamnist.npz --config vit-b16 --pretrained /models/vit-b16.bin
 
 The federation runs the project's own ServerApp and ClientApp on Flower's Simulation
@@ -33,7 +35,7 @@ from nearl_core.data import scan_site  # noqa: E402
 from nearl_core.demo_data import generate_demo_data  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
 from nearl_protocol.processes import FlowerError  # noqa: E402
-from simulation import compare  # noqa: E402
+from simulation import compare, methods  # noqa: E402
 from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
 
 
@@ -54,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/sim-<time>)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
     p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
+    p.add_argument("--methods", default=None, metavar="M1,M2,...",
+                   help="run the same federation once per adapter.method (nearl, coop, clip-adapter, lora, "
+                        "linear-probe, full-ft) on the same sites, seeds and DP settings; writes methods.csv, "
+                        "methods.md and methods.png (docs/methods.md)")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per virtual site (default 1)")
     p.add_argument("--transport-dtype", default="float32", choices=("float32", "fp16", "bf16"),
                    help="adapters on the wire: fp16/bf16 halve the payload, aggregation stays float32")
@@ -84,11 +90,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(args: argparse.Namespace) -> dict:
-    from simulation.launch import run_simulation  # Flower is only needed for the federation itself
-
     start = time.perf_counter()
     out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
-    if (out / "results.csv").exists():
+    if (out / "results.csv").exists() or (out / "methods.csv").exists():
         raise NearlError(f"{out} already holds results; choose another --out")
     cfg = load_config(args.config, {"model.pretrained": args.pretrained} if args.pretrained else None)
     if args.sites < 1 or args.rounds < 1 or args.local_epochs < 1:
@@ -96,6 +100,11 @@ def run(args: argparse.Namespace) -> dict:
     if (args.dp_delta is not None or args.dp_max_grad_norm is not None or args.site_max_epsilon) \
             and args.dp_epsilon is None:
         raise NearlError("--dp-delta, --dp-max-grad-norm and --site-max-epsilon need --dp-epsilon E")
+    # every method's config is checked before anything runs (an unknown method, full-ft under DP)
+    configs = {m: load_config(args.config, {**method_overrides(args, m), **dp_overrides(args)})
+               for m in methods.parse_methods(args.methods or "")}
+    if args.methods is not None and not configs:
+        raise NearlError("--methods needs at least one method, e.g. --methods nearl,coop")
 
     pool = pool_images(args.data or demo_pool(args.sites, args.seed), cfg.task.classes or None)
     cfg = cfg if cfg.task.classes else cfg.with_classes(pool.classes)
@@ -105,10 +114,41 @@ def run(args: argparse.Namespace) -> dict:
     (out / "partition.json").write_text(json.dumps({"alpha": args.alpha, "seed": args.seed, "sites": rows}, indent=2))
     print(f"{len(pool.paths)} images, {args.sites} virtual sites, alpha={args.alpha}, seed={args.seed}:")
     print(format_summary(pool, rows))
+    if not configs:
+        summary = federate(args, cfg, out, site_roots, out)
+        seconds = summary["simulation"].seconds
+        print(f"simulation wall time {time.perf_counter() - start:.1f}s (federation {seconds:.1f}s)")
+        return summary
 
-    run_config = federation_config(args, cfg, out)
+    configs = {m: c if c.task.classes else c.with_classes(pool.classes) for m, c in configs.items()}
+    per_method = {}
+    for method, method_cfg in configs.items():
+        print(f"\n=== method {method} ===")
+        per_method[method] = federate(args, method_cfg, out / method, site_roots, out)
+    rows_out, files = methods.compare_methods(args, configs, per_method, site_roots, out)
+    for summary in per_method.values():
+        log_to_mlflow(summary["mlflow_uri"], summary["simulation"].run_id, [], files)
+    print("\n" + (out / "methods.md").read_text())
+    print(f"simulation wall time {time.perf_counter() - start:.1f}s")
+    return {"out": out, "methods": rows_out, "per_method": per_method}
+
+
+def method_overrides(args: argparse.Namespace, method: str) -> dict:
+    return {"adapter.method": method, **({"model.pretrained": args.pretrained} if args.pretrained else {})}
+
+
+def dp_overrides(args: argparse.Namespace) -> dict:
+    """The NEARL config keys --dp-epsilon sets at every site (as in the run config), for checks and timing."""
+    return {k: v for k, v in dp_config(args, Path(".")).items() if k.startswith("privacy.")}
+
+
+def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], root: Path) -> dict:
+    """One federation on the virtual sites under ``root``, then the arms; results and curves in ``out``."""
+    from simulation.launch import run_simulation  # Flower is only needed for the federation itself
+
+    run_config = federation_config(args, cfg, out, root / "sites")
     print(f"\nfederation: {args.rounds} rounds x {args.local_epochs} local epochs, strategy {args.strategy}, "
-          f"Simulation Engine ({args.sites} virtual SuperNodes)")
+          f"method {cfg.adapter.method}, Simulation Engine ({args.sites} virtual SuperNodes)")
     print(f"{'round':>5}  {'sites':>5}  {'train_loss':>10}  {'eval_acc':>8}  {'eval_bal_acc':>12}  {'seconds':>7}"
           + ("  eps_max" if args.dp_epsilon is not None else ""))
     sim = run_simulation(sites=args.sites, run_config=run_config, workdir=out / "flower",
@@ -119,14 +159,14 @@ def run(args: argparse.Namespace) -> dict:
 
     results = run_arms(args, cfg, site_roots, sim.adapters)
     rows_out = compare.result_rows(results)
-    title = f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {args.rounds} rounds x {args.local_epochs} epochs"
+    title = (f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {args.rounds} rounds x {args.local_epochs} "
+             f"epochs, method {cfg.adapter.method}")
     csv_path, md_path = compare.write_results(rows_out, out, title)
     curves = compare.plot_curves(eval_curve(sim), {r["arm"]: r["accuracy"] for r in rows_out
                                                    if r["site"] == "mean" and r["arm"] != "federated"}, out)
-    log_to_mlflow(run_config["mlflow-uri"], sim.run_id, rows_out, [csv_path, md_path, curves, out / "partition.json"])
+    log_to_mlflow(run_config["mlflow-uri"], sim.run_id, rows_out, [csv_path, md_path, curves, root / "partition.json"])
     print("\n" + md_path.read_text().split("\nPer site:")[0])
-    print(f"simulation wall time {time.perf_counter() - start:.1f}s (federation {sim.seconds:.1f}s)")
-    return {"out": out, "results": rows_out, "simulation": sim}
+    return {"out": out, "results": rows_out, "simulation": sim, "mlflow_uri": run_config["mlflow-uri"]}
 
 
 def demo_pool(sites: int, seed: int) -> Path:
@@ -139,10 +179,11 @@ def demo_pool(sites: int, seed: int) -> Path:
     return root
 
 
-def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
+def federation_config(args: argparse.Namespace, cfg, out: Path, sites_root: Path) -> dict:
     config_file = out / "nearl-config.yaml"
     import yaml
 
+    out.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
     return {
         "num-server-rounds": args.rounds,
@@ -153,7 +194,7 @@ def federation_config(args: argparse.Namespace, cfg, out: Path) -> dict:
         "local-epochs": args.local_epochs,
         "mlflow-uri": args.mlflow_uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}",
         "checkpoint-dir": str(out / "checkpoints"),
-        "sim-data-root": str(out / "sites"),
+        "sim-data-root": str(sites_root),
         "sim-state-root": str(out / "site-state"),  # each virtual site's DP ledger and audit trail
         "train.seed": args.seed,
         "transport-dtype": args.transport_dtype,

@@ -156,3 +156,16 @@ def test_from_logs_rebuilds_the_page(tmp_path):
 def test_unknown_script_names_are_refused():
     with pytest.raises(SystemExit):
         run_all.main(["--only", "nope", "--from-logs", "."])
+
+
+def test_a_comparison_without_a_target_is_reported_as_such():
+    """bench/methods.py compares each method with NEARL: no target, so neither met nor missed."""
+    line = common.format_result("methods_payload_lora_vs_nearl", 2.0, 4.0, None, unit="B")
+    assert " target=- status=info " in line
+    parsed = common.parse_result(line)
+    assert parsed["status"] == "info" and math.isnan(parsed["target"]) and parsed["ratio"] == 0.5
+    o = run_all.parse_output({s.name: s for s in run_all.SCRIPTS}["methods"], "python bench/methods.py", 0, 1.0,
+                             line + "\n")
+    assert run_all.table([o])[2].split("|")[5:7] == [" - ", " comparison "]
+    page = run_all.render([o], quick=False, when="d", commit="c", findings=None)
+    assert "- met (0): none" in page and "- missed (0): none" in page
