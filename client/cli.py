@@ -247,6 +247,8 @@ def health_main(argv: list[str]) -> int:
     p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (as given to nearl-client)")
     p.add_argument("--max-age", type=float, default=15.0, help="seconds the supervisor's status may be old")
     args = p.parse_args(argv)
+    from client.worker import pid_alive
+
     path = args.state_dir.expanduser() / "runtime" / "status.json"
     try:
         status = json.loads(path.read_text())
@@ -259,7 +261,7 @@ def health_main(argv: list[str]) -> int:
         problems.append(f"status {age:.0f}s old")
     for what in ("supervisor_pid", "supernode_pid", "worker_pid"):
         pid = status.get(what)
-        if not pid or not _pid_alive(int(pid)):
+        if not pid or not pid_alive(int(pid)):
             problems.append(f"{what.removesuffix('_pid')} not running")
     if problems:
         print(f"unhealthy: {', '.join(problems)}")
@@ -267,16 +269,6 @@ def health_main(argv: list[str]) -> int:
     print(f"healthy: site {status.get('site')} worker pid {status['worker_pid']} "
           f"({status.get('worker_restarts', 0)} restarts)")
     return 0
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 def split_server(server: str) -> tuple[str, int]:

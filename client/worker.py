@@ -41,26 +41,28 @@ def log(line: str) -> None:
     print(f"{PROG}[{os.getpid()}]: {line}", flush=True)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie, exited but not yet reaped, counts as gone)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return stat[stat.rfind(")") + 2] != "Z"
+    except OSError:
+        try:
+            os.kill(pid, 0)
+            return True
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+
+
 def watch_pids(pids: list[int], interval: float = 0.5) -> None:
     """Exit this process as soon as one of ``pids`` (supervisor, SuperNode) is gone."""
-
-    def alive(pid: int) -> bool:
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-            return stat[stat.rfind(")") + 2] != "Z"
-        except OSError:
-            try:
-                os.kill(pid, 0)
-                return True
-            except ProcessLookupError:
-                return False
-            except PermissionError:
-                return True
 
     def loop() -> None:
         while True:
             for pid in pids:
-                if not alive(pid):
+                if not pid_alive(pid):
                     log(f"process {pid} (supervisor or SuperNode) is gone; exiting")
                     os._exit(0)
             time.sleep(interval)

@@ -177,3 +177,15 @@ def restore_task_identity(saved) -> None:
     from flwr.supercore.task_identity import TaskIdentity
 
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
+
+
+def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
+    """Until ``text`` appears in the output of process ``name``; fails early when that process has ended."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if text in procs.text(name):
+            return
+        if procs.procs[name].poll() is not None:
+            break
+        time.sleep(0.5)
+    raise AssertionError(f"'{text}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")

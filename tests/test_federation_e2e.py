@@ -24,7 +24,6 @@ import json
 import re
 import signal
 import subprocess
-import time
 from pathlib import Path
 
 import numpy as np
@@ -36,21 +35,11 @@ from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
 from nearl_protocol.processes import Certs
 from server.checkpoint import complete_rounds, load_latest
-from tests.fed_helpers import BIN, ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server
+from tests.fed_helpers import (BIN, ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server,
+                               wait_for)
 
 pytestmark = [pytest.mark.slow]
 ROUND_TIMEOUT = "900"  # generous: other work shares the 2 CPU cores; a dead site is detected by heartbeat (~60 s)
-
-
-def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in procs.text(name):
-            return
-        if procs.procs[name].poll() is not None:
-            break
-        time.sleep(1)
-    raise AssertionError(f"'{text}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")
 
 
 def initial_adapters() -> dict[str, np.ndarray]:

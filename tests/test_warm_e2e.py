@@ -26,20 +26,10 @@ import pytest
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
-from tests.fed_helpers import ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server
+from tests.fed_helpers import (ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server,
+                               wait_for)
 
 pytestmark = [pytest.mark.slow]
-
-
-def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if text in procs.text(name):
-            return
-        if procs.procs[name].poll() is not None:
-            break
-        time.sleep(0.5)
-    raise AssertionError(f"'{text}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")
 
 
 def federation(tmp: Path, sites: list[Path], mode: str, rounds: int) -> tuple[Procs, str]:
