@@ -26,12 +26,8 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python simulation/run.py
 
-# Test files run in JOBS processes (each file's tests stay in one, so module fixtures are shared):
-# the end-to-end federations spend most of their time waiting on Flower's polls and heartbeats.
-JOBS ?= 2
-
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n $(JOBS) --dist loadfile --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
 
 # For development, not CI: everything not marked slow (no federation processes, no simulations).
 test-fast: $(STAMP)
