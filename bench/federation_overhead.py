@@ -275,7 +275,8 @@ def read_mlflow_rounds(uri: str, sites: list[str]) -> list[dict]:
     return rows
 
 
-VIT_B16 = ("--config", "vit-b16", "--set", "model.pretrained=null", "--set", "train.batch-size=8")
+VIT_B16 = ("--config", "vit-b16", "--set", "model.pretrained=null", "--set", "train.batch-size=8",
+           "--set", "task.classes=[normal, nodule, opacity]")  # the demo data's classes
 
 
 def vit_b16(args: argparse.Namespace) -> int:
