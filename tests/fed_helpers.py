@@ -189,3 +189,71 @@ def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
             break
         time.sleep(0.5)
     raise AssertionError(f"'{text}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")
+
+
+# A Flower app that is not NEARL: its ServerApp sends one train message to every node and records the
+# replies' errors in the run config's ``out`` file; its ClientApp would leave ``marker`` at a site that ran it,
+# its ServerApp ``<marker>-server`` wherever it ran.
+FOREIGN_PYPROJECT = """\
+[build-system]
+requires = ["setuptools>=68"]
+build-backend = "setuptools.build_meta"
+
+[project]
+name = "foreign-app"
+version = "1.0.0"
+dependencies = ["flwr"]
+
+[tool.setuptools]
+py-modules = ["foreign_app"]
+
+[tool.flwr.app]
+publisher = "someone-else"
+
+[tool.flwr.app.components]
+serverapp = "foreign_app:server"
+clientapp = "foreign_app:client"
+
+[tool.flwr.app.config]
+out = ""
+"""
+
+FOREIGN_APP = '''\
+import json
+import time
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.serverapp import Grid, ServerApp
+
+MARKER = Path({marker!r})
+server = ServerApp()
+client = ClientApp()
+
+
+@server.main()
+def main(grid: Grid, context: Context) -> None:
+    MARKER.with_name(MARKER.name + "-server").write_text("the foreign ServerApp ran")
+    while not list(grid.get_node_ids()):
+        time.sleep(0.5)
+    msgs = [Message(content=RecordDict({{"config": ConfigRecord({{"x": 1}})}}), dst_node_id=n, message_type="train")
+            for n in grid.get_node_ids()]
+    replies = list(grid.send_and_receive(msgs, timeout=300))
+    rows = [{{"error": m.error.reason if m.has_error() else None}} for m in replies]
+    Path(context.run_config["out"]).write_text(json.dumps(rows))
+
+
+@client.train()
+def train(msg: Message, context: Context) -> Message:
+    MARKER.write_text("the foreign ClientApp ran")
+    return Message(RecordDict({{"metrics": MetricRecord({{"num-examples": 1}})}}), reply_to=msg)
+'''
+
+
+def foreign_app(folder: Path, marker: Path) -> Path:
+    """Write the foreign app into ``folder`` (for ``flwr run``); a site that ran its ClientApp leaves ``marker``."""
+    folder.mkdir(parents=True)
+    (folder / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
+    (folder / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(marker)))
+    return folder

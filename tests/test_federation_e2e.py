@@ -36,7 +36,7 @@ from nearl_protocol import processes as flower
 from nearl_protocol.processes import Certs
 from server.checkpoint import complete_rounds, load_latest
 from tests.fed_helpers import (BIN, ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server,
-                               wait_for)
+                               foreign_app, wait_for)
 
 pytestmark = [pytest.mark.slow]
 ROUND_TIMEOUT = "900"  # generous: other work shares the 2 CPU cores; a dead site is detected by heartbeat (~60 s)
@@ -70,52 +70,6 @@ def other_backbone(path: Path) -> Path:
     return path
 
 
-FOREIGN_PYPROJECT = """\
-[build-system]
-requires = ["hatchling"]
-build-backend = "hatchling.build"
-
-[project]
-name = "foreign"
-version = "1.0.0"
-description = "not part of the federation"
-license = "Apache-2.0"
-dependencies = ["flwr"]
-
-[tool.hatch.build.targets.wheel]
-packages = ["."]
-
-[tool.flwr.app]
-publisher = "outsider"
-
-[tool.flwr.app.components]
-serverapp = "foreign_app:server"
-clientapp = "foreign_app:client"
-"""
-
-FOREIGN_APP = """\
-from pathlib import Path
-
-from flwr.clientapp import ClientApp
-from flwr.serverapp import ServerApp
-
-MARKER = Path({marker!r})
-client = ClientApp()
-server = ServerApp()
-
-
-@client.train()
-def train(msg, context):
-    MARKER.write_text("the foreign ClientApp ran")
-    return msg
-
-
-@server.main()
-def main(grid, context):
-    MARKER.write_text("the foreign ServerApp ran")
-"""
-
-
 def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
     res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), cwd=cwd, capture_output=True,
                          text=True, timeout=120)
@@ -124,10 +78,7 @@ def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
 
 def outsider_attempts(procs: Procs, tmp: Path, port: int, certs: Path) -> dict[str, str]:
     """With nothing but the CA certificate and the public address: submit a foreign app, stop the run, list."""
-    app = tmp / "foreign"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
-    (app / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(tmp / "foreign-ran")))
+    app = foreign_app(tmp / "foreign", tmp / "foreign-ran")
     run_id = re.search(r"run (\d+) submitted", procs.text("server")).group(1)
     outside = tmp / "outside-home"
     flower.write_connection(outside, f"127.0.0.1:{port}", Certs(certs))
@@ -226,7 +177,7 @@ def test_the_public_port_refuses_flwr_run_stop_and_ls_and_the_foreign_app_runs_n
     assert re.search(r"SuperLink Control and Runtime APIs on 127\.0\.0\.1:\d+ \(this host only\)", out)
     for path in ("/v1/control/start-run", "/v1/control/stop-run", "/v1/control/list-runs"):
         assert re.search(rf"refused POST {path} from 127\.0\.0\.1:\d+ \(403", out), (path, out)
-    assert not (tmp / "foreign-ran").exists()
+    assert not (tmp / "foreign-ran").exists() and not (tmp / "foreign-ran-server").exists()
     for name in ("site1", "site2", "impostor", "site4"):
         assert "foreign" not in procs.text(name)
 

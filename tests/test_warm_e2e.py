@@ -27,7 +27,7 @@ from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
 from tests.fed_helpers import (ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server,
-                               wait_for)
+                               foreign_app, wait_for)
 
 pytestmark = [pytest.mark.slow]
 
@@ -178,70 +178,11 @@ def test_a_site_refuses_a_nearl_bundle_with_another_hash(tmp_path):
     assert lines and all("is not one this site accepts" in x["refused"] and x["bytes_sent"] == 0 for x in lines)
 
 
-FOREIGN_PYPROJECT = """\
-[build-system]
-requires = ["setuptools>=68"]
-build-backend = "setuptools.build_meta"
-
-[project]
-name = "foreign-app"
-version = "1.0.0"
-dependencies = ["flwr"]
-
-[tool.setuptools]
-py-modules = ["foreign_app"]
-
-[tool.flwr.app]
-publisher = "someone-else"
-
-[tool.flwr.app.components]
-serverapp = "foreign_app:server"
-clientapp = "foreign_app:client"
-
-[tool.flwr.app.config]
-out = ""
-"""
-
-FOREIGN_APP = '''\
-import json
-import time
-from pathlib import Path
-
-from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
-from flwr.serverapp import Grid, ServerApp
-
-server = ServerApp()
-client = ClientApp()
-
-
-@server.main()
-def main(grid: Grid, context: Context) -> None:
-    while not list(grid.get_node_ids()):
-        time.sleep(0.5)
-    msgs = [Message(content=RecordDict({"config": ConfigRecord({"x": 1})}), dst_node_id=n, message_type="train")
-            for n in grid.get_node_ids()]
-    replies = list(grid.send_and_receive(msgs, timeout=300))
-    rows = [{"error": m.error.reason if m.has_error() else None} for m in replies]
-    Path(context.run_config["out"]).write_text(json.dumps(rows))
-
-
-@client.train()
-def train(msg: Message, context: Context) -> Message:
-    Path("/tmp/nearl-foreign-app-ran").write_text("ran")
-    return Message(RecordDict({"metrics": MetricRecord({"num-examples": 1})}), reply_to=msg)
-'''
-
-
 @pytest.mark.timeout(900)
 def test_a_site_refuses_a_foreign_flower_app_and_runs_none_of_it(tmp_path):
     sites = generate_demo_data(tmp_path / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
-    app = tmp_path / "foreign"
-    app.mkdir()
-    (app / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
-    (app / "foreign_app.py").write_text(FOREIGN_APP)
-    marker = Path("/tmp/nearl-foreign-app-ran")
-    marker.unlink(missing_ok=True)
+    marker = tmp_path / "foreign-ran"
+    app = foreign_app(tmp_path / "foreign", marker)
     out = tmp_path / "foreign.json"
     procs = Procs(tmp_path / "logs")
     port = flower.free_port()
