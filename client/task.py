@@ -35,7 +35,7 @@ from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import check_transport, encode, widen_flat, wire_schema
-from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
+from nearl_core.train import evaluate, fit, make_loader, schedule_window, seed_everything, select_device
 from nearl_protocol import keys
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import Instruction, build_reply, instruction_adapters, read_instruction, refusal
@@ -161,7 +161,7 @@ def _round_budget(binding: SiteBinding, cfg: NearlConfig, n_train: int, epochs: 
 
 
 def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.device, budget: RoundBudget,
-                   epochs: int, log) -> list[dict]:
+                   epochs: int, log, window: tuple[int, int] | None = None) -> list[dict]:
     """DP-SGD for this round, within the budget; the ledger is saved even if the round is interrupted.
 
     FedProx's proximal term is not applied under DP (it would bypass per-sample clipping).
@@ -169,7 +169,7 @@ def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.dev
     from nearl_core.privacy import train_private_round
 
     return train_private_round(model, loader, cfg, device, budget.state, epochs=epochs, state_dir=budget.state_dir,
-                               max_epsilon=budget.ceiling, log=log)
+                               max_epsilon=budget.ceiling, log=log, window=window)
 
 
 def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Callable[[str], None]) -> Outcome:
@@ -197,12 +197,14 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     seed = cfg.train.seed + 1000 * instruction.server_round + zlib.crc32(binding.site.encode()) % 1000
     seed_everything(seed)
     loader = _loader(site, "train", model, cfg, device, seed=seed)
+    window = schedule_window(cfg.train, instruction.server_round, instruction.total_rounds,
+                             instruction.local_epochs * len(loader))
     if budget is not None:
-        history = _private_round(model, loader, cfg, device, budget, instruction.local_epochs, log)
+        history = _private_round(model, loader, cfg, device, budget, instruction.local_epochs, log, window)
     else:
         handles = _proximal_hooks(model, instruction.proximal_mu) if instruction.proximal_mu > 0 else []
         try:
-            history = fit(model, loader, cfg, device, epochs=instruction.local_epochs, log=log)
+            history = fit(model, loader, cfg, device, epochs=instruction.local_epochs, log=log, window=window)
         finally:
             for h in handles:
                 h.remove()

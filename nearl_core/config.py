@@ -28,6 +28,8 @@ FULL_FT_DP_REFUSAL = (
     "layers would need Opacus to replace them, which changes open_clip's outputs; use lora or another method"
 )
 ACCOUNTANTS = ("rdp", "prv")
+SCHEDULES = ("round", "federation")  # train.schedule: see TrainConfig
+LOSSES = ("ce", "logit-adjusted", "balanced")  # train.loss: see nearl_core.train.SiteLoss
 # Optional numbers: None (or "none" / "" in YAML and run config) means "not set".
 _OPTIONAL_FLOATS = ("target_epsilon", "noise_multiplier", "delta", "max_epsilon")
 
@@ -102,6 +104,13 @@ class TrainConfig:
     # once per batch); 0 = the whole batch at once.
     checkpoint_backbone: bool = False
     micro_batch: int = 0
+    # Federated training (docs/federation.md, "Choosing the defaults"): schedule "round"
+    # restarts warm-up + cosine inside every round, "federation" runs one schedule over all
+    # rounds; loss "ce", "logit-adjusted" (tau * log prior added in training) or "balanced"
+    # (class-balanced weights), both from the site's own label counts.
+    schedule: str = "round"
+    loss: str = "ce"
+    logit_tau: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -269,6 +278,9 @@ def validate(cfg: NearlConfig, source: str = "config") -> None:
         (t.micro_batch >= 0, "train.micro-batch must be >= 0 (0: the whole batch at once)"),
         (t.lr > 0, "train.lr must be > 0"),
         (0 <= t.warmup_frac < 1, "train.warmup-frac must be in [0, 1)"),
+        (t.schedule in SCHEDULES, f"train.schedule must be one of {', '.join(SCHEDULES)}"),
+        (t.loss in LOSSES and t.logit_tau >= 0, f"train.loss must be one of {', '.join(LOSSES)} "
+                                                 "and train.logit-tau >= 0"),
         (t.device in ("auto", "cpu", "cuda", "mps") or t.device.startswith("cuda:"),
          "train.device must be auto, cpu, cuda, cuda:N or mps"),
         (len(cfg.task.templates) >= 1 and all("{class}" in x for x in cfg.task.templates),

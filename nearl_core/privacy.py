@@ -55,7 +55,8 @@ from torch.utils.data import DataLoader
 from nearl_core.config import FULL_FT_DP_REFUSAL, NearlConfig, PrivacyConfig
 from nearl_core.errors import ConfigError, NearlError
 from nearl_core.model import FrozenCLIP, is_adapter_param
-from nearl_core.train import EpochStats, _epoch_line, chunks, epoch_row, loss_fn, make_optimizer, warmup_cosine
+from nearl_core.train import (PLAIN_LOSS, EpochStats, SiteLoss, _epoch_line, chunks, epoch_row, loss_fn, make_optimizer,
+                              make_scheduler, site_loss)
 
 STATE_FILE = "privacy.json"
 STATE_VERSION = 1
@@ -346,8 +347,9 @@ class PrivateTraining:
 
     def __init__(self, model: FrozenCLIP, optimizer: torch.optim.Optimizer, *, noise_multiplier: float,
                  max_grad_norm: float, sample_rate: float, expected_batch_size: float, accountant=None,
-                 noise_seed: int | None = None):
+                 noise_seed: int | None = None, criterion: SiteLoss = PLAIN_LOSS):
         self.model = model
+        self.criterion = criterion
         self.params = check_private_model(model)
         self._per_sample_text = model.per_sample_text
         model.train()
@@ -400,7 +402,7 @@ class PrivateTraining:
 
     def _backward_once(self, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float):
         """Forward + backward: fills ``p.grad_sample`` (per-sample gradients) for every adapter parameter."""
-        loss, logits = loss_fn(self.model, images, labels, ortho_lambda)
+        loss, logits = loss_fn(self.model, images, labels, ortho_lambda, self.criterion)
         with warnings.catch_warnings():  # hooked first layers (e.g. QueryTokens) take inputs without grad
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             loss.backward()
@@ -441,7 +443,8 @@ def poisson_loader(loader: DataLoader, *, seed: int | None = None) -> DPDataLoad
 def train_private_round(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device,
                         state: PrivacyState, *, epochs: int | None = None, val_loader: DataLoader | None = None,
                         state_dir: str | Path | None = None, max_epsilon: float | None = None,
-                        seed: int | None = None, log: Log | None = print) -> list[dict]:
+                        seed: int | None = None, log: Log | None = print,
+                        window: tuple[int, int] | None = None) -> list[dict]:
     """One round (``epochs`` local epochs, default cfg.train.epochs) of DP-SGD on the adapters.
 
     ``train_loader`` is the site's ordinary training loader (its dataset and batch size
@@ -449,8 +452,9 @@ def train_private_round(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlC
     :class:`PrivacyBudgetExceeded` if it would pass ``max_epsilon`` (default: the
     config's ceiling).  ``state`` is updated, and saved to ``state_dir`` when given, even
     if the round is interrupted.  ``seed`` fixes sampling and noise (experiments only;
-    default: OS entropy).  Returns one dict per epoch, like :func:`nearl_core.train.fit`,
-    with ``epsilon`` and ``dp_steps`` added.
+    default: OS entropy).  ``window`` and the loss (``train.loss``) are those of
+    :func:`nearl_core.train.fit`.  Returns one dict per epoch, like ``fit``, with
+    ``epsilon`` and ``dp_steps`` added.
     """
     t, pcfg = cfg.train, cfg.privacy
     epochs = t.epochs if epochs is None else epochs
@@ -463,14 +467,16 @@ def train_private_round(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlC
     state.sample_rate, state.max_grad_norm = q, pcfg.max_grad_norm
     accountant = state.make_accountant()
     optimizer = make_optimizer(model, t)
-    scheduler = warmup_cosine(optimizer, max(1, epochs * steps), t.warmup_frac)
+    scheduler = make_scheduler(optimizer, t, epochs * steps, window)
+    criterion = site_loss(t, getattr(train_loader.dataset, "samples", ()), len(model.classes))
     loader = poisson_loader(train_loader, seed=seed)
     history: list[dict] = []
     before = state.steps
     try:
         with PrivateTraining(model, optimizer, noise_multiplier=state.noise_multiplier,
                              max_grad_norm=pcfg.max_grad_norm, sample_rate=q, expected_batch_size=n_train * q,
-                             accountant=accountant, noise_seed=None if seed is None else seed + 1) as dp:
+                             accountant=accountant, noise_seed=None if seed is None else seed + 1,
+                             criterion=criterion) as dp:
             for epoch in range(1, epochs + 1):
                 stats = _private_epoch(dp, loader, scheduler, device, cfg.adapter.ortho_lambda, t.micro_batch)
                 state.sync(accountant)

@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
-from nearl_core.config import NearlConfig, TrainConfig
+from nearl_core.config import LOSSES, NearlConfig, TrainConfig
 from nearl_core.data import Sample
 from nearl_core.image_cache import image_dataset
 from nearl_core.metrics import classification_metrics
@@ -63,10 +63,60 @@ def autocast(device: torch.device, enabled: bool):
     return contextlib.nullcontext()
 
 
-def loss_fn(model: FrozenCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float):
-    """Cross-entropy plus the optional orthogonal regulariser; returns (loss, logits)."""
+@dataclass(frozen=True)
+class SiteLoss:
+    """The training loss of one site, shaped by the site's own label counts (which never leave it).
+
+    ``logit-adjusted`` (Menon et al. 2021) adds ``tau * log prior`` to the logits during
+    training only, so the model learns the label-balanced posterior instead of the site's
+    skewed one; ``balanced`` weighs each sample by ``1 / count(class)`` (normalised to
+    mean 1 over the site's samples).  Both act per sample, so the batch loss stays a mean of
+    per-sample terms and DP-SGD's per-sample clipping is unaffected.
+    """
+
+    logit_bias: torch.Tensor | None = None
+    class_weight: torch.Tensor | None = None
+
+    @classmethod
+    def of(cls, kind: str, counts: Sequence[int], tau: float = 1.0) -> "SiteLoss":
+        if kind == "ce":
+            return cls()
+        n = torch.tensor([float(c) for c in counts]).clamp_min(1.0)  # an absent class: a count of 1, not -inf
+        if kind == "logit-adjusted":
+            return cls(logit_bias=tau * torch.log(n / n.sum()))
+        if kind == "balanced":
+            weight = 1.0 / n
+            return cls(class_weight=weight * n.sum() / (weight * n).sum())
+        raise ValueError(f"train.loss '{kind}' is unknown; choose one of {', '.join(LOSSES)}")
+
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        if self.logit_bias is not None:
+            logits = logits + self.logit_bias.to(logits.device)
+        if self.class_weight is None:
+            return F.cross_entropy(logits, labels)
+        per_sample = F.cross_entropy(logits, labels, reduction="none")
+        return (per_sample * self.class_weight.to(logits.device)[labels]).mean()
+
+
+PLAIN_LOSS = SiteLoss()
+
+
+def site_loss(cfg: TrainConfig, samples: Sequence[Sample], num_classes: int) -> SiteLoss:
+    """The configured loss (``train.loss``) for these training samples."""
+    if cfg.loss == "ce":
+        return PLAIN_LOSS
+    counts = np.bincount([s.label for s in samples], minlength=num_classes)
+    return SiteLoss.of(cfg.loss, counts.tolist(), cfg.logit_tau)
+
+
+def loss_fn(model: FrozenCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float,
+            criterion: SiteLoss = PLAIN_LOSS):
+    """The site's loss (cross-entropy unless ``train.loss`` says otherwise) plus the orthogonal regulariser.
+
+    Returns (loss, logits); the logits are the model's own, without any training-time adjustment.
+    """
     out = model(images)
-    loss = F.cross_entropy(out.logits.float(), labels)
+    loss = criterion(out.logits.float(), labels)
     if ortho_lambda > 0:
         loss = loss + ortho_lambda * out.ortho
     return loss, out.logits
@@ -79,7 +129,8 @@ def chunks(n: int, micro_batch: int) -> list[slice]:
 
 
 def backward(model: FrozenCLIP, images: torch.Tensor, labels: torch.Tensor, ortho_lambda: float, *,
-             micro_batch: int = 0, device: torch.device | None = None, amp: bool = True):
+             micro_batch: int = 0, device: torch.device | None = None, amp: bool = True,
+             criterion: SiteLoss = PLAIN_LOSS):
     """Forward and backward of one batch, optionally in micro-batches; returns (loss, logits), detached.
 
     With ``micro_batch`` < batch size, each chunk's loss is weighted by its share of the
@@ -92,24 +143,31 @@ def backward(model: FrozenCLIP, images: torch.Tensor, labels: torch.Tensor, orth
     parts = chunks(len(labels), micro_batch)
     if len(parts) == 1:
         with autocast(device, amp):
-            loss, logits = loss_fn(model, images, labels, ortho_lambda)
+            loss, logits = loss_fn(model, images, labels, ortho_lambda, criterion)
         loss.backward()
         return loss.detach(), logits.detach()
     total, all_logits = 0.0, []
     for part in parts:
         share = (part.stop - part.start) / len(labels)
         with autocast(device, amp):
-            loss, logits = loss_fn(model, images[part], labels[part], ortho_lambda)
+            loss, logits = loss_fn(model, images[part], labels[part], ortho_lambda, criterion)
         (loss * share).backward()
         total = total + loss.detach() * share
         all_logits.append(logits.detach())
     return total, torch.cat(all_logits)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float):
+def warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int, warmup_frac: float, offset: int = 0):
+    """Linear warm-up then cosine decay over ``total_steps``; the first step taken is step ``offset``.
+
+    A federated site with ``train.schedule: federation`` passes the steps of the rounds
+    before this one as ``offset`` and the whole federation's steps as ``total_steps``, so
+    the sites follow one schedule across rounds instead of restarting it every round.
+    """
     warmup = max(1, int(total_steps * warmup_frac)) if warmup_frac > 0 else 0
 
-    def factor(step: int) -> float:
+    def factor(local_step: int) -> float:
+        step = local_step + offset
         if step < warmup:
             return (step + 1) / warmup
         progress = (step - warmup) / max(1, total_steps - warmup)
@@ -124,6 +182,21 @@ def make_optimizer(model: FrozenCLIP, cfg: TrainConfig) -> torch.optim.Optimizer
     return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
+def make_scheduler(optimizer: torch.optim.Optimizer, cfg: TrainConfig, steps: int,
+                   window: tuple[int, int] | None = None):
+    """Warm-up + cosine over this call's ``steps``, or over ``window`` = (offset, total) of a longer run."""
+    offset, total = window if window is not None else (0, steps)
+    return warmup_cosine(optimizer, max(1, total), cfg.warmup_frac, offset)
+
+
+def schedule_window(cfg: TrainConfig, server_round: int, total_rounds: int, round_steps: int
+                    ) -> tuple[int, int] | None:
+    """Where a federated round sits in ``train.schedule: federation`` (None: restart every round)."""
+    if cfg.schedule != "federation" or total_rounds < 1:
+        return None
+    return (max(0, min(server_round, total_rounds) - 1) * round_steps, total_rounds * round_steps)
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -133,7 +206,8 @@ class EpochStats:
 
 
 def run_epoch(model: FrozenCLIP, loader: DataLoader, optimizer: torch.optim.Optimizer, scheduler, device: torch.device,
-              *, ortho_lambda: float = 0.0, amp: bool = True, micro_batch: int = 0) -> EpochStats:
+              *, ortho_lambda: float = 0.0, amp: bool = True, micro_batch: int = 0,
+              criterion: SiteLoss = PLAIN_LOSS) -> EpochStats:
     """One pass over the loader; the backbone stays in eval mode throughout."""
     model.train()
     start, total_loss, correct, seen = time.perf_counter(), 0.0, 0, 0
@@ -142,7 +216,8 @@ def run_epoch(model: FrozenCLIP, loader: DataLoader, optimizer: torch.optim.Opti
             continue
         images, labels = images.to(device, non_blocking=True), labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        loss, logits = backward(model, images, labels, ortho_lambda, micro_batch=micro_batch, device=device, amp=amp)
+        loss, logits = backward(model, images, labels, ortho_lambda, micro_batch=micro_batch, device=device, amp=amp,
+                                criterion=criterion)
         optimizer.step()
         if scheduler is not None:
             scheduler.step()
@@ -153,16 +228,22 @@ def run_epoch(model: FrozenCLIP, loader: DataLoader, optimizer: torch.optim.Opti
 
 
 def fit(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device, *,
-        val_loader: DataLoader | None = None, epochs: int | None = None, log: Log | None = print) -> list[dict]:
-    """Train the adapters for ``epochs`` (default cfg.train.epochs); returns one dict per epoch."""
+        val_loader: DataLoader | None = None, epochs: int | None = None, log: Log | None = print,
+        window: tuple[int, int] | None = None) -> list[dict]:
+    """Train the adapters for ``epochs`` (default cfg.train.epochs); returns one dict per epoch.
+
+    The loss is ``train.loss`` over the loader's own samples; ``window`` = (steps already
+    taken, total steps) places this call inside a longer schedule (:func:`schedule_window`).
+    """
     t = cfg.train
     epochs = t.epochs if epochs is None else epochs
     optimizer = make_optimizer(model, t)
-    scheduler = warmup_cosine(optimizer, max(1, epochs * len(train_loader)), t.warmup_frac)
+    scheduler = make_scheduler(optimizer, t, epochs * len(train_loader), window)
+    criterion = site_loss(t, getattr(train_loader.dataset, "samples", ()), len(model.classes))
     history = []
     for epoch in range(1, epochs + 1):
-        stats = run_epoch(model, train_loader, optimizer, scheduler, device,
-                          ortho_lambda=cfg.adapter.ortho_lambda, amp=t.amp, micro_batch=t.micro_batch)
+        stats = run_epoch(model, train_loader, optimizer, scheduler, device, ortho_lambda=cfg.adapter.ortho_lambda,
+                          amp=t.amp, micro_batch=t.micro_batch, criterion=criterion)
         row = epoch_row(epoch, stats, model, val_loader, device, amp=t.amp)
         history.append(row)
         if log:

@@ -47,7 +47,7 @@ def _bool(value: Any) -> bool:
 class FederationSettings:
     num_rounds: int = _opt(3, "global rounds")
     config: str = _opt("demo", "NEARL config: shipped name (demo, vit-b16) or YAML file")
-    strategy: str = _opt("fedavg", "fedavg, fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum")
+    strategy: str = _opt("fedavg", "fedavg, fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg or krum")
     min_nodes: int = _opt(2, "sites that must be connected before a round starts, and per round")
     fraction_train: float = _opt(1.0, "fraction of connected sites sampled per round")
     round_timeout: float = _opt(3600.0, "seconds a round waits for replies before going on without a site")
@@ -56,6 +56,7 @@ class FederationSettings:
     evaluate_in_train: bool = _opt(True, "sites evaluate the incoming global adapters inside the train message")
     proximal_mu: float = _opt(0.01, "FedProx proximal term mu")
     server_lr: float = _opt(0.01, "FedAdam/FedYogi server learning rate (eta)")
+    server_momentum: float = _opt(0.9, "FedAvgM server momentum")
     trim_beta: float = _opt(0.2, "FedTrimmedAvg: fraction trimmed at each end")
     krum_malicious: int = _opt(0, "Krum: assumed number of malicious sites")
     max_abs_value: float = _opt(1e4, "largest |value| an update or the aggregate may hold; beyond it the update "
@@ -117,6 +118,7 @@ class FederationSettings:
             (self.round_timeout > 0 and self.wait_timeout > 0, "round-timeout and wait-timeout must be > 0"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
             (0 <= self.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
+            (0 <= self.server_momentum < 1, "server-momentum must be in [0, 1)"),
             (self.max_abs_value > 0, "max-abs-value must be > 0"),
             (self.outlier_factor == 0 or self.outlier_factor > 1, "outlier-factor must be 0 (off) or > 1"),
             (self.examples_growth >= 1, "examples-growth must be >= 1"),
@@ -140,7 +142,7 @@ class FederationSettings:
         return cfg
 
     def strategy_options(self) -> dict[str, Any]:
-        names = ("proximal_mu", "server_lr", "trim_beta", "krum_malicious", "max_abs_value", "outlier_factor",
+        names = ("proximal_mu", "server_lr", "server_momentum", "trim_beta", "krum_malicious", "max_abs_value", "outlier_factor",
                  "examples_growth", "max_examples", "equal_weights")
         return {run_config_key(n): getattr(self, n) for n in names}
 

@@ -43,7 +43,7 @@ from typing import Any, Mapping
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, FedTrimmedAvg, FedYogi, Krum
 
 from nearl_core.transport import check_transport, wire_schema
 from nearl_protocol import keys
@@ -64,6 +64,7 @@ log = logging.getLogger("nearl.strategy")
 STRATEGIES: dict[str, type[FedAvg]] = {
     "fedavg": FedAvg,
     "fedprox": FedProx,
+    "fedavgm": FedAvgM,
     "fedadam": FedAdam,
     "fedyogi": FedYogi,
     "fedmedian": FedMedian,
@@ -358,6 +359,8 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
     base = name.lower()
     if base == "fedprox":
         kwargs["proximal_mu"] = float(options.get("proximal-mu", 0.01))
+    elif base == "fedavgm":
+        kwargs["server_momentum"] = float(options.get("server-momentum", 0.9))
     elif base in ("fedadam", "fedyogi"):
         kwargs["eta"] = float(options.get("server-lr", 0.01))
         kwargs["eta_l"] = float(options.get("client-lr", 0.003))

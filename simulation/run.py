@@ -51,7 +51,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo", help="nearl config file or shipped name (default demo)")
     p.add_argument("--pretrained", default=None, help="override model.pretrained (tag or local file)")
     p.add_argument("--strategy", default="fedavg",
-                   help="fedavg (default), fedprox, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum")
+                   help="fedavg (default), fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
+                   help="a NEARL config key (train.loss=logit-adjusted, train.schedule=federation) or a server "
+                        "option (proximal-mu=0.1, server-momentum=0.9, server-lr=0.03); repeatable")
     p.add_argument("--seed", type=int, default=0, help="partitioning and training seed (default 0)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/sim-<time>)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
@@ -94,7 +97,9 @@ def run(args: argparse.Namespace) -> dict:
     out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
     if (out / "results.csv").exists() or (out / "methods.csv").exists():
         raise NearlError(f"{out} already holds results; choose another --out")
-    cfg = load_config(args.config, {"model.pretrained": args.pretrained} if args.pretrained else None)
+    nearl_sets, server_sets = split_settings(args.settings)
+    args.nearl_sets, args.server_sets = nearl_sets, server_sets
+    cfg = load_config(args.config, {**nearl_sets, **({"model.pretrained": args.pretrained} if args.pretrained else {})})
     if args.sites < 1 or args.rounds < 1 or args.local_epochs < 1:
         raise NearlError("--sites, --rounds and --local-epochs must be >= 1")
     if (args.dp_delta is not None or args.dp_max_grad_norm is not None or args.site_max_epsilon) \
@@ -134,7 +139,29 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def method_overrides(args: argparse.Namespace, method: str) -> dict:
-    return {"adapter.method": method, **({"model.pretrained": args.pretrained} if args.pretrained else {})}
+    return {**args.nearl_sets, "adapter.method": method,
+            **({"model.pretrained": args.pretrained} if args.pretrained else {})}
+
+
+def split_settings(items: list[str]) -> tuple[dict[str, str], dict[str, str]]:
+    """``--set`` items: NEARL config keys (``section.key``) and server options (run-config keys), checked."""
+    from server.settings import FederationSettings
+
+    server_keys = set(FederationSettings().strategy_options())
+    nearl, server = {}, {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise NearlError(f"--set {item}: expected KEY=VALUE, e.g. --set train.loss=logit-adjusted")
+        if "." in key:
+            nearl[key] = value
+        elif key in server_keys:
+            server[key] = value
+        else:
+            raise NearlError(f"--set {key}: not a NEARL config key (section.key) nor a server option; server "
+                             f"options: {', '.join(sorted(server_keys))}")
+    return nearl, server
 
 
 def dp_overrides(args: argparse.Namespace) -> dict:
@@ -201,6 +228,7 @@ def federation_config(args: argparse.Namespace, cfg, out: Path, sites_root: Path
         "server-dp-noise": args.server_dp_noise,
         "server-dp-clip": args.server_dp_clip,
         **dp_config(args, out),
+        **getattr(args, "server_sets", {}),
     }
 
 
