@@ -24,10 +24,11 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-from client import audit
+from client import audit, personal
+from client.budget import private_round, round_budget
 from client.binding import SiteBinding, site_binding
 from client.egress import EgressError, check_reply, pack_outgoing
-from nearl_core.adapter_io import adapter_schema, get_adapter_state, set_adapter_state
+from nearl_core.adapter_io import set_shared_state, shared_schema, shared_state
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import ModelConfig, NearlConfig, from_dict
 from nearl_core.data import SiteData, scan_site
@@ -76,15 +77,16 @@ def build_site_model(cfg: NearlConfig, msg: Message | None, device: torch.device
     """The site's model with the global adapters the instruction carries.
 
     They arrive as one flat array in the transport dtype; it is read against this model's
-    own layout (the coordinator's stated layout must be the same), widened and split.
+    own layout of the shared tensors (the coordinator's stated layout must be the same),
+    widened and split.  Groups the federation keeps local keep their values.
     """
     model = build_model(cfg, cfg.task.classes, backbone=cached_backbone(cfg.model))
     if msg is not None:
-        schema = adapter_schema(model)
+        schema = shared_schema(model)
         flat = instruction_adapters(msg, FlatLayout.of(wire_schema(schema, transport)))
         if flat is not None:
             wide = FlatLayout.of(schema).split(np.array(widen_flat(flat, transport)))
-            set_adapter_state(model, {k: torch.from_numpy(v) for k, v in wide.items()})
+            set_shared_state(model, {k: torch.from_numpy(v) for k, v in wide.items()})
     return model.to(device)
 
 
@@ -127,51 +129,6 @@ def _proximal_hooks(model: NearlCLIP, mu: float) -> list:
     return handles
 
 
-@dataclass
-class RoundBudget:
-    """A site's privacy ledger and what this round may spend (checked before any work)."""
-
-    state: Any  # nearl_core.privacy.PrivacyState
-    state_dir: Path
-    ceiling: float  # the site's epsilon ceiling: the lower of its own and the server's
-    steps: int  # DP steps this round would take
-    decline: str | None  # why the round must not run, or None
-
-    def declined_metrics(self) -> dict[str, float]:
-        """What a declining site reports: its ledger, never an update."""
-        return {**self.state.report(), keys.DP_DECLINED: 1.0, keys.DP_MAX_EPSILON: float(self.ceiling),
-                keys.DP_EPSILON_NEXT: float(self.state.epsilon_after(self.steps))}
-
-
-def _round_budget(binding: SiteBinding, cfg: NearlConfig, n_train: int, epochs: int, total_rounds: int,
-                  log) -> RoundBudget:
-    """Open the site's ledger (it lives on the site's disk across rounds and restarts) and check the round.
-
-    The ceiling is the lower of the site's own ``--max-epsilon`` and the federation
-    config's: the server can lower a site's budget, never raise it.
-    """
-    from nearl_core.privacy import budget_ceiling, check_budget, open_privacy_state, steps_for
-
-    state_dir = binding.privacy_dir()
-    state = open_privacy_state(state_dir, cfg.privacy, n_train=n_train, batch_size=cfg.train.batch_size,
-                               epochs=epochs, rounds=total_rounds, log=log)
-    ceiling = budget_ceiling(cfg.privacy, site_max_epsilon=binding.max_epsilon)
-    steps = steps_for(n_train, cfg.train.batch_size, epochs)
-    return RoundBudget(state, state_dir, ceiling, steps, check_budget(state, steps, max_epsilon=ceiling))
-
-
-def _private_round(model: NearlCLIP, loader, cfg: NearlConfig, device: torch.device, budget: RoundBudget,
-                   epochs: int, log, window: tuple[int, int] | None = None) -> list[dict]:
-    """DP-SGD for this round, within the budget; the ledger is saved even if the round is interrupted.
-
-    FedProx's proximal term is not applied under DP (it would bypass per-sample clipping).
-    """
-    from nearl_core.privacy import train_private_round
-
-    return train_private_round(model, loader, cfg, device, budget.state, epochs=epochs, state_dir=budget.state_dir,
-                               max_epsilon=budget.ceiling, log=log, window=window)
-
-
 def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Callable[[str], None]) -> Outcome:
     """Evaluate the incoming global adapters (optional), train locally; the metrics and adapters to send."""
     t0 = time.perf_counter()
@@ -183,7 +140,8 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     builds_before = cached_backbone.cache_info().misses
     model = build_site_model(cfg, msg, device, transport)
     check_backbone(model, instruction)
-    budget = (_round_budget(binding, cfg, n_train, instruction.local_epochs, instruction.total_rounds, log)
+    personal.restore_local(model, binding, instruction, log)
+    budget = (round_budget(binding, cfg, n_train, instruction.local_epochs, instruction.total_rounds, log)
               if cfg.privacy.enabled else None)
     eps_before = float(budget.state.epsilon) if budget is not None else None
     metrics: dict[str, float] = worker_metrics(builds_before)
@@ -200,7 +158,7 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     window = schedule_window(cfg.train, instruction.server_round, instruction.total_rounds,
                              instruction.local_epochs * len(loader))
     if budget is not None:
-        history = _private_round(model, loader, cfg, device, budget, instruction.local_epochs, log, window)
+        history = private_round(model, loader, cfg, device, budget, instruction.local_epochs, log, window)
     else:
         handles = _proximal_hooks(model, instruction.proximal_mu) if instruction.proximal_mu > 0 else []
         try:
@@ -208,6 +166,7 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
         finally:
             for h in handles:
                 h.remove()
+    personal.keep_local(model, binding, instruction)
     last = history[-1] if history else {"train_loss": math.nan, "train_accuracy": math.nan}
     metrics.update({keys.NUM_EXAMPLES: n_train, keys.TRAIN_LOSS: float(last["train_loss"]),
                     keys.TRAIN_ACCURACY: float(last["train_accuracy"]),
@@ -231,6 +190,7 @@ def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log:
     site = cached_site(binding.data, cfg.task.classes)
     model = build_site_model(cfg, msg, device, check_transport(instruction.transport))
     check_backbone(model, instruction)
+    personal.restore_local(model, binding, instruction, log, same_round=True)
     val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp),
                     keys.EVAL_PREFIX)
     metrics: dict[str, float] = {keys.NUM_EXAMPLES: int(val.pop(keys.EVAL_EXAMPLES)), **val}
@@ -238,7 +198,36 @@ def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log:
         metrics.update(_prefixed(evaluate(model, _loader(site, "test", model, cfg, device), device,
                                           amp=cfg.train.amp), keys.TEST_PREFIX))
     log(f"evaluated the global adapters: val accuracy {metrics.get('eval-accuracy', math.nan):.3f}")
+    if personal.wants_personal_model(model, instruction):
+        metrics.update(_personalize(model, site, cfg, device, binding, instruction, log))
     return Outcome(metrics)
+
+
+def _personalize(model: NearlCLIP, site: SiteData, cfg: NearlConfig, device: torch.device, binding: SiteBinding,
+                 instruction: Instruction, log: Callable[[str], None]) -> dict[str, float]:
+    """The site's final model: fine-tune (``federation.finetune-epochs``, DP-SGD under the ledger when DP is on),
+    write ``<state-dir>/personalized/`` and report its metrics on the site's test split (val without one)."""
+    epochs = cfg.federation.finetune_epochs
+    if epochs > 0:
+        seed = cfg.train.seed + 1000 * (instruction.total_rounds + 1) + zlib.crc32(binding.site.encode()) % 1000
+        seed_everything(seed)
+        loader = _loader(site, "train", model, cfg, device, seed=seed)
+        if cfg.privacy.enabled:
+            budget = round_budget(binding, cfg, len(loader.dataset), instruction.local_epochs,
+                                  instruction.total_rounds, log, work_epochs=epochs)
+            if budget.decline:
+                log(f"personalization: no fine-tuning: {budget.decline}")
+                epochs = 0
+            else:
+                private_round(model, loader, cfg, device, budget, epochs, log)
+        else:
+            fit(model, loader, cfg, device, epochs=epochs, log=log)
+    folder = personal.write_personal_model(model, binding, instruction, finetuned_epochs=epochs)
+    split = "test" if "test" in site.splits else "val"
+    result = evaluate(model, _loader(site, split, model, cfg, device), device, amp=cfg.train.amp)
+    log(f"personalized adapters ({epochs} fine-tuning epoch(s)) in {folder}: {split} accuracy "
+        f"{result['accuracy']:.3f}")
+    return _prefixed(result, keys.PERSONAL_PREFIX)
 
 
 def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
@@ -273,11 +262,11 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
 
 def _sent_schema(outcome: Outcome) -> dict[str, tuple[tuple[int, ...], str]]:
     """The (wire) layout of the adapters a train reply carries; empty when it carries none."""
-    return wire_schema(adapter_schema(outcome.model), outcome.transport) if outcome.model is not None else {}
+    return wire_schema(shared_schema(outcome.model), outcome.transport) if outcome.model is not None else {}
 
 
 def _reply(msg: Message, binding: SiteBinding, outcome: Outcome) -> Message:
-    arrays = encode(get_adapter_state(outcome.model), outcome.transport) if outcome.model is not None else None
+    arrays = encode(shared_state(outcome.model), outcome.transport) if outcome.model is not None else None
     schema = _sent_schema(outcome)
     flat = pack_outgoing(arrays, schema) if arrays is not None else None
     reply = build_reply(msg, site=binding.site, metrics=outcome.metrics, adapters=flat)

@@ -34,6 +34,7 @@ from safetensors.torch import save as save_safetensors
 
 from nearl_core.errors import AdapterFileError, UncheckedAdapterWarning
 from nearl_core.model import FrozenCLIP
+from nearl_core.personalize import local_names
 from nearl_protocol.schema import schema_of, schema_problem
 
 WEIGHTS_FILE = "adapters.safetensors"
@@ -60,10 +61,13 @@ def adapter_schema(model: FrozenCLIP) -> dict[str, tuple[tuple[int, ...], str]]:
 
 def set_adapter_state(model: FrozenCLIP, state: Mapping[str, torch.Tensor]) -> None:
     """Load adapter tensors, refusing missing, extra or mis-shaped entries."""
-    params = model.adapter_parameters()
+    _copy_into(model.adapter_parameters(), state, "were they made with other adapter dimensions?")
+
+
+def _copy_into(params: Mapping[str, torch.nn.Parameter], state: Mapping[str, Any], hint: str) -> None:
     problem = schema_problem(state, schema_of(params), dtypes=False)
     if problem:
-        raise AdapterFileError(f"adapter {problem}; were they made with other adapter dimensions?")
+        raise AdapterFileError(f"adapter {problem}; {hint}")
     for name, p in params.items():
         with torch.no_grad():
             p.copy_(torch.as_tensor(state[name]).to(dtype=p.dtype, device=p.device))
@@ -192,3 +196,22 @@ def _atomic_write(target: Path, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+# -- what crosses the wire: every adapter tensor but the groups a federation keeps local ---------------
+def shared_state(model: FrozenCLIP) -> dict[str, torch.Tensor]:
+    """The federated tensors (:func:`nearl_core.personalize.is_shared`), detached on CPU."""
+    local = local_names(model)
+    return {name: t for name, t in get_adapter_state(model).items() if name not in local}
+
+
+def shared_schema(model: FrozenCLIP) -> dict[str, tuple[tuple[int, ...], str]]:
+    """name -> (shape, dtype) of the federated tensors: the agreed layout of every payload."""
+    return schema_of(shared_state(model))
+
+
+def set_shared_state(model: FrozenCLIP, state: Mapping[str, torch.Tensor]) -> None:
+    """Load the federated tensors; the local groups keep their values. Missing or extra entries are refused."""
+    local = local_names(model)
+    params = {n: p for n, p in model.adapter_parameters().items() if n not in local}
+    _copy_into(params, state, "were they made with other adapter dimensions or other federation.local groups?")

@@ -8,6 +8,7 @@ one direction, and a round moves it twice per site (the global weights down, the
 from __future__ import annotations
 
 from nearl_core.model import FrozenCLIP
+from nearl_core.personalize import adapter_groups, local_names
 
 # display names of the parts each method reports (FrozenCLIP.components); others print as named
 LABELS = {
@@ -27,12 +28,17 @@ TITLES = {"nearl": "NEARL adapters", "coop": "CoOp context", "clip-adapter": "CL
 
 
 def parameter_report(model: FrozenCLIP) -> dict:
-    """total / trainable / per-component counts and the payload in bytes (one direction and per round)."""
+    """total / trainable / per-component counts and the payload in bytes (one direction and per round).
+
+    The payload counts the shared tensors only: groups ``federation.local`` keeps at the
+    sites never travel (they are listed under ``local``).
+    """
     params = list(model.parameters())
     total = sum(p.numel() for p in params)
     adapters = model.adapter_parameters()
     trainable = sum(p.numel() for p in adapters.values())
-    payload = sum(p.numel() * p.element_size() for p in adapters.values())
+    local = local_names(model)
+    payload = sum(p.numel() * p.element_size() for n, p in adapters.items() if n not in local)
     return {
         "method": model.method,
         "backbone": model.backbone_name,
@@ -44,6 +50,8 @@ def parameter_report(model: FrozenCLIP) -> dict:
         "full_model_bytes": sum(p.numel() * p.element_size() for p in params),
         "components": {**model.components(), "backbone_frozen": total - trainable},
         "dimensions": model.dimensions(),
+        "groups": {g: sum(adapters[n].numel() for n in names) for g, names in adapter_groups(model).items()},
+        "local": {"groups": list(model.cfg.federation.local), "parameters": sum(adapters[n].numel() for n in local)},
     }
 
 
@@ -64,6 +72,9 @@ def format_report(report: dict) -> str:
     lines += [
         "",
         f"  trainable fraction                {100 * report['trainable_fraction']:>13.3f}%",
+        f"  adapter groups (federation.local) {', '.join(report['groups'])}",
+        *([f"  kept at each site                 {report['local']['parameters']:>14,}  "
+           f"({', '.join(report['local']['groups'])}; never sent)"] if report["local"]["parameters"] else []),
         f"  payload per direction             {report['payload_bytes']:>14,} bytes ({report['payload_bytes'] / 2**20:.2f} MiB)",
         f"  per site per round (down + up)    {report['payload_bytes_per_round']:>14,} bytes",
         f"  full model (fine-tuning)          {report['full_model_bytes']:>14,} bytes ({report['full_model_bytes'] / 2**20:.1f} MiB)",

@@ -235,8 +235,11 @@ class PrivacyState:
 
 
 def plan_privacy(pcfg: PrivacyConfig, *, n_train: int, batch_size: int, epochs: int, rounds: int = 1,
-                 log: Log | None = None) -> PrivacyState:
-    """A fresh state; with a target epsilon, the noise multiplier for rounds x epochs x steps."""
+                 extra_epochs: int = 0, log: Log | None = None) -> PrivacyState:
+    """A fresh state; with a target epsilon, the noise multiplier for rounds x epochs (+ extra_epochs) of steps.
+
+    ``extra_epochs``: a site's final fine-tuning (personalization), planned into the same budget.
+    """
     if pcfg.target_epsilon is None and pcfg.noise_multiplier is None:
         raise ConfigError("privacy needs privacy.target-epsilon (--dp-epsilon) or privacy.noise-multiplier")
     delta = pcfg.delta if pcfg.delta is not None else default_delta(n_train)
@@ -244,7 +247,7 @@ def plan_privacy(pcfg: PrivacyConfig, *, n_train: int, batch_size: int, epochs: 
         raise ConfigError(f"privacy.delta {delta:g} is not below 1/N = {1.0 / n_train:g} for this site's "
                           f"{n_train} training images; use a smaller delta or leave it unset")
     q = sample_rate_for(n_train, batch_size)
-    planned = max(1, rounds) * steps_for(n_train, batch_size, epochs)
+    planned = max(1, rounds) * steps_for(n_train, batch_size, epochs) + steps_for(n_train, batch_size, extra_epochs)
     if pcfg.noise_multiplier is not None:
         sigma, planned_steps = pcfg.noise_multiplier, None
     else:
@@ -257,14 +260,15 @@ def plan_privacy(pcfg: PrivacyConfig, *, n_train: int, batch_size: int, epochs: 
         planned_steps = planned
         if log:
             log(f"privacy: noise multiplier {sigma:.4f} planned for epsilon {pcfg.target_epsilon:g} at delta "
-                f"{delta:.2g} over {planned} DP steps ({rounds} round(s) x {epochs} epoch(s), sample rate {q:.4g})")
+                f"{delta:.2g} over {planned} DP steps ({rounds} round(s) x {epochs} epoch(s)"
+                + (f" + {extra_epochs} fine-tuning epoch(s)" if extra_epochs else "") + f", sample rate {q:.4g})")
     return PrivacyState(accountant=pcfg.accountant, delta=delta, noise_multiplier=float(sigma), sample_rate=q,
                         max_grad_norm=pcfg.max_grad_norm, n_train=n_train, target_epsilon=pcfg.target_epsilon,
                         planned_steps=planned_steps)
 
 
 def open_privacy_state(state_dir: str | Path, pcfg: PrivacyConfig, *, n_train: int, batch_size: int,
-                       epochs: int, rounds: int = 1, log: Log | None = print) -> PrivacyState:
+                       epochs: int, rounds: int = 1, extra_epochs: int = 0, log: Log | None = print) -> PrivacyState:
     """Restore the site's ledger from ``state_dir`` (a restart continues it), or plan and save one.
 
     A restored state keeps its accountant, delta and planned noise multiplier: changing
@@ -273,7 +277,8 @@ def open_privacy_state(state_dir: str | Path, pcfg: PrivacyConfig, *, n_train: i
     """
     state = PrivacyState.load(state_dir)
     if state is None:
-        state = plan_privacy(pcfg, n_train=n_train, batch_size=batch_size, epochs=epochs, rounds=rounds, log=log)
+        state = plan_privacy(pcfg, n_train=n_train, batch_size=batch_size, epochs=epochs, rounds=rounds,
+                             extra_epochs=extra_epochs, log=log)
         state.save(state_dir)
         return state
     where = Path(state_dir) / STATE_FILE

@@ -54,7 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval-in-train", dest="evaluate_in_train", action="store_false",
                    default=d("evaluate_in_train"), help="evaluate in a separate message every round (slower; "
                    "default: inside the train message)")
+    p.add_argument("--personalize", default=None, metavar="PRESET|GROUPS",
+                   help="adapter groups every site keeps to itself (federation.local): none, all-but-useformer, "
+                        "or groups as `nearl params` lists them, e.g. oca-text,gates (docs/federation.md)")
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
+                   help="after the last round each site fine-tunes for E epochs and keeps its personalized "
+                        "adapters in <state-dir>/personalized/ (federation.finetune-epochs)")
     p.add_argument("--proximal-mu", type=float, default=d("proximal_mu"), help=h("proximal_mu"))
+    p.add_argument("--server-momentum", type=float, default=d("server_momentum"), help=h("server_momentum"))
     p.add_argument("--server-lr", type=float, default=d("server_lr"), help=h("server_lr"))
     p.add_argument("--trim-beta", type=float, default=d("trim_beta"), help=h("trim_beta"))
     p.add_argument("--krum-malicious", type=int, default=d("krum_malicious"), help=h("krum_malicious"))
@@ -102,6 +109,16 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--server-dp-delta", type=float, default=d("server_dp_delta"), metavar="D",
                     help=h("server_dp_delta"))
     return p
+
+
+def personalize_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """--personalize / --finetune-epochs as NEARL config overrides (the sites read them from the config)."""
+    out: dict[str, Any] = {}
+    if args.personalize is not None:
+        out["federation.local"] = args.personalize
+    if args.finetune_epochs is not None:
+        out["federation.finetune-epochs"] = args.finetune_epochs
+    return out
 
 
 def dp_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -177,6 +194,7 @@ class Server:
                 raise NearlError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
             overrides[key.strip()] = value.strip()
         overrides.update(dp_overrides(a))
+        overrides.update(personalize_overrides(a))
         config_path = resolve_config_path(a.config)
         load_config(config_path, overrides)  # readable error now rather than inside the ServerApp
         certs = None if a.insecure else Certs((a.certs or Path("deploy/secrets/certs")).expanduser().resolve())
@@ -202,7 +220,8 @@ class Server:
             "num-server-rounds": a.rounds, "config": str(config_path), "strategy": a.strategy,
             "min-nodes": a.min_sites, "fraction-train": a.fraction_train, "round-timeout": a.round_timeout,
             "wait-timeout": a.wait_timeout, "local-epochs": a.local_epochs, "evaluate-in-train": a.evaluate_in_train,
-            "proximal-mu": a.proximal_mu, "server-lr": a.server_lr, "trim-beta": a.trim_beta,
+            "proximal-mu": a.proximal_mu, "server-lr": a.server_lr, "server-momentum": a.server_momentum,
+            "trim-beta": a.trim_beta,
             "krum-malicious": a.krum_malicious, "max-abs-value": a.max_abs_value,
             "outlier-factor": a.outlier_factor, "examples-growth": a.examples_growth, "max-examples": a.max_examples,
             "equal-weights": a.equal_weights, "mlflow-uri": self._mlflow_uri(), "mlflow-experiment": a.experiment,

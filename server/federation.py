@@ -20,7 +20,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
-from nearl_core.adapter_io import adapter_schema, get_adapter_state, package_version, save_adapters, set_adapter_state
+from nearl_core.adapter_io import package_version, save_adapters, set_shared_state, shared_schema, shared_state
 from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
@@ -80,7 +80,7 @@ class RoundLog:
                  ckpt_meta: dict[str, Any]):
         self.settings, self.tracker, self.progress, self.model = settings, tracker, progress, model
         self.ckpt_meta = ckpt_meta
-        self.schema = adapter_schema(model)
+        self.schema = shared_schema(model)
         self.last_eval: tuple[int, dict[str, float]] | None = None
         self.final_arrays: ArrayRecord | None = None
         self.seen_sites: set[str] = set()
@@ -182,7 +182,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         settings = FederationSettings.from_run_config(run_config)
         model = build_server_model(settings)
         cfg = model.cfg
-        schema = adapter_schema(model)
+        schema = shared_schema(model)  # without the groups federation.local keeps at the sites
         fingerprint = model_fingerprint(model)
         start_round, ckpt = 0, None
         root = settings.checkpoint_path()
@@ -200,7 +200,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             if root is not None and complete_rounds(root):
                 raise CheckpointError(f"{root} already holds checkpoints of an earlier run; resume it or choose "
                                       "another checkpoint directory")
-            initial = ArrayRecord({k: v.contiguous() for k, v in get_adapter_state(model).items()})
+            initial = ArrayRecord({k: v.contiguous() for k, v in shared_state(model).items()})
         uri = resolve_tracking_uri((ckpt.meta.get("mlflow_uri") if ckpt else None) or settings.mlflow_uri, workdir)
         if uri:
             tracker = Tracker(uri, settings.mlflow_experiment, run_id=ckpt.mlflow_run_id if ckpt else None,
@@ -239,12 +239,13 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             common = dict(nearl_config=cfg.to_dict(), transport=settings.transport_dtype, backbone=fingerprint)
             train_config = instruction_config(**common, local_epochs=settings.local_epochs,
                                               total_rounds=settings.num_rounds)
-            eval_config = instruction_config(**common)
+            eval_config = instruction_config(**common, local_epochs=settings.local_epochs,
+                                             total_rounds=settings.num_rounds)  # the last one personalizes
             result = runner.start(grid=QuickPollGrid(grid), initial_arrays=initial, num_rounds=remaining,
                                     timeout=settings.round_timeout, train_config=train_config,
                                     evaluate_config=eval_config)
             final = listener.final_arrays or (result.arrays if len(result.arrays) else initial)
-        set_adapter_state(model, {k: np.array(v) for k, v in arrays_to_numpy(final, schema).items()})
+        set_shared_state(model, {k: np.array(v) for k, v in arrays_to_numpy(final, schema).items()})
         out_dir = (root / "final") if root is not None else Path(workdir or os.getcwd()) / "final_adapters"
         save_adapters(model, out_dir, {"federation_rounds": settings.num_rounds, "strategy": settings.strategy,
                                        "mlflow_run_id": tracker.run_id if tracker else None}, overwrite=True)

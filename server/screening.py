@@ -31,7 +31,7 @@ from nearl_protocol.schema import Schema
 
 DUPLICATE = "duplicate site name"
 UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each received update by server-side DP (equal weights); never logged
-MLFLOW_COUNTS = ("train_examples", "eval_examples", "test_examples")
+MLFLOW_COUNTS = tuple(keys.mlflow_name(k) for k in keys.COUNT_KEYS)  # train_examples, eval_examples, ...
 WORKER_FACTS = tuple(keys.mlflow_name(k) for k in keys.WORKER)
 WORKER_WARM = keys.mlflow_name(keys.WORKER_WARM)
 
@@ -130,7 +130,8 @@ def declined_reason(metrics: Mapping[str, float]) -> str:
 
 
 def _weight_key(key: str, sample: Mapping[str, float]) -> str:
-    for prefix, count in (("eval_", "eval_examples"), ("test_", "test_examples")):
+    for prefix, count in (("eval_", "eval_examples"), ("test_", "test_examples"),
+                          ("personal_", "personal_examples")):
         if key.startswith(prefix) and count in sample:
             return count
     return "train_examples"
@@ -168,5 +169,5 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
 
 def split_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """(train-side, eval-side) views of one reply's metrics (MLflow names)."""
-    evals = {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_"))}
+    evals = {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_", "personal_"))}
     return {k: v for k, v in metrics.items() if k not in evals}, evals

@@ -3,6 +3,8 @@
 zero-shot    the frozen CLIP with zero-initialised adapters (= round 0 of the federation)
 centralized  one model trained on the pooled training data of every site
 local-only   each site trains its own adapters on its own training data only
+personalized each site's own adapters at the end of a personalized federation (federation.local /
+             federation.finetune-epochs), as the site wrote them to <state-dir>/personalized/
 
 Every arm is evaluated on every site's own test split with the same code, and trained
 for the same total number of epochs as a federated site (rounds x local epochs).
@@ -25,7 +27,7 @@ from nearl_core.metrics import METRIC_NAMES
 from nearl_core.model import FrozenCLIP, build_model
 from nearl_core.train import evaluate, fit, make_loader, seed_everything
 
-ARMS = ("zero-shot", "federated", "centralized", "local-only")
+ARMS = ("zero-shot", "federated", "centralized", "local-only", "personalized")
 PerSite = dict[str, dict[str, float]]
 
 
@@ -79,6 +81,19 @@ def local_only(cfg: NearlConfig, backbone: Backbone, sites: dict[str, SiteData],
     return out
 
 
+def personalized(cfg: NearlConfig, backbone: Backbone, sites: dict[str, SiteData], device: torch.device,
+                 state_root: Path) -> PerSite:
+    """Each site's personalized adapters (written by the site itself) on its own test split."""
+    from nearl_core.personalize import state_dirs
+
+    out = {}
+    for name, site in sites.items():
+        model = _fresh(cfg, backbone, device)
+        load_adapters(model, state_dirs(state_root / name)[1])
+        out[name] = evaluate_sites(model, {name: site}, cfg, device)[name]
+    return out
+
+
 def result_rows(results: dict[str, PerSite]) -> list[dict]:
     """One row per (arm, site) plus the unweighted mean over sites (every hospital counts once)."""
     rows = []
@@ -128,7 +143,8 @@ def plot_curves(rounds: list[dict], reference: dict[str, float], out: Path) -> P
     for site in sites[:12]:  # beyond a dozen lines a plot stops being readable
         ax.plot(xs, [r["sites"].get(site, math.nan) for r in rounds], lw=0.8, alpha=0.5, label=site)
     ax.plot(xs, [r["mean"] for r in rounds], color="black", lw=2.2, marker="o", label="federated (weighted mean)")
-    styles = {"centralized": ("tab:green", "--"), "local-only": ("tab:red", ":"), "zero-shot": ("grey", "-.")}
+    styles = {"centralized": ("tab:green", "--"), "local-only": ("tab:red", ":"), "zero-shot": ("grey", "-."),
+              "personalized": ("tab:purple", "-")}
     for arm, level in reference.items():
         color, ls = styles.get(arm, ("tab:blue", "--"))
         ax.axhline(level, color=color, ls=ls, lw=1.5, label=f"{arm} (mean)")

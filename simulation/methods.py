@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from nearl_core.adapter_io import adapter_schema
+from nearl_core.adapter_io import shared_schema
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import NearlConfig
 from nearl_core.data import SiteData, scan_site
@@ -51,7 +51,7 @@ def cost(cfg: NearlConfig, backbone: Backbone, transport: str) -> dict[str, floa
     """Trainable parameters and the bytes one site moves per round (down + up) for this method."""
     model = build_model(cfg, backbone=backbone)
     return {"trainable_params": parameter_report(model)["trainable"],
-            "payload_bytes_per_round": 2 * payload_bytes(wire_schema(adapter_schema(model), transport))}
+            "payload_bytes_per_round": 2 * payload_bytes(wire_schema(shared_schema(model), transport))}
 
 
 def epoch_seconds(cfg: NearlConfig, backbone: Backbone, site: SiteData, device: torch.device) -> float:

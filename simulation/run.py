@@ -55,10 +55,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
                    help="a NEARL config key (train.loss=logit-adjusted, train.schedule=federation) or a server "
                         "option (proximal-mu=0.1, server-momentum=0.9, server-lr=0.03); repeatable")
-    p.add_argument("--seed", type=int, default=0, help="partitioning and training seed (default 0)")
+    p.add_argument("--seed", type=int, default=0, help="partitioning and training seed (default 0; "
+                   "--set train.seed=S changes the training seed alone, on the same split)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/sim-<time>)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
     p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
+    p.add_argument("--personalize", default=None, metavar="PRESET|GROUPS",
+                   help="adapter groups each site keeps (federation.local): none, all-but-useformer, or groups as "
+                        "`nearl params` lists them, e.g. oca-text,gates")
+    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
+                   help="each site fine-tunes the final adapters on its own data for E epochs "
+                        "(federation.finetune-epochs); --compare adds the arm 'personalized'")
     p.add_argument("--methods", default=None, metavar="M1,M2,...",
                    help="run the same federation once per adapter.method (nearl, coop, clip-adapter, lora, "
                         "linear-probe, full-ft) on the same sites, seeds and DP settings; writes methods.csv, "
@@ -98,6 +105,11 @@ def run(args: argparse.Namespace) -> dict:
     if (out / "results.csv").exists() or (out / "methods.csv").exists():
         raise NearlError(f"{out} already holds results; choose another --out")
     nearl_sets, server_sets = split_settings(args.settings)
+    if args.personalize is not None:
+        nearl_sets["federation.local"] = args.personalize
+    if args.finetune_epochs is not None:
+        nearl_sets["federation.finetune-epochs"] = args.finetune_epochs
+    nearl_sets.setdefault("train.seed", args.seed)  # every arm trains with the federation's seed
     args.nearl_sets, args.server_sets = nearl_sets, server_sets
     cfg = load_config(args.config, {**nearl_sets, **({"model.pretrained": args.pretrained} if args.pretrained else {})})
     if args.sites < 1 or args.rounds < 1 or args.local_epochs < 1:
@@ -184,7 +196,7 @@ def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], r
     if any(n < args.sites for n in answered):
         print(f"warning: some sites did not answer (answered per round: {answered}); see {out}/flower")
 
-    results = run_arms(args, cfg, site_roots, sim.adapters)
+    results = run_arms(args, cfg, site_roots, sim.adapters, out / "site-state")
     rows_out = compare.result_rows(results)
     title = (f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {args.rounds} rounds x {args.local_epochs} "
              f"epochs, method {cfg.adapter.method}")
@@ -223,7 +235,7 @@ def federation_config(args: argparse.Namespace, cfg, out: Path, sites_root: Path
         "checkpoint-dir": str(out / "checkpoints"),
         "sim-data-root": str(sites_root),
         "sim-state-root": str(out / "site-state"),  # each virtual site's DP ledger and audit trail
-        "train.seed": args.seed,
+        "train.seed": cfg.train.seed,
         "transport-dtype": args.transport_dtype,
         "server-dp-noise": args.server_dp_noise,
         "server-dp-clip": args.server_dp_clip,
@@ -281,8 +293,9 @@ def eval_curve(sim) -> list[dict]:
     return curve
 
 
-def run_arms(args, cfg, site_roots: list[Path], adapters: Path) -> dict:
+def run_arms(args, cfg, site_roots: list[Path], adapters: Path, state_root: Path) -> dict:
     from nearl_core.backbone import build_backbone
+    from nearl_core.personalize import wants_personalization
     from nearl_core.train import select_device
 
     sites = {root.name: scan_site(root, cfg.task.classes, verify=False) for root in site_roots}
@@ -294,6 +307,11 @@ def run_arms(args, cfg, site_roots: list[Path], adapters: Path) -> dict:
     if args.compare:
         results["centralized"] = compare.centralized(cfg, backbone, sites, device, epochs)
         results["local-only"] = compare.local_only(cfg, backbone, sites, device, epochs)
+        if wants_personalization(cfg):
+            results["personalized"] = compare.personalized(cfg, backbone, sites, device, state_root)
+        else:
+            print("no personalized arm: the config keeps no adapter group local and fine-tunes for 0 epochs "
+                  "(--personalize / --finetune-epochs)")
     return results
 
 

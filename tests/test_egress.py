@@ -126,8 +126,8 @@ def test_a_handler_whose_reply_breaks_the_schema_fails(site, monkeypatch, tmp_pa
 
     cfg = load_config("demo")
     model = build_model(cfg)
-    real = task.get_adapter_state
-    monkeypatch.setattr(task, "get_adapter_state",
+    real = task.shared_state
+    monkeypatch.setattr(task, "shared_state",
                         lambda m: {**real(m), "leak": __import__("torch").zeros(3)})
     config = ConfigRecord({"nearl-config": json.dumps(cfg.to_dict()), "server-round": 1, "local-epochs": 1})
     msg = instruction(RecordDict({"arrays": flat_record({k: v.contiguous() for k, v in

@@ -16,7 +16,7 @@ from tests.fed_helpers import ROOT
 FLAGS = {"num_rounds": "rounds", "config": "config", "strategy": "strategy", "min_nodes": "min_sites",
          "fraction_train": "fraction_train", "round_timeout": "round_timeout", "wait_timeout": "wait_timeout",
          "local_epochs": "local_epochs", "evaluate_in_train": "evaluate_in_train", "proximal_mu": "proximal_mu",
-         "server_lr": "server_lr", "trim_beta": "trim_beta", "krum_malicious": "krum_malicious",
+         "server_lr": "server_lr", "server_momentum": "server_momentum", "trim_beta": "trim_beta", "krum_malicious": "krum_malicious",
          "max_abs_value": "max_abs_value", "outlier_factor": "outlier_factor",
          "examples_growth": "examples_growth", "max_examples": "max_examples", "equal_weights": "equal_weights",
          "server_dp_noise": "server_dp_noise", "server_dp_clip": "server_dp_clip",

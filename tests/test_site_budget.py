@@ -6,6 +6,7 @@ from dataclasses import replace
 
 import nearl_core.privacy as privacy
 from client import task
+from client.budget import round_budget
 from nearl_core.config import load_config
 
 
@@ -20,18 +21,18 @@ def test_round_budget_uses_the_lower_of_site_and_server_ceilings(tmp_path):
     # target 2 planned over 2 rounds: one round spends less than 3
     server_says = replace(cfg, privacy=replace(cfg.privacy, enabled=True, target_epsilon=2.0, max_epsilon=50.0))
     site = task.SiteBinding("siteA", tmp_path, state_dir=tmp_path / "state", max_epsilon=3.0)
-    budget = task._round_budget(site, server_says, n_train=40, epochs=1, total_rounds=2, log=None)
+    budget = round_budget(site, server_says, n_train=40, epochs=1, total_rounds=2, log=None)
     assert budget.ceiling == 3.0  # the server's 50 does not raise the site's 3
     assert budget.steps == privacy.steps_for(40, cfg.train.batch_size, 1) and budget.decline is None
     lower = replace(server_says, privacy=replace(server_says.privacy, max_epsilon=1.0))
-    assert task._round_budget(site, lower, n_train=40, epochs=1, total_rounds=2, log=None).ceiling == 1.0  # may lower
+    assert round_budget(site, lower, n_train=40, epochs=1, total_rounds=2, log=None).ceiling == 1.0  # may lower
 
 
 def test_a_spent_budget_declines_before_training(tmp_path):
     cfg = load_config("demo")
     cfg = replace(cfg, privacy=replace(cfg.privacy, enabled=True, target_epsilon=2.0))
     site = task.SiteBinding("siteA", tmp_path, state_dir=tmp_path / "state", max_epsilon=1.0)
-    budget = task._round_budget(site, cfg, n_train=40, epochs=1, total_rounds=1, log=None)
+    budget = round_budget(site, cfg, n_train=40, epochs=1, total_rounds=1, log=None)
     # the plan spends epsilon 2 in this one round; the site allows 1: declined, nothing spent
     assert budget.decline and "max-epsilon 1" in budget.decline
     m = budget.declined_metrics()
