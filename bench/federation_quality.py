@@ -7,7 +7,8 @@ Each row is one ``simulation/run.py`` command (printed beside its result, so any
 be rerun alone) on the shipped demo data, with the same seed and the same total local
 epochs (rounds x local epochs = 10).  The result is the federated model's mean accuracy
 and mean balanced accuracy over the sites' own test splits (results.csv, arm
-``federated``).  Rows already in ``--out``/quality.csv are not run again, so an
+``federated``; rows with ``--compare`` add the centralized, local-only and personalized
+arms).  Rows already in ``--out``/quality.csv are not run again, so an
 interrupted sweep resumes.  docs/federation.md ("Choosing the defaults") holds the table.
 """
 
@@ -26,6 +27,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # name -> flags added to `python simulation/run.py --alpha A --seed 0`
 ROWS: dict[str, list[str]] = {
     "baseline": [],
+    "baseline-seed1": ["--set", "train.seed=1"],  # the same split, another training seed: the noise floor
+    "baseline-seed2": ["--set", "train.seed=2"],
     "schedule-federation": ["--set", "train.schedule=federation"],
     "logit-adjusted": ["--set", "train.loss=logit-adjusted"],
     "balanced-loss": ["--set", "train.loss=balanced"],
@@ -38,20 +41,34 @@ ROWS: dict[str, list[str]] = {
     "rounds-10x1": ["--rounds", "10", "--local-epochs", "1"],
     "rounds-2x5": ["--rounds", "2", "--local-epochs", "5"],
     "la+schedule": ["--set", "train.loss=logit-adjusted", "--set", "train.schedule=federation"],
+    # personalization (docs/federation.md, "Personalization"): with every arm, for local-only beside it
+    "finetune-1": ["--finetune-epochs", "1", "--compare"],
+    "finetune-2": ["--finetune-epochs", "2", "--compare"],
+    "local-oca-text+gates": ["--personalize", "oca-text,gates", "--compare"],
+    "local-oca-text+gates+finetune-1": ["--personalize", "oca-text,gates", "--finetune-epochs", "1", "--compare"],
+    "local-all-but-useformer": ["--personalize", "all-but-useformer", "--compare"],
+    "local-all-but-useformer+finetune-1": ["--personalize", "all-but-useformer", "--finetune-epochs", "1",
+                                           "--compare"],
 }
-FIELDS = ["split", "row", "accuracy", "balanced_accuracy", "seconds", "command"]
+ARMS = ("federated", "centralized", "local-only", "personalized")
+FIELDS = ["split", "row", *(f"{arm}_{m}" for arm in ARMS for m in ("accuracy", "balanced_accuracy")), "seconds",
+          "command"]
 
 
 def command(split: str, row: str, out: Path) -> list[str]:
     return [sys.executable, "simulation/run.py", "--alpha", split, "--seed", "0", *ROWS[row], "--out", str(out)]
 
 
-def federated_mean(results: Path) -> tuple[float, float]:
+def arm_means(results: Path) -> dict[str, str]:
+    """``<arm>_accuracy`` / ``<arm>_balanced_accuracy`` of every arm the run has (mean over sites)."""
+    out = {}
     with open(results) as fh:
         for r in csv.DictReader(fh):
-            if r["arm"] == "federated" and r["site"] == "mean":
-                return float(r["accuracy"]), float(r["balanced_accuracy"])
-    raise RuntimeError(f"{results}: no federated mean row")
+            if r["arm"] in ARMS and r["site"] == "mean":
+                out.update({f"{r['arm']}_accuracy": r["accuracy"], f"{r['arm']}_balanced_accuracy": r["balanced_accuracy"]})
+    if "federated_accuracy" not in out:
+        raise RuntimeError(f"{results}: no federated mean row")
+    return out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -82,9 +99,9 @@ def main(argv: list[str] | None = None) -> int:
             if proc.returncode != 0:
                 print(f"{split} {row}: failed (exit {proc.returncode}); see {args.out}/{split}-{row}.log", flush=True)
                 continue
-            acc, bal = federated_mean(run_dir / "results.csv")
+            means = arm_means(run_dir / "results.csv")
             shown = "python " + shlex.join(cmd[1:-2])
-            record = {"split": split, "row": row, "accuracy": f"{acc:.4f}", "balanced_accuracy": f"{bal:.4f}",
+            record = {"split": split, "row": row, **{f: means.get(f, "") for f in FIELDS[2:-2]},
                       "seconds": f"{time.perf_counter() - start:.0f}", "command": shown}
             new = not table.exists()
             with open(table, "a", newline="") as fh:
@@ -92,8 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                 if new:
                     writer.writeheader()
                 writer.writerow(record)
-            print(f"RESULT split={split} row={row} federated_accuracy={acc:.4f} federated_balanced_accuracy={bal:.4f} "
-                  f"status=info  # {shown}", flush=True)
+            shown_means = " ".join(f"{k}={v}" for k, v in means.items())
+            print(f"RESULT split={split} row={row} {shown_means} status=info  # {shown}", flush=True)
     return 0
 
 

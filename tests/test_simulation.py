@@ -19,29 +19,43 @@ def _read_csv(path):
         return list(csv.DictReader(fh))
 
 
-def test_default_run_with_compare_writes_every_arm(tmp_path, monkeypatch):
+def _compare_run(tmp_path, name: str) -> tuple[list[dict], dict[str, dict[int, float]]]:
+    """One small --compare run with a personalized arm: its results.csv rows and its MLflow metric histories."""
+    out = tmp_path / name
+    code = main(["--sites", "4", "--rounds", "1", "--local-epochs", "1", "--data", str(tmp_path / "pool"),
+                 "--out", str(out), "--compare", "--personalize", "gates", "--finetune-epochs", "1"])
+    assert code == 0
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    run = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id],
+                             order_by=["attributes.start_time DESC"])[0]
+    timing = ("seconds", "bytes", "worker_")  # wall time and which process answered differ from run to run
+    histories = {k: {m.step: m.value for m in client.get_metric_history(run.info.run_id, k)}
+                 for k in run.data.metrics if not any(t in k for t in timing)}
+    return _read_csv(out / "results.csv"), histories
+
+
+def test_default_run_with_compare_writes_every_arm_and_repeats_bit_for_bit(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the default MLflow store is ./mlflow.db
     generate_demo_data(tmp_path / "pool", 2, train_per_site=40, val_per_site=10, test_per_site=10)
+    rows, metrics = _compare_run(tmp_path, "run")
     out = tmp_path / "run"
-    code = main(["--sites", "4", "--rounds", "1", "--local-epochs", "1", "--data", str(tmp_path / "pool"),
-                 "--out", str(out), "--compare"])
-    assert code == 0
-    rows = _read_csv(out / "results.csv")
     assert list(rows[0]) == ["arm", "site", "accuracy", "balanced_accuracy", "macro_f1", "auroc"]
     arms = {r["arm"] for r in rows}
-    assert arms == {"zero-shot", "federated", "centralized", "local-only"}
+    assert arms == {"zero-shot", "federated", "centralized", "local-only", "personalized"}
     for arm in arms:
         sites = {r["site"] for r in rows if r["arm"] == arm}
         assert sites == {"site1", "site2", "site3", "site4", "mean"}
-    assert "| federated | mean |" in (out / "results.md").read_text()
+    assert "| personalized | mean |" in (out / "results.md").read_text()
     assert (out / "curves.png").stat().st_size > 1000
+    for site in ("site1", "site4"):  # each virtual site wrote its own personalized adapters
+        assert (out / "site-state" / site / "personalized" / "adapters.json").is_file()
     partition = json.loads((out / "partition.json").read_text())
     assert [s["site"] for s in partition["sites"]] == ["site1", "site2", "site3", "site4"]
-    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
-    runs = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])
-    assert len(runs) == 1
-    metrics = runs[0].data.metrics
     assert "compare/centralized/mean/accuracy" in metrics and "site3/eval_accuracy" in metrics
+    assert "site3/personal_accuracy" in metrics
+    again_rows, again_metrics = _compare_run(tmp_path, "again")  # same command, same seed
+    assert again_rows == rows
+    assert again_metrics == metrics
 
 
 def test_fifty_virtual_sites_complete(tmp_path, monkeypatch):
