@@ -43,7 +43,7 @@ def encode(values: Mapping[str, np.ndarray | torch.Tensor], transport: str) -> d
             t = t.to(torch.float16)
         elif t.dtype == torch.float32 and transport == "bf16":
             t = t.to(torch.bfloat16).view(torch.int16)
-        out[k] = np.ascontiguousarray(t.numpy())
+        out[k] = np.asarray(t.numpy(), order="C")  # keeps 0-d shapes (ascontiguousarray makes them (1,))
     return out
 
 

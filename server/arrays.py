@@ -34,7 +34,7 @@ def flatten(rec: ArrayRecord, schema: Schema) -> np.ndarray:
 def unflatten(tensors: Mapping[str, np.ndarray], schema: Schema) -> ArrayRecord:
     """float64 tensors -> an ArrayRecord in the schema's dtypes."""
     with np.errstate(over="ignore", invalid="ignore"):  # the caller checked the range
-        return ArrayRecord({k: Array(np.ascontiguousarray(np.asarray(tensors[k]).astype(dtype)))
+        return ArrayRecord({k: Array(np.asarray(np.asarray(tensors[k]).astype(dtype), order="C"))
                             for k, (_, dtype) in schema.items()})
 
 

@@ -64,8 +64,8 @@ def save_checkpoint(root: str | Path, ckpt: Checkpoint, *, keep: int = 3) -> Pat
     final = round_dir(root, ckpt.round)
     tmp = Path(tempfile.mkdtemp(dir=root, prefix=f".tmp-round-{ckpt.round:04d}-"))
     try:
-        save_file({k: np.ascontiguousarray(v) for k, v in ckpt.arrays.items()}, str(tmp / ADAPTERS_FILE))
-        flat_state = {f"{attr}/{k}": np.ascontiguousarray(v)
+        save_file({k: np.asarray(v, order="C") for k, v in ckpt.arrays.items()}, str(tmp / ADAPTERS_FILE))
+        flat_state = {f"{attr}/{k}": np.asarray(v, order="C")
                       for attr, values in ckpt.strategy_state.items() for k, v in values.items()}
         save_file(flat_state, str(tmp / STRATEGY_FILE))
         meta = {"format": FORMAT, **ckpt.meta, "round": ckpt.round,

@@ -70,7 +70,7 @@ def arrays_to_numpy(arrays: ArrayRecord, schema) -> dict[str, np.ndarray]:
 
 
 def numpy_to_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in values.items()})
+    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in values.items()})
 
 
 class RoundLog:

@@ -74,3 +74,13 @@ def test_server_sends_narrow_and_aggregates_wide(transport):
     assert rec.rounds[-1].bytes_received == wire_bytes  # counted as received (narrow), not after widening
     full_bytes = sum(record_bytes(train_reply_content(f"site{n}", u, n=10 * n)) for n, u in zip((1, 2), updates))
     assert wire_bytes < 0.52 * full_bytes
+
+
+@pytest.mark.parametrize("transport", ["float32", "fp16", "bf16"])
+def test_a_scalar_tensor_keeps_its_shape_on_the_wire(transport):
+    """A 0-d adapter tensor (a gate, a temperature) must not come back as shape (1,): the schema would differ."""
+    from server.federation import numpy_to_arrays
+
+    out = encode({"gate": torch.tensor(0.5), "w": torch.ones(2, 3)}, transport)
+    assert out["gate"].shape == () and out["w"].shape == (2, 3) and out["w"].flags.c_contiguous
+    assert tuple(numpy_to_arrays({"gate": np.float32(0.5).reshape(())})["gate"].shape) == ()
