@@ -307,11 +307,11 @@ def run_arms(args, cfg, site_roots: list[Path], adapters: Path, state_root: Path
     if args.compare:
         results["centralized"] = compare.centralized(cfg, backbone, sites, device, epochs)
         results["local-only"] = compare.local_only(cfg, backbone, sites, device, epochs)
-        if wants_personalization(cfg):
-            results["personalized"] = compare.personalized(cfg, backbone, sites, device, state_root)
-        else:
-            print("no personalized arm: the config keeps no adapter group local and fine-tunes for 0 epochs "
-                  "(--personalize / --finetune-epochs)")
+    if wants_personalization(cfg):  # only evaluation here: the sites trained and wrote them
+        results["personalized"] = compare.personalized(cfg, backbone, sites, device, state_root)
+    elif args.compare:
+        print("no personalized arm: the config keeps no adapter group local and fine-tunes for 0 epochs "
+              "(--personalize / --finetune-epochs)")
     return results
 
 
