@@ -71,14 +71,30 @@ def arm_means(results: Path) -> dict[str, str]:
     return out
 
 
+def markdown(table: Path) -> str:
+    """quality.csv as the table in docs/federation.md: accuracy / balanced accuracy per arm."""
+    with open(table) as fh:
+        rows = list(csv.DictReader(fh))
+    cell = lambda r, arm: (f"{float(r[arm + '_accuracy']):.3f} / {float(r[arm + '_balanced_accuracy']):.3f}"  # noqa: E731
+                           if r.get(arm + "_accuracy") else "")
+    lines = ["| split | row | " + " | ".join(ARMS) + " | command |", "|---|---|" + "---|" * (len(ARMS) + 1)]
+    lines += [f"| {r['split']} | {r['row']} | " + " | ".join(cell(r, a) for a in ARMS) + f" | `{r['command']}` |"
+              for r in rows]
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--splits", default="0.5,0.3,iid", help="Dirichlet alphas or iid (default 0.5,0.3,iid)")
     p.add_argument("--rows", default=",".join(ROWS), help="which rows (default all)")
     p.add_argument("--out", type=Path, default=Path("runs/federation-quality"))
+    p.add_argument("--markdown", action="store_true", help="print the table in --out as markdown and exit")
     args = p.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     table = args.out / "quality.csv"
+    if args.markdown:
+        print(markdown(table))
+        return 0
     done = set()
     if table.exists():
         with open(table) as fh:
