@@ -184,12 +184,12 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     import server.federation as fed
 
     fed_schema = {"a": ((2, 3), "float32"), "b": ((4,), "float32")}
-    orig = fed.adapter_schema
-    fed.adapter_schema = lambda m: fed_schema
+    orig = fed.shared_schema
+    fed.shared_schema = lambda m: fed_schema
     try:
         listener = RoundLog(settings, tracker, Progress(tmp_path / "p.jsonl"), Model(), {"mlflow_run_id": tracker.run_id})
     finally:
-        fed.adapter_schema = orig
+        fed.shared_schema = orig
     strategy = make_strategy("fedavg", schema=fed_schema, min_nodes=1)
     arrays = ArrayRecord({k: Array(v) for k, v in ARR.items()})
     listener.evaluated(0, {"eval_accuracy": 0.3, "eval_loss": 1.2}, {"siteA": {"eval_accuracy": 0.3}})

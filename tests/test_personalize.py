@@ -66,7 +66,9 @@ def test_the_payload_and_nearl_params_shrink_by_the_local_groups():
     assert local["trainable"] == full["trainable"]  # the site still trains them
     assert local["local"]["parameters"] > 0
     assert local["payload_bytes"] == full["payload_bytes"] - 4 * local["local"]["parameters"]
-    assert not wants_personalization(demo()) and wants_personalization(demo(federation__finetune_epochs=1))
+    assert not wants_personalization(demo(federation__finetune_epochs=0))
+    assert wants_personalization(demo(federation__finetune_epochs=1))  # the demo config: 2
+    assert wants_personalization(demo(federation__finetune_epochs=0, federation__local="gates"))
 
 
 def test_egress_refuses_a_reply_that_carries_a_local_group():
