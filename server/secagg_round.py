@@ -129,6 +129,7 @@ class SecureRounds:
             report.not_applied = "secure aggregation needs the round's global adapters; global adapters unchanged"
             return None
         target = strategy._reference + mean
+        strategy._current_round = r  # FedAdam/FedYogi's bias correction reads the round
         state = strategy._snapshot()
         if strategy.plain_mean:
             out = strategy.layout.split(target)
