@@ -13,6 +13,12 @@ A reply may hold exactly
 Anything else (another record, a backbone tensor, an extra or mis-shaped tensor, a
 second array, a string metric, per-sample values) raises :class:`EgressError`, which
 aborts the reply: the site sends a refusal with the one-line reason instead of data.
+
+Under secure aggregation (:mod:`client.secagg`) the plaintext update passes
+:func:`pack_outgoing` before it is masked; the masked train reply may then hold only one
+uint32 array of the agreed length, scalar metrics without ``num-examples`` (it travels
+masked) and the site's name (:func:`check_masked_reply`), and a key-setup, key-sharing
+or unmask reply only its stage's agreed record (:func:`check_secagg_reply`).
 """
 
 from __future__ import annotations
