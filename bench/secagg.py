@@ -52,6 +52,7 @@ class LocalGrid:
         self.ids = itertools.count(1)
         self.run = None
         self.deltas: list[np.ndarray] = []  # |site adapters - global adapters| of every plain train reply
+        self.globals: dict[int, np.ndarray] = {}  # round -> the global adapters its train instruction carried
 
     def set_run(self, run) -> None:
         self.run = run
@@ -89,11 +90,44 @@ class LocalGrid:
         if kind == keys.SECAGG_MESSAGE_TYPE:
             return stage_reply(m, context, quiet, binding=binding)
         handler = train_reply if kind == "train" else evaluate_reply
+        if kind == "train":
+            r = int(m.content[keys.CONFIG][keys.SERVER_ROUND])
+            self.globals.setdefault(r, decode_array(m.content[keys.ARRAYS][keys.ADAPTERS]).astype(np.float64))
         reply = handler(m, context, quiet, binding=binding)
         if kind == "train" and rec is None and not reply.has_error() and keys.ARRAYS in reply.content:
             sent, got = (decode_array(x[keys.ARRAYS][keys.ADAPTERS]) for x in (reply.content, m.content))
             self.deltas.append(np.abs(sent.astype(np.float64) - got.astype(np.float64)))
         return reply
+
+
+class Stopwatch:
+    """Time spent inside secure aggregation: the server's stages (with the sites' in-process answers to
+    them) and the sites' masking of their train replies."""
+
+    def __enter__(self) -> "Stopwatch":
+        import client.secagg
+        import server.secagg_round
+
+        self.seconds = 0.0
+        self.patched = [(server.secagg_round.SecureRounds, "configure"), (server.secagg_round.SecureRounds, "aggregate"),
+                        (client.secagg, "masked_reply")]
+        self.saved = [getattr(owner, name) for owner, name in self.patched]
+        for (owner, name), fn in zip(self.patched, self.saved):
+            setattr(owner, name, self._timed(fn))
+        return self
+
+    def _timed(self, fn):
+        def run(*args, **kwargs):
+            t0 = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - t0
+        return run
+
+    def __exit__(self, *exc) -> None:
+        for (owner, name), fn in zip(self.patched, self.saved):
+            setattr(owner, name, fn)
 
 
 def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop: str | None) -> dict:
@@ -114,7 +148,8 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
                   "mlflow-uri": "", "checkpoint-dir": "", "progress-file": str(progress), "wait-timeout": 5.0,
                   "secure-aggregation": secure}
     t0 = time.perf_counter()
-    out = run_federation(grid, run_config, workdir=work)
+    with Stopwatch() as secagg_time:
+        out = run_federation(grid, run_config, workdir=work)
     events = [json.loads(line) for line in progress.read_text().splitlines()]
     rounds_ev = [e for e in events if e["event"] == "round"]
     final_eval = [e for e in events if e["event"] == "eval" and e["step"] == rounds]
@@ -122,6 +157,7 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
                                                                     for e in rounds_ev],
             "not_applied": [e["not_applied"] for e in rounds_ev], "total": time.perf_counter() - t0,
             "accuracy": final_eval[-1]["metrics"].get("eval_accuracy") if final_eval else float("nan"),
+            "secagg_seconds": secagg_time.seconds, "globals": grid.globals,
             "deltas": np.concatenate(grid.deltas) if grid.deltas else np.zeros(1),
             "clipped": [e["train"].get("secagg_clipped") for e in rounds_ev],
             "adapters": {k: v.numpy() for k, v in read_adapters(Path(out["adapters"]))[0].items()}}
@@ -153,6 +189,13 @@ def main(argv: list[str] | None = None) -> int:
     d = plain["deltas"]
     print(f"# plain updates |site - global| per coordinate: median {np.median(d):.2e}, 99.9% {np.quantile(d, 0.999):.2e}, "
           f"max {d.max():.2e}; coordinates the secure run clipped per round: {secure['clipped']}")
+    both = 2 in plain["globals"] and 2 in secure["globals"]
+    first = float(np.max(np.abs(secure["globals"][2] - plain["globals"][2]))) if both else float("nan")
+    print(f"# largest |secure - plain| over the global adapters after round 1 (same site updates): {first:.3g}")
+    print(f"# time inside secure aggregation (server stages with the sites' answers, sites' masking): "
+          f"{secure['secagg_seconds']:.2f} s over {args.rounds} rounds")
+    result("secagg_overhead_seconds", secure["secagg_seconds"] / args.rounds, statistics.median(plain["seconds"]),
+           None, unit="s")
     result("secagg_round_seconds", statistics.median(secure["seconds"]), statistics.median(plain["seconds"]), None,
            unit="s")
     result("secagg_round_bytes", statistics.median(secure["bytes"]), statistics.median(plain["bytes"]), None,

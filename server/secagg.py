@@ -42,7 +42,7 @@ class SecAggAbort(RuntimeError):
 class SecAggSettings:
     """The federation's choices (server/settings.py): threshold fraction, clip range, weight cap, stage timeout."""
 
-    threshold: float = 0.67
+    threshold: float = 0.6
     clip: float = 0.05
     max_weight: int = 100_000
     equal_weights: bool = False

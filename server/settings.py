@@ -80,7 +80,7 @@ class FederationSettings:
     site_registry: str = _opt("", "site registry file (name -> public key, node id) written by nearl-server")
     secure_aggregation: bool = _opt(False, "SecAgg+: the server learns only the sum of the sites' updates "
                                     "(fedavg, fedprox, fedadam, fedyogi)")
-    secagg_threshold: float = _opt(0.67, "secure aggregation: fraction of a round's sites whose shares unmask it "
+    secagg_threshold: float = _opt(0.6, "secure aggregation: fraction of a round's sites whose shares unmask it "
                                    "(always more than half); more dropouts abort the round")
     secagg_clip: float = _opt(0.05, "secure aggregation: each coordinate of an update is clipped to +-this "
                               "before it is quantized and masked")
