@@ -69,6 +69,9 @@ class SecureRounds:
         except (SecAggAbort, sa.SecAggError) as err:
             self.abort, out = str(err), []
             log.warning("round %d: %s", server_round, err)
+        for reply in self.current.received:  # name the sites from their stage replies (a site that dies
+            if reply.has_content():          # before its train reply is then reported by name)
+                strategy.identities.attribute(reply.metadata.src_node_id, read_reply(reply).claimed_site)
         if strategy._round is not None:
             strategy._round.bytes_sent = self.current.bytes_sent + sum(sa.content_bytes(m.content) for m in out)
         return out

@@ -201,3 +201,9 @@ def test_egress_refuses_a_masked_reply_with_clear_counts_or_other_arrays():
                         keys.SITE: ConfigRecord({"name": "s1"})})
     with pytest.raises(EgressError, match="differ from the agreed"):
         check_secagg_reply(leaky, sa.SETUP)
+
+
+def test_a_site_that_dies_after_key_sharing_is_reported_missing_by_name(tmp_path):
+    sites = make_sites(tmp_path, 3)
+    _, report, _, _ = run_round(sites, secure=SECURE, drop={"collect": {sites[2].node}})
+    assert report.aggregated and report.missing == ["site3"] and report.answered == ["site1", "site2"]

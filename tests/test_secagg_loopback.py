@@ -54,7 +54,7 @@ def test_a_site_killed_mid_round_is_recovered_by_secure_aggregation(tmp_path):
         procs.kill("site3")
         wait_for(procs, "server", "round 1/2  sites 2/3", 900)
         out = procs.text("server")
-        assert "not applied" not in out and "aborted" not in out, out
+        assert "not applied" not in out and "aborted" not in out and "missing: site3" in out, out
         assert complete_rounds(tmp_path / "ck") == [1]
         from tests.test_federation_e2e import initial_adapters
 
