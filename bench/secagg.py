@@ -18,6 +18,12 @@ bytes sent + received.  RESULT lines: the secure round's median against the plai
 (ratio), the payload of one masked reply against the float32 one, and the largest
 difference between the final adapters of the two runs with the final accuracy of each.
 ``--drop SITE`` makes one site vanish at the unmask stage of round 1 (recovered).
+
+``--loopback`` measures the deployment instead: a real ``nearl-server`` and ``--sites``
+warm ``nearl-client`` sites on 127.0.0.1 (bench/federation_overhead.py's set-up), once
+plain and once with ``--secure-aggregation``; per round, from the federation's MLflow
+run: wall time between round ends, the strategy's round time and bytes sent + received.
+The first round (sites connecting) is left out of the medians.
 """
 
 from __future__ import annotations
@@ -163,13 +169,49 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
             "adapters": {k: v.numpy() for k, v in read_adapters(Path(out["adapters"]))[0].items()}}
 
 
+def loopback(args: argparse.Namespace) -> int:
+    """Plain vs secure rounds of a real loopback federation (see the module docstring)."""
+    from mlflow.tracking import MlflowClient
+
+    from bench.federation_overhead import nearl_rounds
+
+    header("secure aggregation vs plain rounds on loopback (nearl-server + warm nearl-client, demo model)")
+    runs = {}
+    with tempfile.TemporaryDirectory(prefix="nearl-bench-secagg-loop-") as tmp:
+        for name, extra in (("plain", ()), ("secure", ("--secure-aggregation",))):
+            (Path(tmp) / name).mkdir()
+            rows = nearl_rounds(Path(tmp) / name, args.rounds, args.sites, "--warm", extra, args.train_per_site)
+            client = MlflowClient(tracking_uri=f"sqlite:///{Path(tmp) / name / 'warm' / 'mlflow.db'}")
+            rid = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])[0].info.run_id
+            moved = {m.step: m.value for m in client.get_metric_history(rid, "bytes_sent")}
+            for m in client.get_metric_history(rid, "bytes_received"):
+                moved[m.step] = moved.get(m.step, 0.0) + m.value
+            for row in rows:
+                row["bytes"] = moved.get(row["round"], float("nan"))
+            runs[name] = rows
+    for name, rows in runs.items():
+        for row in rows:
+            print(f"# {name} round {row['round']}: wall {row['wall']:.2f} s, strategy {row['strategy']:.2f} s, "
+                  f"slowest site compute {row['slowest']:.2f} s, bytes {row['bytes']:.0f}")
+    med = {n: {k: statistics.median(r[k] for r in rows[1:] or rows) for k in ("wall", "strategy", "bytes")}
+           for n, rows in runs.items()}
+    result("secagg_loopback_round_wall_seconds", med["secure"]["wall"], med["plain"]["wall"], None, unit="s")
+    result("secagg_loopback_round_strategy_seconds", med["secure"]["strategy"], med["plain"]["strategy"], None,
+           unit="s")
+    result("secagg_loopback_round_bytes", med["secure"]["bytes"], med["plain"]["bytes"], None, unit="bytes")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sites", type=int, default=3)
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--train-per-site", type=int, default=32)
     p.add_argument("--drop", default=None, metavar="SITE", help="this site vanishes at round 1's unmask stage")
+    p.add_argument("--loopback", action="store_true", help="real nearl-server and nearl-client processes")
     args = p.parse_args(argv)
+    if args.loopback:
+        return loopback(args)
     header("secure aggregation vs plain rounds (in-process grid, demo model)")
     from nearl_core.workflows import demo_data
 
