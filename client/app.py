@@ -10,6 +10,7 @@ check (:mod:`client.egress`).  The work itself lives in :mod:`client.task`.
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client.secagg import stage_reply
 from client.task import evaluate_reply, train_reply
 
 app = ClientApp()
@@ -18,6 +19,12 @@ app = ClientApp()
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     return train_reply(msg, context)
+
+
+@app.train("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    """Secure aggregation's key setup, key sharing and unmasking (client/secagg.py)."""
+    return stage_reply(msg, context)
 
 
 @app.evaluate()

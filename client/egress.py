@@ -13,6 +13,12 @@ A reply may hold exactly
 Anything else (another record, a backbone tensor, an extra or mis-shaped tensor, a
 second array, a string metric, per-sample values) raises :class:`EgressError`, which
 aborts the reply: the site sends a refusal with the one-line reason instead of data.
+
+Under secure aggregation (:mod:`client.secagg`) the plaintext update passes
+:func:`pack_outgoing` before it is masked; the masked train reply may then hold only one
+uint32 array of the agreed length, scalar metrics without ``num-examples`` (it travels
+masked) and the site's name (:func:`check_masked_reply`), and a key-setup, key-sharing
+or unmask reply only its stage's agreed record (:func:`check_secagg_reply`).
 """
 
 from __future__ import annotations
@@ -25,7 +31,7 @@ from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from nearl_core.errors import NearlError
 from nearl_protocol import keys
-from nearl_protocol.arrays import PayloadError
+from nearl_protocol.arrays import PayloadError, decode_array
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.schema import Schema
 
@@ -91,3 +97,43 @@ def _check_site(site: ConfigRecord) -> None:
 
 def valid_site_name(name: str) -> bool:
     return bool(SITE_NAME.match(name))
+
+
+# -- secure aggregation (nearl_protocol.secagg) ------------------------------------------------------------
+def check_secagg_reply(content: RecordDict, stage: str) -> None:
+    """A key-setup, key-sharing or unmask reply holds the stage's agreed record and the site's name, nothing else."""
+    from nearl_protocol import secagg
+
+    records = set(content.keys())
+    if records != {keys.SECAGG, keys.SITE}:
+        raise EgressError(f"secure-aggregation reply records {sorted(records)} differ from the allowed "
+                          f"{sorted([keys.SECAGG, keys.SITE])}")
+    if type(content[keys.SECAGG]) is not ConfigRecord or type(content[keys.SITE]) is not ConfigRecord:
+        raise EgressError("secure-aggregation reply records must be ConfigRecords")
+    try:
+        secagg.check_record(content[keys.SECAGG], secagg.REPLY[stage], f"outgoing {stage} reply")
+    except (secagg.SecAggError, KeyError) as err:
+        raise EgressError(f"{err}; refusing to send") from None
+    _check_site(content[keys.SITE])
+
+
+def check_masked_reply(content: RecordDict, length: int) -> None:
+    """A masked train reply holds one uint32 array of the agreed length, scalar metrics without the example
+    count (it travels masked) and the site's name; the plaintext update was checked before masking."""
+    allowed: dict[str, type] = {keys.ARRAYS: ArrayRecord, keys.METRICS: MetricRecord, keys.SITE: ConfigRecord}
+    records = set(content.keys())
+    if records != set(allowed) or any(type(content[k]) is not kind for k, kind in allowed.items()):
+        raise EgressError(f"masked reply records {sorted(records)} differ from the allowed {sorted(allowed)}")
+    arrays = content[keys.ARRAYS]
+    if set(arrays.keys()) != {keys.MASKED}:
+        raise EgressError(f"masked reply arrays {sorted(arrays.keys())} differ from the allowed ['{keys.MASKED}']")
+    try:
+        values = decode_array(arrays[keys.MASKED])
+    except PayloadError as err:
+        raise EgressError(f"outgoing '{keys.MASKED}': {err}; refusing to send") from None
+    if values.dtype != np.uint32 or values.shape != (length,):
+        raise EgressError(f"outgoing '{keys.MASKED}' is {values.dtype}{list(values.shape)}, expected uint32[{length}]")
+    if keys.NUM_EXAMPLES in content[keys.METRICS]:
+        raise EgressError(f"'{keys.NUM_EXAMPLES}' must travel masked in a secure round; refusing to send")
+    _check_metrics(content[keys.METRICS])
+    _check_site(content[keys.SITE])

@@ -230,7 +230,7 @@ def _personalize(model: NearlCLIP, site: SiteData, cfg: NearlConfig, device: tor
     return _prefixed(result, keys.PERSONAL_PREFIX)
 
 
-def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
+def answer(msg: Message, binding: SiteBinding, handler, log=print, reply_with=None) -> Message:
     """Run one handler and return its reply, after the egress check and after the audit line is on disk.
 
     A refusal (another backbone, a bad config) or a NEARL error goes back as an error reply
@@ -244,14 +244,15 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print) -> Message:
             raise SiteRefusal(f"the coordinator refuses this node: {instruction.node_refused}")
         site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
         outcome = handler(msg, instruction, binding, site_log)
-        reply = _reply(msg, binding, outcome)
+        reply = (reply_with or _reply)(msg, binding, outcome)  # reply_with: a secure round's masked reply
     except (NearlError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         log(f"[{binding.site}] round {server_round} refused: {reason}", flush=True)
         outcome, reply = Outcome({}), refusal(msg, reason, site=binding.site)
     line = audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
                             server_round=server_round if isinstance(server_round, int) else None,
-                            eps_before=outcome.eps_before, eps_after=outcome.eps_after, schema=_sent_schema(outcome))
+                            eps_before=outcome.eps_before, eps_after=outcome.eps_after,
+                            schema=None if reply_with else _sent_schema(outcome))
     audit.append(binding.audit_file(), line)
     if not reply.has_error() and reply.content.array_records:
         sent = sum(a.numpy().nbytes for a in reply.content[keys.ARRAYS].values())
@@ -276,7 +277,9 @@ def _reply(msg: Message, binding: SiteBinding, outcome: Outcome) -> Message:
 
 def train_reply(msg: Message, context: Context, log=print, *, binding: SiteBinding | None = None) -> Message:
     """The ClientApp's train handler: evaluate the incoming global adapters, train locally, reply."""
-    return answer(msg, binding or site_binding(context.node_config), _train, log)
+    from client.secagg import masking
+
+    return answer(msg, binding or site_binding(context.node_config), _train, log, masking(msg, context))
 
 
 def evaluate_reply(msg: Message, context: Context, log=print, *, binding: SiteBinding | None = None) -> Message:

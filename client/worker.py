@@ -177,7 +177,9 @@ class Worker:
         """(reply, task succeeded, details): the site's own handler, or a refusal."""
         from client import audit
         from client.binding import site_binding
+        from client.secagg import stage_reply
         from client.task import evaluate_reply, train_reply
+        from nearl_protocol.keys import SECAGG_MESSAGE_TYPE
         from nearl_protocol.messages import refusal
 
         msg, context = task.message, task.context
@@ -185,8 +187,9 @@ class Worker:
             binding = site_binding(context.node_config)
             problem = self.policy.problem(task.fab_content, task.fab_hash)
             kind = msg.metadata.message_type
-            if problem is None and kind not in ("train", "evaluate"):
-                problem = f"message type {kind!r} is not served by this site (train and evaluate only)"
+            if problem is None and kind not in ("train", "evaluate", SECAGG_MESSAGE_TYPE):
+                problem = (f"message type {kind!r} is not served by this site (train, evaluate and "
+                           f"{SECAGG_MESSAGE_TYPE} only)")
             if problem is not None:
                 log(f"[{self.site}] run {msg.metadata.run_id} refused: {problem} "
                     f"(app {task.fab_id or '-'} {task.fab_version or ''})")
@@ -195,7 +198,7 @@ class Worker:
                     msg, reply, site=binding.site, coordinator=binding.coordinator,
                     server_round=_server_round(msg), eps_before=None, eps_after=None))
                 return reply, True, ""
-            handler = train_reply if kind == "train" else evaluate_reply
+            handler = {"train": train_reply, SECAGG_MESSAGE_TYPE: stage_reply}.get(kind, evaluate_reply)
             return handler(msg, context), True, ""
         except Exception as err:  # noqa: BLE001 - what Flower's ClientApp process does with an exception
             log(f"[{self.site}] message failed: {type(err).__name__}: {err}")

@@ -13,6 +13,8 @@ Both sides import this package and neither owns it:
   its metadata, and the payload hash both sides record;
 * :mod:`nearl_protocol.messages`: a pair of functions per message (build and read the
   train/evaluate instruction, build and read the reply);
+* :mod:`nearl_protocol.secagg`: secure aggregation's stages, record layouts, quantization
+  and masks (the coordinator learns only the sum of the sites' updates);
 * :mod:`nearl_protocol.processes`: helpers for Flower's command-line tools (SuperLink,
   SuperNode, ``flwr``), used by both CLIs, the simulation launcher and the tests.
 """

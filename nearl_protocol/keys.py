@@ -53,6 +53,25 @@ WORKER_BUILDS = "worker-builds"  # frozen backbones that process built since it 
 WORKER_WARM = "worker-warm"  # 1: this message's backbone came from the process's cache, 0: it was built
 WORKER = (WORKER_PID, WORKER_BUILDS, WORKER_WARM)  # per-site facts, never averaged over sites
 
+# -- secure aggregation (nearl_protocol.secagg) --------------------------------------------------
+SECAGG_MESSAGE_TYPE = "train.secagg"  # key setup, key sharing and unmasking (a ClientApp's @app.train("secagg"))
+SECAGG = "secagg"  # ConfigRecord of every secure-aggregation message and stage reply
+SECAGG_STAGE = "secagg-stage"  # setup, share-keys, collect (the train instruction), unmask
+SECAGG_INDEX = "secagg-index"  # the site's participant number in this round (1..n), its Shamir share index
+SECAGG_SITES = "secagg-sites"  # n: participants sampled for the round
+SECAGG_THRESHOLD = "secagg-threshold"  # t: shares needed to reconstruct a secret (t > n / 2)
+SECAGG_CLIP = "secagg-clip"  # per-coordinate clip range of an update before quantization
+SECAGG_MAX_WEIGHT = "secagg-max-weight"  # the largest weight (example count) one site's update carries
+SECAGG_EQUAL_WEIGHTS = "secagg-equal-weights"  # every update weighs 1 instead of its example count
+SECAGG_PK1 = "secagg-pk1"  # public key for the pairwise masks (setup reply; list by participant in share-keys)
+SECAGG_PK2 = "secagg-pk2"  # public key for encrypting shares (idem)
+SECAGG_PARTICIPANTS = "secagg-participants"  # participant numbers the lists of a message refer to
+SECAGG_CIPHERTEXTS = "secagg-ciphertexts"  # encrypted share pairs (share-keys reply, collect instruction)
+SECAGG_ACTIVE = "secagg-active"  # unmask: participants whose masked update is summed (their seed shares)
+SECAGG_DEAD = "secagg-dead"  # unmask: participants that dropped after sharing keys (their key shares)
+SECAGG_SHARES = "secagg-shares"  # unmask reply: one share per participant of SECAGG_PARTICIPANTS
+MASKED = "masked-update"  # the one array of a masked train reply: uint32, the adapters' length + 2
+
 # -- error reasons a site sends instead of a reply ------------------------------------------------
 BACKBONE_MISMATCH = "backbone mismatch"
 

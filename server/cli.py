@@ -95,6 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--transport-dtype", default=d("transport_dtype"), choices=TRANSPORT_DTYPES,
                    help=h("transport_dtype", "; fp16/bf16 halve the payload in both directions"))
     p.add_argument("--quiet", action="store_true", help="only the final summary")
+    sec = p.add_argument_group("secure aggregation (docs/security.md)")
+    sec.add_argument("--secure-aggregation", action="store_true", default=d("secure_aggregation"),
+                     help=h("secure_aggregation"))
+    sec.add_argument("--secagg-threshold", type=float, default=d("secagg_threshold"), help=h("secagg_threshold"))
+    sec.add_argument("--secagg-clip", type=float, default=d("secagg_clip"), help=h("secagg_clip"))
+    sec.add_argument("--secagg-max-weight", type=int, default=d("secagg_max_weight"), help=h("secagg_max_weight"))
+    sec.add_argument("--secagg-timeout", type=float, default=d("secagg_timeout"), help=h("secagg_timeout"))
     dp = p.add_argument_group("differential privacy (docs/privacy.md)")
     dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
                     help="ask every site for DP-SGD to epsilon E over the whole federation (sample-level; "
@@ -228,7 +235,10 @@ class Server:
             "checkpoint-dir": str(self.checkpoint_dir), "keep-checkpoints": a.keep_checkpoints,
             "resume": a.resume is not None, "progress-file": str(self.state_dir / "progress.jsonl"),
             "server-dp-noise": a.server_dp_noise, "server-dp-clip": a.server_dp_clip,
-            "server-dp-delta": a.server_dp_delta, "transport-dtype": a.transport_dtype, **overrides,
+            "server-dp-delta": a.server_dp_delta, "transport-dtype": a.transport_dtype,
+            "secure-aggregation": a.secure_aggregation, "secagg-threshold": a.secagg_threshold,
+            "secagg-clip": a.secagg_clip, "secagg-max-weight": a.secagg_max_weight,
+            "secagg-timeout": a.secagg_timeout, **overrides,
         }
         FederationSettings.from_run_config(run_config).nearl_config()
         return run_config, certs

@@ -23,6 +23,8 @@ from nearl_core.config import NearlConfig, load_config
 from nearl_core.errors import ConfigError
 from nearl_core.transport import TRANSPORT_DTYPES
 from server.central_dp import check_central_dp
+from server.secagg import SecAggSettings
+from server.secagg_round import secure_problem
 from server.strategy import STRATEGIES
 
 SECTIONS = tuple(f.name for f in fields(NearlConfig))
@@ -77,6 +79,15 @@ class FederationSettings:
     resume: bool = _opt(False, "continue the run checkpointed in checkpoint-dir")
     progress_file: str = _opt("", "JSON lines of progress for nearl-server ('' = none)")
     site_registry: str = _opt("", "site registry file (name -> public key, node id) written by nearl-server")
+    secure_aggregation: bool = _opt(False, "SecAgg+: the server learns only the sum of the sites' updates "
+                                    "(fedavg, fedprox, fedadam, fedyogi)")
+    secagg_threshold: float = _opt(0.6, "secure aggregation: fraction of a round's sites whose shares unmask it "
+                                   "(always more than half); more dropouts abort the round")
+    secagg_clip: float = _opt(0.05, "secure aggregation: each coordinate of an update is clipped to +-this "
+                              "before it is quantized and masked")
+    secagg_max_weight: int = _opt(100000, "secure aggregation: the largest example count one site's update "
+                                  "weighs in with")
+    secagg_timeout: float = _opt(300.0, "secure aggregation: seconds each key exchange waits for the sites")
     overrides: tuple[tuple[str, Any], ...] = ()
 
     @classmethod
@@ -127,6 +138,7 @@ class FederationSettings:
         ]
         central = check_central_dp(self.strategy, self.server_dp_noise, self.server_dp_clip, self.server_dp_delta)
         checks.append((central is None, central or ""))
+        checks += secagg_checks(self)
         for ok, message in checks:
             if not ok:
                 raise ConfigError(f"run config: {message}")
@@ -134,6 +146,13 @@ class FederationSettings:
     @property
     def central_dp(self) -> bool:
         return self.server_dp_noise > 0 and self.server_dp_clip > 0
+
+    def secagg_settings(self) -> SecAggSettings | None:
+        """The strategy's secure-aggregation settings, None when it is off."""
+        if not self.secure_aggregation:
+            return None
+        return SecAggSettings(self.secagg_threshold, self.secagg_clip, self.secagg_max_weight, self.equal_weights,
+                              self.secagg_timeout)
 
     def nearl_config(self) -> NearlConfig:
         cfg = load_config(self.config, dict(self.overrides))
@@ -152,6 +171,18 @@ class FederationSettings:
     def params(self) -> dict[str, Any]:
         """For MLflow: the federation settings under ``federation.``."""
         return {f"federation.{f.name}": getattr(self, f.name) for f in setting_fields()}
+
+
+def secagg_checks(s: FederationSettings) -> list[tuple[bool, str]]:
+    """Secure aggregation's start-up checks: a linear strategy, no server-side clipping, sane parameters."""
+    if not s.secure_aggregation:
+        return []
+    problem = secure_problem(s.strategy, s.central_dp)
+    return [(problem is None, f"--secure-aggregation: {problem}"),
+            (0.5 < s.secagg_threshold <= 1, "secagg-threshold must be in (0.5, 1]: above half of a round's sites"),
+            (s.secagg_clip > 0, "secagg-clip must be > 0"),
+            (1 <= s.secagg_max_weight <= 2**31 // 1000, f"secagg-max-weight must be in [1, {2**31 // 1000}]"),
+            (s.secagg_timeout > 0, "secagg-timeout must be > 0")]
 
 
 def setting_fields() -> list:

@@ -54,6 +54,7 @@ from server.arrays import flatten, unflatten, weighted_mean_flat
 from server.replies import UNIT_WEIGHT_KEY, ReplyScreening
 from server.robust import CAPS_STATE, Limits, Outcome, RoundGuard, Update
 from server.rounds import NotEnoughSites, RoundListener, RoundReport, SiteReply
+from server.secagg_round import SecureRounds, secure_problem
 from server.screening import SiteIdentities, aggregate_metrics, check_update, site_metrics, split_metrics
 
 __all__ = ["STRATEGIES", "UNIT_WEIGHT_KEY", "NearlStrategyMixin", "NotEnoughSites", "RoundListener", "RoundReport",
@@ -96,8 +97,9 @@ class NearlStrategyMixin(ReplyScreening):
     def _nearl_setup(self, *, schema: Schema, listener: RoundListener | None, round_offset: int,
                      total_rounds: int, evaluate_in_train: bool, wait_timeout: float, min_nodes: int,
                      transport: str = "float32", registry: Mapping[int, str] | None = None,
-                     limits: Limits | None = None) -> None:
+                     limits: Limits | None = None, secure: Any = None) -> None:
         self.schema = dict(schema)
+        self.secure = SecureRounds(secure) if secure is not None else None  # server.secagg.SecAggSettings
         self.guard = RoundGuard(limits or Limits())
         self._reference: np.ndarray | None = None  # the current global adapters, flat float64
         self.last_update_count = 0  # updates in the last applied aggregate (server-side DP's n)
@@ -158,11 +160,15 @@ class NearlStrategyMixin(ReplyScreening):
         self._outgoing = list(messages)
         self._round = RoundReport(round=r, arrays=arrays, sampled=len(messages),
                                   bytes_sent=sum(record_bytes(m.content) for m in messages))
+        if self.secure is not None:  # key setup and sharing first; only the sites still in train
+            messages = self.secure.configure(self, grid, r, messages)
         return messages
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         r = self.global_round(server_round)
+        if self.secure is not None:  # masked replies: unmask their sum, the strategy sees one update
+            return self.secure.aggregate(self, r, replies)
         replies = in_site_order(replies)
         report = self._round or RoundReport(round=r, arrays=ArrayRecord())
         accepted, sites, rejected = self.screen_replies(replies, train=True)
@@ -341,7 +347,7 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
                   listener: RoundListener | None = None, round_offset: int = 0, total_rounds: int = 1,
                   evaluate_in_train: bool = True, wait_timeout: float = 600.0,
                   options: Mapping[str, Any] | None = None, transport: str = "float32",
-                  registry: Mapping[int, str] | None = None) -> NearlStrategyMixin:
+                  registry: Mapping[int, str] | None = None, secure: Any = None) -> NearlStrategyMixin:
     """Build the configured strategy with explicit sampling settings and NEARL's hooks.
 
     ``options`` holds the strategies' settings and the guard's limits under their run-config
@@ -357,6 +363,8 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
                                   min_available_nodes=min_nodes, weighted_by_key=keys.NUM_EXAMPLES,
                                   train_metrics_aggr_fn=_flower_aggr, evaluate_metrics_aggr_fn=_flower_aggr)
     base = name.lower()
+    if secure is not None and secure_problem(base, central_dp=False):
+        raise ValueError(secure_problem(base, central_dp=False))
     if base == "fedprox":
         kwargs["proximal_mu"] = float(options.get("proximal-mu", 0.01))
     elif base == "fedavgm":
@@ -371,5 +379,6 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
     strategy = cls(**kwargs)
     strategy._nearl_setup(schema=schema, listener=listener, round_offset=round_offset, total_rounds=total_rounds,
                           evaluate_in_train=evaluate_in_train, wait_timeout=wait_timeout, min_nodes=min_nodes,
-                          transport=transport, registry=registry, limits=Limits.from_options(options, default))
+                          transport=transport, registry=registry, limits=Limits.from_options(options, default),
+                          secure=secure)
     return strategy

@@ -73,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per virtual site (default 1)")
     p.add_argument("--transport-dtype", default="float32", choices=("float32", "fp16", "bf16"),
                    help="adapters on the wire: fp16/bf16 halve the payload, aggregation stays float32")
+    p.add_argument("--secure-aggregation", action="store_true",
+                   help="SecAgg+: the server learns only the sum of the sites' updates (docs/security.md)")
     dp = p.add_argument_group("differential privacy (docs/privacy.md)")
     dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
                     help="DP-SGD at every site, epsilon E over all rounds (sample-level; each site keeps its ledger "
@@ -239,6 +241,7 @@ def federation_config(args: argparse.Namespace, cfg, out: Path, sites_root: Path
         "transport-dtype": args.transport_dtype,
         "server-dp-noise": args.server_dp_noise,
         "server-dp-clip": args.server_dp_clip,
+        "secure-aggregation": args.secure_aggregation,
         **dp_config(args, out),
         **getattr(args, "server_sets", {}),
     }

@@ -20,6 +20,7 @@ from flwr.clientapp import ClientApp
 from flwr.serverapp import Grid, ServerApp
 
 from client.binding import SiteBinding
+from client.secagg import stage_reply
 from client.task import evaluate_reply, train_reply
 from server.federation import run_federation
 
@@ -56,6 +57,11 @@ clientapp = ClientApp()
 @clientapp.train()
 def train(msg: Message, context: Context) -> Message:
     return train_reply(msg, context, binding=_binding(context))
+
+
+@clientapp.train("secagg")
+def secagg(msg: Message, context: Context) -> Message:
+    return stage_reply(msg, context, binding=_binding(context))
 
 
 @clientapp.evaluate()

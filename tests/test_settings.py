@@ -22,7 +22,9 @@ FLAGS = {"num_rounds": "rounds", "config": "config", "strategy": "strategy", "mi
          "server_dp_noise": "server_dp_noise", "server_dp_clip": "server_dp_clip",
          "server_dp_delta": "server_dp_delta", "transport_dtype": "transport_dtype", "mlflow_uri": "mlflow_uri",
          "mlflow_experiment": "experiment", "checkpoint_dir": "checkpoint_dir",
-         "keep_checkpoints": "keep_checkpoints"}
+         "keep_checkpoints": "keep_checkpoints", "secure_aggregation": "secure_aggregation",
+         "secagg_threshold": "secagg_threshold", "secagg_clip": "secagg_clip",
+         "secagg_max_weight": "secagg_max_weight", "secagg_timeout": "secagg_timeout"}
 
 
 def pyproject_config() -> dict:
