@@ -37,10 +37,14 @@ _ids = itertools.count(1)
 
 
 class FakeModel:
-    """What :func:`client.secagg.masked_reply` reads of a trained model: its adapter tensors."""
+    """What :func:`client.secagg.masked_reply` reads of a trained model: its adapter tensors and its config
+    (which groups stay local: none here)."""
 
     def __init__(self, flat: np.ndarray):
+        from nearl_core.config import NearlConfig
+
         self.tensors = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in LAYOUT.split(flat).items()}
+        self.cfg = NearlConfig()
 
     def adapter_parameters(self) -> dict[str, torch.Tensor]:
         return self.tensors
