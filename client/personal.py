@@ -1,4 +1,4 @@
-"""A site's own adapters: the local groups it keeps across rounds and its final personalized model.
+"""What a site keeps for itself across rounds: local adapter groups, optimizer moments, its personalized model.
 
 With ``federation.local`` set, the groups named there never leave the site (the shared
 schema leaves them out of every reply, and the egress check enforces that schema).  The
@@ -8,7 +8,9 @@ federation config, or from a later round than the message's, is not reused.  Aft
 last round (the final evaluate message) the site fine-tunes the received adapters for
 ``federation.finetune-epochs`` on its own training data, under its DP ledger when DP is
 on, and writes ``<state-dir>/personalized/``: an ordinary adapter folder that
-``nearl evaluate`` and ``nearl predict`` load.
+``nearl evaluate`` and ``nearl predict`` load.  With ``train.keep-optimizer`` the site
+also keeps its AdamW moments (``<state-dir>/optimizer.pt``, tensors only) and continues
+them in the next round instead of starting from zero.
 """
 
 from __future__ import annotations
@@ -63,6 +65,41 @@ def keep_local(model: NearlCLIP, binding: SiteBinding, instruction: Instruction)
     folder = state_dirs(binding.privacy_dir())[0]
     return save_adapters(model, folder, extra={"round": instruction.server_round,
                                                "federation_config": _digest(instruction)}, overwrite=True)
+
+
+OPTIMIZER_FILE = "optimizer.pt"
+
+
+def site_optimizer(model: NearlCLIP, binding: SiteBinding, instruction: Instruction, log: Log
+                   ) -> torch.optim.Optimizer | None:
+    """The round's optimizer with the moments of this federation's earlier rounds (None: not kept)."""
+    from nearl_core.train import make_optimizer
+
+    cfg = model.cfg.train
+    if not cfg.keep_optimizer:
+        return None
+    optimizer = make_optimizer(model, cfg)
+    path = binding.privacy_dir() / OPTIMIZER_FILE
+    if path.is_file() and instruction.server_round > 1:
+        try:
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            if saved.get("federation_config") == _digest(instruction):
+                state = optimizer.state_dict()
+                state["state"] = saved["state"]  # the moments only: the learning rate is this round's
+                optimizer.load_state_dict(state)
+        except (OSError, RuntimeError, ValueError, KeyError) as err:
+            log(f"optimizer moments not reused ({str(err).splitlines()[0]}); starting from zero")
+    return optimizer
+
+
+def keep_optimizer(optimizer: torch.optim.Optimizer | None, binding: SiteBinding, instruction: Instruction) -> None:
+    if optimizer is None:
+        return
+    path = binding.privacy_dir() / OPTIMIZER_FILE
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    torch.save({"state": optimizer.state_dict()["state"], "federation_config": _digest(instruction)}, tmp)
+    tmp.replace(path)
 
 
 def wants_personal_model(model: NearlCLIP, instruction: Instruction) -> bool:

@@ -161,8 +161,11 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
         history = private_round(model, loader, cfg, device, budget, instruction.local_epochs, log, window)
     else:
         handles = _proximal_hooks(model, instruction.proximal_mu) if instruction.proximal_mu > 0 else []
+        optimizer = personal.site_optimizer(model, binding, instruction, log)
         try:
-            history = fit(model, loader, cfg, device, epochs=instruction.local_epochs, log=log, window=window)
+            history = fit(model, loader, cfg, device, epochs=instruction.local_epochs, log=log, window=window,
+                          optimizer=optimizer)
+            personal.keep_optimizer(optimizer, binding, instruction)
         finally:
             for h in handles:
                 h.remove()

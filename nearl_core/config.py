@@ -98,10 +98,12 @@ class TrainConfig:
     # Federated training (docs/federation.md, "Choosing the defaults"): schedule "round"
     # restarts warm-up + cosine inside every round, "federation" runs one schedule over all
     # rounds; loss "ce", "logit-adjusted" (tau * log prior added in training) or "balanced"
-    # (class-balanced weights), both from the site's own label counts.
+    # (class-balanced weights), both from the site's own label counts; keep-optimizer: a
+    # site carries its AdamW moments from round to round (in its state dir; not under DP).
     schedule: str = "round"
     loss: str = "ce"
     logit_tau: float = 1.0
+    keep_optimizer: bool = False
 
 
 @dataclass(frozen=True)

@@ -56,6 +56,9 @@ def validate(cfg: NearlConfig, source: str = "config") -> None:
          "every task.templates entry must contain '{class}'"),
         (len(set(cfg.task.classes)) == len(cfg.task.classes), "task.classes has duplicates"),
         (cfg.federation.finetune_epochs >= 0, "federation.finetune-epochs must be >= 0"),
+        (not (t.keep_optimizer and cfg.privacy.enabled),
+         "train.keep-optimizer is not available under DP-SGD (each DP round starts its optimizer afresh); "
+         "turn one of them off"),
         *_privacy_checks(cfg.privacy),
     ]
     for ok, message in checks:

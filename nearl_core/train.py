@@ -229,15 +229,17 @@ def run_epoch(model: FrozenCLIP, loader: DataLoader, optimizer: torch.optim.Opti
 
 def fit(model: FrozenCLIP, train_loader: DataLoader, cfg: NearlConfig, device: torch.device, *,
         val_loader: DataLoader | None = None, epochs: int | None = None, log: Log | None = print,
-        window: tuple[int, int] | None = None) -> list[dict]:
+        window: tuple[int, int] | None = None, optimizer: torch.optim.Optimizer | None = None) -> list[dict]:
     """Train the adapters for ``epochs`` (default cfg.train.epochs); returns one dict per epoch.
 
     The loss is ``train.loss`` over the loader's own samples; ``window`` = (steps already
-    taken, total steps) places this call inside a longer schedule (:func:`schedule_window`).
+    taken, total steps) places this call inside a longer schedule (:func:`schedule_window`);
+    a caller that keeps the optimizer's moments across calls (``train.keep-optimizer``)
+    passes its own ``optimizer`` (from :func:`make_optimizer`).
     """
     t = cfg.train
     epochs = t.epochs if epochs is None else epochs
-    optimizer = make_optimizer(model, t)
+    optimizer = optimizer if optimizer is not None else make_optimizer(model, t)
     scheduler = make_scheduler(optimizer, t, epochs * len(train_loader), window)
     criterion = site_loss(t, getattr(train_loader.dataset, "samples", ()), len(model.classes))
     history = []

@@ -170,3 +170,20 @@ def test_the_dp_ledger_counts_the_fine_tuning_steps(demo_root, tmp_path):
     assert after_tuning.steps == after_round.steps + steps_for(n_train, cfg.train.batch_size, 2)
     assert after_tuning.epsilon > after_round.epsilon
     assert after_tuning.epsilon <= 8.0 + 1e-6  # planned into the same budget
+
+
+def test_kept_optimizer_moments_continue_in_the_next_round_and_only_in_this_federation(demo_root, tmp_path):
+    cfg = demo(train__keep_optimizer=True)
+    state = tmp_path / "state"
+    ctx = _context(demo_root, state)
+    assert not train_reply(_message(cfg, 1), ctx, log=QUIET).has_error()
+    first = torch.load(state / "optimizer.pt", weights_only=True)["state"]
+    steps = float(first[0]["step"])
+    assert steps > 0 and torch.count_nonzero(first[0]["exp_avg_sq"]) > 0
+    assert not train_reply(_message(cfg, 2), ctx, log=QUIET).has_error()
+    assert float(torch.load(state / "optimizer.pt", weights_only=True)["state"][0]["step"]) == 2 * steps  # continued
+    other = demo(train__keep_optimizer=True, train__lr=0.001)  # another federation config: starts from zero
+    assert not train_reply(_message(other, 2), ctx, log=QUIET).has_error()
+    assert float(torch.load(state / "optimizer.pt", weights_only=True)["state"][0]["step"]) == steps
+    with pytest.raises(ConfigError, match="keep-optimizer is not available under DP-SGD"):
+        demo(train__keep_optimizer=True, privacy__enabled=True, privacy__target_epsilon=3.0)
