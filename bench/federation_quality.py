@@ -39,6 +39,7 @@ ROWS: dict[str, list[str]] = {
     "fedadam-0.03": ["--strategy", "fedadam", "--set", "server-lr=0.03"],
     "fedyogi-0.01": ["--strategy", "fedyogi", "--set", "server-lr=0.01"],
     "keep-optimizer": ["--set", "train.keep-optimizer=true"],
+    "site-lr-0.01": ["--set", "train.lr=0.01"],  # the sites' (and, with --compare, every arm's) learning rate
     "rounds-10x1": ["--rounds", "10", "--local-epochs", "1"],
     "rounds-2x5": ["--rounds", "2", "--local-epochs", "5"],
     "la+schedule": ["--set", "train.loss=logit-adjusted", "--set", "train.schedule=federation"],
