@@ -77,6 +77,9 @@ def markdown(table: Path) -> str:
     """quality.csv as the table in docs/federation.md: accuracy / balanced accuracy per arm."""
     with open(table) as fh:
         rows = list(csv.DictReader(fh))
+    splits = list(dict.fromkeys(r["split"] for r in rows))
+    order = list(ROWS)
+    rows.sort(key=lambda r: (splits.index(r["split"]), order.index(r["row"]) if r["row"] in order else len(order)))
     cell = lambda r, arm: (f"{float(r[arm + '_accuracy']):.3f} / {float(r[arm + '_balanced_accuracy']):.3f}"  # noqa: E731
                            if r.get(arm + "_accuracy") else "")
     lines = ["| split | row | " + " | ".join(ARMS) + " | command |", "|---|---|" + "---|" * (len(ARMS) + 1)]
