@@ -100,9 +100,10 @@ def _mean(rows: list[dict], method: str, arm: str, key: str) -> float:
 def write_markdown(rows: list[dict], out: Path, title: str, notes: list[str]) -> Path:
     """One row per method: federated means, the other arms' mean accuracy, parameters, bytes and time."""
     methods = list(dict.fromkeys(r["method"] for r in rows))
-    arms = [a for a in ("zero-shot", "centralized", "local-only") if any(r["arm"] == a for r in rows)]
+    arms = [a for a in ("zero-shot", "centralized", "local-only", "personalized") if any(r["arm"] == a for r in rows)]
     fmt = lambda v: "n/a" if math.isnan(v) else f"{v:.3f}"  # noqa: E731
-    names = {"zero-shot": "round-0 acc", "centralized": "centralized acc", "local-only": "local-only acc"}
+    names = {"zero-shot": "round-0 acc", "centralized": "centralized acc", "local-only": "local-only acc",
+             "personalized": "personalized acc"}
     head = ["method", "trainable params", "bytes / site / round", "s / epoch", "federated acc", "bal. acc",
             "macro-F1", "AUROC", *(names[a] for a in arms)]
     lines = [f"# {title}", "", "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
