@@ -83,13 +83,20 @@ def local_only(cfg: NearlConfig, backbone: Backbone, sites: dict[str, SiteData],
 
 def personalized(cfg: NearlConfig, backbone: Backbone, sites: dict[str, SiteData], device: torch.device,
                  state_root: Path) -> PerSite:
-    """Each site's personalized adapters (written by the site itself) on its own test split."""
+    """Each site's personalized adapters (written by the site itself) on its own test split.
+
+    A site that wrote none (it missed the last evaluation) is left out of the arm, with a warning.
+    """
     from nearl_core.personalize import state_dirs
 
     out = {}
     for name, site in sites.items():
+        folder = state_dirs(state_root / name)[1]
+        if not folder.is_dir():
+            print(f"warning: {name} wrote no personalized adapters ({folder}); it is left out of the arm")
+            continue
         model = _fresh(cfg, backbone, device)
-        load_adapters(model, state_dirs(state_root / name)[1])
+        load_adapters(model, folder)
         out[name] = evaluate_sites(model, {name: site}, cfg, device)[name]
     return out
 

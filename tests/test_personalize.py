@@ -187,3 +187,19 @@ def test_kept_optimizer_moments_continue_in_the_next_round_and_only_in_this_fede
     assert float(torch.load(state / "optimizer.pt", weights_only=True)["state"][0]["step"]) == steps
     with pytest.raises(ConfigError, match="keep-optimizer is not available under DP-SGD"):
         demo(train__keep_optimizer=True, privacy__enabled=True, privacy__target_epsilon=3.0)
+
+
+def test_the_personalized_arm_reads_each_sites_own_folder_and_leaves_out_a_site_without_one(demo_root, tmp_path,
+                                                                                            capsys):
+    from nearl_core.adapter_io import save_adapters
+    from nearl_core.backbone import build_backbone
+    from nearl_core.data import scan_site
+    from simulation import compare
+
+    cfg = demo()
+    sites = {name: scan_site(demo_root / name, cfg.task.classes, verify=False) for name in ("site1", "site2")}
+    model = build_model(cfg)
+    save_adapters(model, tmp_path / "state" / "site1" / "personalized")
+    out = compare.personalized(cfg, build_backbone(cfg.model), sites, torch.device("cpu"), tmp_path / "state")
+    assert list(out) == ["site1"] and out["site1"]["examples"] == 12
+    assert "site2 wrote no personalized adapters" in capsys.readouterr().out
