@@ -136,8 +136,12 @@ class Stopwatch:
             setattr(owner, name, fn)
 
 
-def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop: str | None) -> dict:
-    """One in-process federation; per-round seconds and bytes, final accuracy and adapters."""
+def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop: str | None,
+             extra: dict | None = None) -> dict:
+    """One in-process federation; per-round seconds and bytes, final accuracy and adapters.
+
+    ``extra``: more run-config keys (e.g. ``federation.local`` for a personalized federation).
+    """
     from flwr.supercore.task_identity import TaskIdentity
 
     from client.binding import SiteBinding
@@ -152,7 +156,7 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
     progress = work / "progress.jsonl"
     run_config = {"num-server-rounds": rounds, "config": "demo", "min-nodes": sites, "local-epochs": 1,
                   "mlflow-uri": "", "checkpoint-dir": "", "progress-file": str(progress), "wait-timeout": 5.0,
-                  "secure-aggregation": secure}
+                  "secure-aggregation": secure, **(extra or {})}
     t0 = time.perf_counter()
     with Stopwatch() as secagg_time:
         out = run_federation(grid, run_config, workdir=work)
