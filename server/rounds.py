@@ -7,6 +7,8 @@ from typing import Any, Protocol
 
 from flwr.app import ArrayRecord
 
+from server.screening import aggregate_metrics, split_metrics
+
 
 class NotEnoughSites(RuntimeError):
     """Fewer than ``min_nodes`` sites connected before the wait timeout."""
@@ -49,3 +51,25 @@ class RoundListener(Protocol):
     def round_finished(self, report: RoundReport, strategy: Any) -> None: ...
 
 
+
+
+def record_site_metrics(report: RoundReport, sites: list[SiteReply], listener: RoundListener | None, r: int, *,
+                        unweighted: bool = False) -> None:
+    """The sites' clear metrics of a train round: per site into ``report``, their mean as its train metrics.
+
+    Each reply's evaluation of the incoming global adapters (the model after round r-1) goes to
+    the listener at step r-1.  ``unweighted``: every site counts once (a secure round, where the
+    example counts are masked).  The round's ``train_examples`` is left to the caller.
+    """
+    rows_train, rows_eval, evals_per_site = [], [], {}
+    for s in sites:
+        train_m, eval_m = split_metrics(s.metrics)
+        rows_train.append({**train_m, "train_examples": 1.0} if unweighted else train_m)
+        report.per_site[s.site] = dict(train_m)
+        if eval_m:
+            rows_eval.append(eval_m)
+            evals_per_site[s.site] = eval_m
+    report.train_metrics = aggregate_metrics(rows_train)
+    report.train_metrics.pop("train_examples", None)
+    if rows_eval and listener is not None:
+        listener.evaluated(r - 1, aggregate_metrics(rows_eval), evals_per_site)

@@ -32,8 +32,8 @@ from nearl_protocol.arrays import payload_sha256
 from nearl_protocol.messages import read_reply
 from server.arrays import unflatten
 from server.robust import Update, out_of_range
-from server.rounds import RoundReport, SiteReply
-from server.screening import aggregate_metrics, declined, declined_reason, site_metrics, split_metrics
+from server.rounds import RoundReport, SiteReply, record_site_metrics
+from server.screening import declined, declined_reason, site_metrics
 from server.secagg import SecAggAbort, SecAggRound, SecAggSettings, nodes_of, read_masked
 
 log = logging.getLogger("nearl.secagg")
@@ -158,21 +158,10 @@ class SecureRounds:
         report.declined.update({s.site: s.declined for s in sites if s.declined})
         report.answered = sorted(s.site for s in summed)
         report.payload_sha256 = {s.site: s.payload for s in summed if s.payload and report.aggregated}
-        rows_train, rows_eval, evals_per_site = [], [], {}
-        for s in sites:
-            train_m, eval_m = split_metrics(s.metrics)
-            rows_train.append({**train_m, "train_examples": 1.0})
-            report.per_site[s.site] = dict(train_m)
-            if eval_m:
-                rows_eval.append(eval_m)
-                evals_per_site[s.site] = eval_m
-        report.train_metrics = aggregate_metrics(rows_train)
-        report.train_metrics.pop("train_examples", None)
+        record_site_metrics(report, sites, strategy.listener, r, unweighted=True)
         report.train_metrics.update(stats)
         if report.not_applied:
             log.warning("round %d: update not applied: %s", r, report.not_applied)
-        if rows_eval and strategy.listener is not None:
-            strategy.listener.evaluated(r - 1, aggregate_metrics(rows_eval), evals_per_site)
         known = set(strategy.identities.bound.values()) | set(strategy._site_names(strategy._sampled))
         report.missing = sorted(known - set(report.answered) - set(report.declined))
         strategy.last_update_count = len(summed)

@@ -53,9 +53,9 @@ from nearl_protocol.schema import Schema
 from server.arrays import flatten, unflatten, weighted_mean_flat
 from server.replies import UNIT_WEIGHT_KEY, ReplyScreening
 from server.robust import CAPS_STATE, Limits, Outcome, RoundGuard, Update
-from server.rounds import NotEnoughSites, RoundListener, RoundReport, SiteReply
+from server.rounds import NotEnoughSites, RoundListener, RoundReport, SiteReply, record_site_metrics
 from server.secagg_round import SecureRounds, secure_problem
-from server.screening import SiteIdentities, aggregate_metrics, check_update, site_metrics, split_metrics
+from server.screening import SiteIdentities, aggregate_metrics, check_update, site_metrics
 
 __all__ = ["STRATEGIES", "UNIT_WEIGHT_KEY", "NearlStrategyMixin", "NotEnoughSites", "RoundListener", "RoundReport",
            "SiteReply", "aggregate_metrics", "check_update", "make_strategy", "strategy_class"]
@@ -196,20 +196,9 @@ class NearlStrategyMixin(ReplyScreening):
             log.warning("round %d: update not applied: %s", r, outcome.not_applied)
         else:
             log.warning("round %d: no update accepted; the global adapters stay unchanged", r)
-        rows_train, rows_eval, evals_per_site = [], [], {}
-        for s in sites:
-            train_m, eval_m = split_metrics(s.metrics)
-            rows_train.append(train_m)
-            report.per_site[s.site] = dict(train_m)
-            if eval_m:
-                rows_eval.append(eval_m)
-                evals_per_site[s.site] = eval_m
-        report.train_metrics = aggregate_metrics(rows_train)
-        report.train_metrics.pop("train_examples", None)
+        record_site_metrics(report, sites, self.listener, r)
         report.train_metrics["train_examples"] = float(sum(s.metrics.get("train_examples", 0) for s in sites
                                                            if not s.declined))
-        if rows_eval and self.listener is not None:  # incoming global = after round r-1
-            self.listener.evaluated(r - 1, aggregate_metrics(rows_eval), evals_per_site)
         known = set(self.identities.bound.values()) | set(self._site_names(self._sampled))
         report.missing = sorted(known - set(report.answered) - set(report.declined))
         self._round = report
