@@ -13,16 +13,17 @@ state dir between rounds (and restarts); after the last round it fine-tunes for
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-import torch
-
-from nearl_core.config import NearlConfig
 from nearl_core.errors import ConfigError
-from nearl_core.methods.base import FrozenCLIP
+
+if TYPE_CHECKING:  # the CLIs import this module for their flags: no torch at start-up
+    from nearl_core.config import NearlConfig
+    from nearl_core.methods.base import FrozenCLIP
 
 LOCAL_DIR = "local"  # <state-dir>/local/: the site's adapters after its latest round (local groups read back)
 PERSONALIZED_DIR = "personalized"  # <state-dir>/personalized/: the site's final personalized adapters
@@ -97,12 +98,26 @@ def config_digest(cfg_dict: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(cfg_dict, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def local_state(model: FrozenCLIP) -> dict[str, torch.Tensor]:
-    """The local groups' tensors, detached on CPU."""
-    local = local_names(model)
-    return {n: p.detach().cpu().clone() for n, p in model.adapter_parameters().items() if n in local}
-
-
 def state_dirs(state_dir: Path) -> tuple[Path, Path]:
     """(<state-dir>/local, <state-dir>/personalized)."""
     return state_dir / LOCAL_DIR, state_dir / PERSONALIZED_DIR
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--personalize`` and ``--finetune-epochs``, the same on nearl-server and simulation/run.py."""
+    parser.add_argument("--personalize", default=None, metavar="PRESET|GROUPS",
+                        help="adapter groups every site keeps to itself (federation.local): none, "
+                             "all-but-useformer, or groups as `nearl params` lists them, e.g. oca-text,gates")
+    parser.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
+                        help="after the last round each site fine-tunes for E epochs on its own data and keeps "
+                             "its personalized adapters in <state-dir>/personalized/ (federation.finetune-epochs)")
+
+
+def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
+    """Those flags as NEARL config overrides (the sites read them from the federation's config)."""
+    out: dict[str, Any] = {}
+    if args.personalize is not None:
+        out["federation.local"] = args.personalize
+    if args.finetune_epochs is not None:
+        out["federation.finetune-epochs"] = args.finetune_epochs
+    return out

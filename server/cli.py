@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from nearl_core import personalize
 from nearl_core.errors import NearlError
 from nearl_core.transport import TRANSPORT_DTYPES
 from server import settings
@@ -54,12 +55,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-eval-in-train", dest="evaluate_in_train", action="store_false",
                    default=d("evaluate_in_train"), help="evaluate in a separate message every round (slower; "
                    "default: inside the train message)")
-    p.add_argument("--personalize", default=None, metavar="PRESET|GROUPS",
-                   help="adapter groups every site keeps to itself (federation.local): none, all-but-useformer, "
-                        "or groups as `nearl params` lists them, e.g. oca-text,gates (docs/federation.md)")
-    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
-                   help="after the last round each site fine-tunes for E epochs and keeps its personalized "
-                        "adapters in <state-dir>/personalized/ (federation.finetune-epochs)")
+    personalize.add_arguments(p)
     p.add_argument("--proximal-mu", type=float, default=d("proximal_mu"), help=h("proximal_mu"))
     p.add_argument("--server-momentum", type=float, default=d("server_momentum"), help=h("server_momentum"))
     p.add_argument("--server-lr", type=float, default=d("server_lr"), help=h("server_lr"))
@@ -116,16 +112,6 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--server-dp-delta", type=float, default=d("server_dp_delta"), metavar="D",
                     help=h("server_dp_delta"))
     return p
-
-
-def personalize_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--personalize / --finetune-epochs as NEARL config overrides (the sites read them from the config)."""
-    out: dict[str, Any] = {}
-    if args.personalize is not None:
-        out["federation.local"] = args.personalize
-    if args.finetune_epochs is not None:
-        out["federation.finetune-epochs"] = args.finetune_epochs
-    return out
 
 
 def dp_overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -201,7 +187,7 @@ class Server:
                 raise NearlError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
             overrides[key.strip()] = value.strip()
         overrides.update(dp_overrides(a))
-        overrides.update(personalize_overrides(a))
+        overrides.update(personalize.overrides_from_args(a))
         config_path = resolve_config_path(a.config)
         load_config(config_path, overrides)  # readable error now rather than inside the ServerApp
         certs = None if a.insecure else Certs((a.certs or Path("deploy/secrets/certs")).expanduser().resolve())

@@ -33,6 +33,7 @@ if __package__ in (None, ""):  # `python simulation/run.py`: make the repository
 from nearl_core.config import load_config  # noqa: E402
 from nearl_core.data import scan_site  # noqa: E402
 from nearl_core.demo_data import generate_demo_data  # noqa: E402
+from nearl_core import personalize  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
 from nearl_protocol.processes import FlowerError  # noqa: E402
 from simulation import compare, methods  # noqa: E402
@@ -60,12 +61,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/sim-<time>)")
     p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
     p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
-    p.add_argument("--personalize", default=None, metavar="PRESET|GROUPS",
-                   help="adapter groups each site keeps (federation.local): none, all-but-useformer, or groups as "
-                        "`nearl params` lists them, e.g. oca-text,gates")
-    p.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
-                   help="each site fine-tunes the final adapters on its own data for E epochs "
-                        "(federation.finetune-epochs); --compare adds the arm 'personalized'")
+    personalize.add_arguments(p)  # the arm 'personalized' of results.csv
     p.add_argument("--methods", default=None, metavar="M1,M2,...",
                    help="run the same federation once per adapter.method (nearl, coop, clip-adapter, lora, "
                         "linear-probe, full-ft) on the same sites, seeds and DP settings; writes methods.csv, "
@@ -107,10 +103,7 @@ def run(args: argparse.Namespace) -> dict:
     if (out / "results.csv").exists() or (out / "methods.csv").exists():
         raise NearlError(f"{out} already holds results; choose another --out")
     nearl_sets, server_sets = split_settings(args.settings)
-    if args.personalize is not None:
-        nearl_sets["federation.local"] = args.personalize
-    if args.finetune_epochs is not None:
-        nearl_sets["federation.finetune-epochs"] = args.finetune_epochs
+    nearl_sets.update(personalize.overrides_from_args(args))
     nearl_sets.setdefault("train.seed", args.seed)  # every arm trains with the federation's seed
     args.nearl_sets, args.server_sets = nearl_sets, server_sets
     cfg = load_config(args.config, {**nearl_sets, **({"model.pretrained": args.pretrained} if args.pretrained else {})})
