@@ -15,6 +15,7 @@ them in the next round instead of starting from zero.
 
 from __future__ import annotations
 
+import pickle
 from pathlib import Path
 from typing import Callable
 
@@ -87,7 +88,7 @@ def site_optimizer(model: NearlCLIP, binding: SiteBinding, instruction: Instruct
                 state = optimizer.state_dict()
                 state["state"] = saved["state"]  # the moments only: the learning rate is this round's
                 optimizer.load_state_dict(state)
-        except (OSError, RuntimeError, ValueError, KeyError) as err:
+        except (OSError, RuntimeError, ValueError, KeyError, pickle.UnpicklingError) as err:  # a bad file: start afresh
             log(f"optimizer moments not reused ({str(err).splitlines()[0]}); starting from zero")
     return optimizer
 

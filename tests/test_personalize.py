@@ -203,3 +203,48 @@ def test_the_personalized_arm_reads_each_sites_own_folder_and_leaves_out_a_site_
     out = compare.personalized(cfg, build_backbone(cfg.model), sites, torch.device("cpu"), tmp_path / "state")
     assert list(out) == ["site1"] and out["site1"]["examples"] == 12
     assert "site2 wrote no personalized adapters" in capsys.readouterr().out
+
+
+def test_corrupt_site_state_is_not_reused_and_loses_nothing_else(demo_root, tmp_path):
+    """A truncated local/ folder or optimizer file (a crash mid-write, a bad disk): the round trains from
+    the received adapters and fresh moments, says why, and writes good copies again."""
+    cfg = demo(federation__local="gates", train__keep_optimizer=True)
+    state = tmp_path / "state"
+    ctx = _context(demo_root, state)
+    assert not train_reply(_message(cfg, 1), ctx, log=QUIET).has_error()
+    weights = state / "local" / "adapters.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    (state / "optimizer.pt").write_bytes(b"not a torch file")
+    lines = []
+    reply = train_reply(_message(cfg, 2), ctx, log=lambda line, **k: lines.append(line))
+    assert not reply.has_error(), reply.error
+    said = "\n".join(lines)
+    assert "local adapter groups not reused" in said and "corrupt" in said
+    assert "optimizer moments not reused" in said
+    _, meta = read_adapters(state / "local")  # rewritten whole after the round
+    assert meta["round"] == 2
+    assert torch.load(state / "optimizer.pt", weights_only=True)["state"]
+
+
+def test_a_coordinator_cannot_buy_fine_tuning_beyond_the_sites_privacy_ceiling(demo_root, tmp_path):
+    """finetune-epochs is the coordinator's config; the site's own ceiling decides: no step beyond it."""
+    from nearl_core.privacy import PrivacyState
+
+    cfg = demo(federation__finetune_epochs=1, privacy__enabled=True, privacy__noise_multiplier=1.5)
+    state = tmp_path / "state"
+    ctx = Context(run_id=1, node_id=1, state=RecordDict(), run_config={},
+                  node_config={"site": "site1", "data-path": str(demo_root / "site1"), "state-dir": str(state),
+                               "max-epsilon": 3.0})
+    assert not train_reply(_message(cfg, 1, total_rounds=1), ctx, log=QUIET).has_error()
+    before = PrivacyState.load(state)
+    assert 0 < before.epsilon <= 3.0
+    cfg_greedy = demo(federation__finetune_epochs=50, privacy__enabled=True, privacy__noise_multiplier=1.5)
+    lines = []
+    reply = evaluate_reply(_message(cfg_greedy, 1, kind="evaluate", total_rounds=1), ctx,
+                           log=lambda line, **k: lines.append(line))
+    assert not reply.has_error(), reply.error
+    after = PrivacyState.load(state)
+    assert after.steps == before.steps and after.epsilon == before.epsilon  # declined: nothing spent
+    assert any("no fine-tuning" in line and "max-epsilon 3" in line for line in lines), lines
+    _, meta = read_adapters(state / "personalized")
+    assert meta["finetune_epochs"] == 0  # the personalized model is the received one, and says so
