@@ -200,7 +200,7 @@ def _atomic_write(target: Path, write) -> None:
 
 # -- what crosses the wire: every adapter tensor but the groups a federation keeps local ---------------
 def shared_state(model: FrozenCLIP) -> dict[str, torch.Tensor]:
-    """The federated tensors (:func:`nearl_core.personalize.is_shared`), detached on CPU."""
+    """The federated tensors (all but :func:`nearl_core.personalize.local_names`), detached on CPU."""
     local = local_names(model)
     return {name: t for name, t in get_adapter_state(model).items() if name not in local}
 

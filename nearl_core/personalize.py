@@ -3,8 +3,8 @@
 A federation's ``federation.local`` names adapter *groups* (as ``nearl params`` lists
 them: ``useformer``, ``oca-vision``, ``oca-text``, ``gates`` for NEARL; the method's own
 parts for the baselines) or a preset (``none``, ``all-but-useformer``).  One rule,
-:func:`is_shared`, then decides what crosses the wire: the shared schema drives the
-coordinator's global adapters, every instruction, every reply and the site's egress
+:func:`local_names`, then decides what crosses the wire (every other adapter tensor):
+the shared schema drives the coordinator's global adapters, every instruction, every reply and the site's egress
 check, so a local group never leaves the site.  The site keeps its local groups in its
 state dir between rounds (and restarts); after the last round it fine-tunes for
 ``federation.finetune-epochs`` and writes its personalized adapters
@@ -76,11 +76,6 @@ def local_names(model: FrozenCLIP) -> frozenset[str]:
         raise ConfigError("federation.local keeps every adapter group at the sites, so nothing would be "
                           "federated; leave at least one group shared (e.g. useformer)")
     return local
-
-
-def is_shared(name: str, model: FrozenCLIP) -> bool:
-    """The one rule for what crosses the wire: an adapter tensor not kept local by ``federation.local``."""
-    return name not in local_names(model)
 
 
 def is_personalized(model: FrozenCLIP) -> bool:
