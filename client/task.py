@@ -152,7 +152,7 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
         log(budget.decline)
         metrics.update({keys.NUM_EXAMPLES: n_train, **budget.declined_metrics()})
         return Outcome(metrics, None, transport, eps_before, eps_before)  # no arrays: nothing was trained
-    seed = cfg.train.seed + 1000 * instruction.server_round + zlib.crc32(binding.site.encode()) % 1000
+    seed = site_seed(cfg, instruction.server_round, binding.site)
     seed_everything(seed)
     loader = _loader(site, "train", model, cfg, device, seed=seed)
     window = schedule_window(cfg.train, instruction.server_round, instruction.total_rounds,
@@ -177,6 +177,11 @@ def _train(msg: Message, instruction: Instruction, binding: SiteBinding, log: Ca
     if budget is not None:
         metrics.update(budget.state.report())  # the ledger: keys.LEDGER
     return Outcome(metrics, model, transport, eps_before, float(budget.state.epsilon) if budget else None)
+
+
+def site_seed(cfg: NearlConfig, step: int, site: str) -> int:
+    """This site's seed for one round (or the fine-tuning after the last): the same run gives the same update."""
+    return cfg.train.seed + 1000 * step + zlib.crc32(site.encode()) % 1000
 
 
 def worker_metrics(builds_before: int) -> dict[str, float]:
@@ -212,7 +217,7 @@ def _personalize(model: NearlCLIP, site: SiteData, cfg: NearlConfig, device: tor
     write ``<state-dir>/personalized/`` and report its metrics on the site's test split (val without one)."""
     epochs = cfg.federation.finetune_epochs
     if epochs > 0:
-        seed = cfg.train.seed + 1000 * (instruction.total_rounds + 1) + zlib.crc32(binding.site.encode()) % 1000
+        seed = site_seed(cfg, instruction.total_rounds + 1, binding.site)  # the step after the last round
         seed_everything(seed)
         loader = _loader(site, "train", model, cfg, device, seed=seed)
         if cfg.privacy.enabled:
