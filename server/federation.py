@@ -241,9 +241,10 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
                                               total_rounds=settings.num_rounds)
             eval_config = instruction_config(**common, local_epochs=settings.local_epochs,
                                              total_rounds=settings.num_rounds)  # the last one personalizes
-            result = runner.start(grid=QuickPollGrid(grid), initial_arrays=initial, num_rounds=remaining,
-                                    timeout=settings.round_timeout, train_config=train_config,
-                                    evaluate_config=eval_config)
+            quick = QuickPollGrid(grid, on_arrival=strategy.replies_arrived)  # screened while the round waits
+            result = runner.start(grid=quick, initial_arrays=initial, num_rounds=remaining,
+                                  timeout=settings.round_timeout, train_config=train_config,
+                                  evaluate_config=eval_config)
             final = listener.final_arrays or (result.arrays if len(result.arrays) else initial)
         set_shared_state(model, {k: np.array(v) for k, v in arrays_to_numpy(final, schema).items()})
         out_dir = (root / "final") if root is not None else Path(workdir or os.getcwd()) / "final_adapters"

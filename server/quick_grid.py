@@ -6,12 +6,16 @@ answer in 0.5 s still costs 3 s.  :class:`QuickPollGrid` wraps any Grid and impl
 ``send_and_receive`` with the Grid's public ``push_messages``/``pull_messages`` at a short
 interval; everything else is the wrapped Grid's.  Replies are the same messages, so what
 the strategy aggregates does not change (it sorts replies by site anyway).
+
+``on_arrival`` (optional) is called with each batch of replies as it is pulled, while the
+round still waits for the others: the strategy screens and hashes an update there, so that
+after the last site answers only that site's update is left to read before aggregating.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 from flwr.app import Message
 from flwr.serverapp import Grid
@@ -22,11 +26,13 @@ POLL_SECONDS = 0.2  # between two pulls while replies are outstanding
 class QuickPollGrid(Grid):
     """``grid`` with ``send_and_receive`` polling every ``interval`` seconds instead of Flower's 3 s."""
 
-    def __init__(self, grid: Grid, interval: float = POLL_SECONDS):
+    def __init__(self, grid: Grid, interval: float = POLL_SECONDS,
+                 on_arrival: Callable[[list[Message]], None] | None = None):
         if interval <= 0:
             raise ValueError(f"poll interval must be positive, got {interval}")
         self.grid = grid
         self.interval = interval
+        self.on_arrival = on_arrival
 
     def set_run(self, run: Any) -> None:
         self.grid.set_run(run)
@@ -58,6 +64,8 @@ class QuickPollGrid(Grid):
         while pending:
             arrived = list(self.pull_messages(pending))
             replies.extend(arrived)
+            if arrived and self.on_arrival is not None:
+                self.on_arrival(arrived)
             pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
             if not pending or (deadline is not None and time.monotonic() >= deadline):
                 break

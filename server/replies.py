@@ -29,6 +29,7 @@ from nearl_core.transport import encode
 from nearl_protocol import keys
 from nearl_protocol.arrays import decode_array, payload_sha256
 from nearl_protocol.messages import adapter_record, read_reply, record_bytes
+from server.robust import UpdateFacts
 from server.rounds import SiteReply
 from server.screening import UNIT_WEIGHT_KEY, check_metrics, declined, declined_reason, read_update, site_metrics
 
@@ -45,6 +46,7 @@ class Received:
     values: np.ndarray | None  # float32, the schema's order; None when the reply must not be aggregated
     problem: str | None  # why (screening's reason); None when ``values`` is set
     digest: Future | None = None  # sha256 of the adapter bytes as received
+    facts: UpdateFacts | None = None  # the guard's per-update facts, when read on arrival
 
 
 class ReplyScreening:
@@ -84,14 +86,37 @@ class ReplyScreening:
                 got.digest = self._hasher().submit(payload_sha256, msg.content[keys.ARRAYS])
             self._received[id(msg)] = got
 
+    def replies_arrived(self, replies: Iterable[Message]) -> None:
+        """The Grid's arrival hook: read train replies as they come in, while the round waits for the others.
+
+        Screening, hashing and the guard's per-update facts (value range, distance to the
+        global adapters) then overlap the wait for slower sites; :meth:`aggregate_train` finds
+        those replies already read (:meth:`receive_replies` is idempotent).  Secure
+        aggregation stages carry masked vectors, read by their own round.
+        """
+        if self.secure is not None:
+            return
+        fresh = [m for m in replies if m.metadata.message_type == "train" and id(m) not in self._received]
+        self.receive_replies(fresh)
+        for msg in fresh:
+            got = self._received.get(id(msg))
+            if got is not None and got.values is not None:
+                got.facts = self.guard.facts(got.values, self._reference)
+
     def update_values(self, msg: Message) -> np.ndarray | None:
         """The screened update of a received reply (float32, flat, read-only), or None."""
         got = self._received.get(id(msg))
         return got.values if got is not None else None
 
+    def update_facts(self, msg: Message) -> UpdateFacts | None:
+        """The guard's facts of a reply read on arrival (None: the guard computes them)."""
+        got = self._received.get(id(msg))
+        return got.facts if got is not None else None
+
     def replace_update(self, msg: Message, values: np.ndarray) -> None:
         """What the round aggregates for this reply from now on (server-side DP's clipped update)."""
-        self._received[id(msg)].values = values
+        got = self._received[id(msg)]
+        got.values, got.facts = values, None  # facts of the old values no longer hold
 
     def payload_hash(self, msg: Message) -> str | None:
         """sha256 of a received reply's adapter bytes (what its audit trail records); waits for the hash thread."""

@@ -83,6 +83,18 @@ class ExampleCaps:
         self.first = {site: float(np.asarray(v).reshape(-1)[0]) for site, v in state.items()}
 
 
+@dataclass(frozen=True)
+class UpdateFacts:
+    """What the guard needs of one update alone: known as soon as the update arrives.
+
+    The strategy computes them while the round still waits for slower sites
+    (:meth:`RoundGuard.facts`), so that the guard has less left to do once the last one is in.
+    """
+
+    range_problem: str | None  # why the values are out of range, else None
+    distance: float | None  # to the round's global adapters; None when not needed or not in range
+
+
 @dataclass
 class Update:
     """One screened update: the site, its values (flat, the schema's order; float32 as received, widened to
@@ -94,6 +106,7 @@ class Update:
     used: float = 0.0
     cap: float | None = None  # set when the claim was clipped
     source: Any = None  # the reply's metadata
+    facts: UpdateFacts | None = None  # computed on arrival; None: the guard computes them
 
 
 @dataclass
@@ -117,10 +130,17 @@ def out_of_range(values: np.ndarray, bound: float) -> str | None:
 
 
 def norm_outliers(updates: Sequence[Update], reference: np.ndarray | None, factor: float) -> dict[str, str]:
-    """site -> reason for each update whose distance to ``reference`` exceeds factor x the median."""
+    """site -> reason for each update whose distance to ``reference`` exceeds factor x the median.
+
+    A distance already in an update's facts is used as it is (it is the same number: each
+    distance sums its own blocks in block order); the others are computed together.
+    """
     if factor <= 0 or len(updates) < 3 or reference is None:
         return {}
-    norms = np.array(distances([u.values for u in updates], reference))
+    known = {i: u.facts.distance for i, u in enumerate(updates) if u.facts is not None and u.facts.distance is not None}
+    todo = [i for i in range(len(updates)) if i not in known]
+    known.update(zip(todo, distances([updates[i].values for i in todo], reference)))
+    norms = np.array([known[i] for i in range(len(updates))])
     median = float(np.median(norms))
     out = {}
     for u, n in zip(updates, norms):
@@ -174,7 +194,7 @@ class RoundGuard:
         self.equal = equal_weights or lim.equal_weights
         rejected: dict[str, str] = {}
         for u in updates:
-            problem = out_of_range(u.values, lim.max_abs_value)
+            problem = u.facts.range_problem if u.facts is not None else out_of_range(u.values, lim.max_abs_value)
             if problem:
                 rejected[u.site] = f"update {problem}; the site's training diverged or the update is forged"
         kept = [u for u in updates if u.site not in rejected]
@@ -205,6 +225,12 @@ class RoundGuard:
         for u in kept:
             self.caps.accepted(u.site, u.used)
         return Outcome(arrays, rejected, count=len(kept))
+
+    def facts(self, values: np.ndarray, reference: np.ndarray | None) -> UpdateFacts:
+        """One update's range verdict and distance to ``reference``, as :meth:`run` would find them."""
+        problem = out_of_range(values, self.limits.max_abs_value)
+        needed = problem is None and reference is not None and self.limits.outlier_factor > 0
+        return UpdateFacts(problem, distances([values], reference)[0] if needed else None)
 
     def weights(self, updates: Sequence[Update]) -> list[float]:
         return [1.0 if self.equal else u.used for u in updates]

@@ -206,8 +206,8 @@ class NearlStrategyMixin(ReplyScreening):
 
     def _guarded(self, r: int, accepted: list[Message], sites: list[SiteReply]) -> Outcome:
         """The round's screened updates through :class:`server.robust.RoundGuard` (range, outliers, caps, fence)."""
-        updates = [Update(s.site, self.update_values(m), metrics_of(m.content)[keys.NUM_EXAMPLES], source=m.metadata)
-                   for m, s in zip(accepted, sites, strict=True)]
+        updates = [Update(s.site, self.update_values(m), metrics_of(m.content)[keys.NUM_EXAMPLES], source=m.metadata,
+                          facts=self.update_facts(m)) for m, s in zip(accepted, sites, strict=True)]
         outcome = self.guard.run(r, updates, self._reference, self._aggregate_updates, self._snapshot, self._restore,
                                  equal_weights=self.weighted_by_key == UNIT_WEIGHT_KEY)
         for u, s in zip(updates, sites):

@@ -63,6 +63,30 @@ def test_without_noise_the_result_is_the_equal_weight_mean_of_clipped_updates():
     assert not any("server-dp-weight" in k or "server_dp_weight" in k for s in report.per_site.values() for k in s)
 
 
+def test_the_guard_judges_the_clipped_update_even_when_the_reply_was_read_on_arrival():
+    """Facts taken on arrival (distance to the global adapters) describe the raw update: clipping drops them.
+
+    siteD's raw update is 50x the others' distance (an outlier); clipped to norm 0.05 it is 1.6x.
+    """
+    results = {}
+    for arrival in (False, True):
+        rec = Recorder()
+        dp = wrapped(0.0, 0.05, rec)
+        replies = [reply_from(n, train_reply_content(f"site{s}", full(0.01), n=10)) for n, s in ((1, "A"), (2, "B"), (3, "C"))]
+        replies.append(reply_from(4, train_reply_content("siteD", full(0.5), n=10)))
+        initial = ArrayRecord({k: Array(v) for k, v in full(0.0).items()})
+        list(dp.configure_train(1, initial, ConfigRecord(), FakeGrid([1, 2, 3, 4])))
+        if arrival:
+            dp.strategy.replies_arrived(replies)
+        agg, _ = dp.aggregate_train(1, replies)
+        dp.aggregate_evaluate(1, [])
+        results[arrival] = (agg, rec.rounds[-1])
+    for arrival, (agg, report) in results.items():
+        assert report.answered == ["siteA", "siteB", "siteC", "siteD"] and not report.rejected, (arrival, report.rejected)
+    for k in SCHEMA:
+        np.testing.assert_array_equal(results[True][0][k].numpy(), results[False][0][k].numpy())
+
+
 def test_noise_has_the_calibrated_std_and_reaches_the_report_and_checkpoint():
     rec = Recorder()
     dp = wrapped(2.0, 0.5, rec)

@@ -56,3 +56,12 @@ def test_everything_else_is_the_wrapped_grid():
     assert list(QuickPollGrid(fake).get_node_ids()) == [1, 2, 3]
     with pytest.raises(ValueError, match="positive"):
         QuickPollGrid(fake, interval=0)
+
+
+def test_each_batch_of_replies_is_handed_on_as_it_arrives():
+    fake = FakeGrid(ready=[1, 3, 3])
+    batches = []
+    replies = QuickPollGrid(fake, interval=0.01, on_arrival=lambda got: batches.append(
+        [r.metadata.reply_to_message_id for r in got])).send_and_receive(["a", "b", "c"])
+    assert batches == [["m0"], ["m1", "m2"]]  # pulls 2 brought nothing: no call
+    assert len(replies) == 3

@@ -182,6 +182,45 @@ def test_every_strategy_aggregates_and_keeps_dtype(name):
     assert all(np.isfinite(agg[k].numpy()).all() for k in SCHEMA)
 
 
+def test_replies_read_as_they_arrive_aggregate_as_when_read_at_the_end(monkeypatch):
+    """The Grid's arrival hook screens, hashes and guards each reply once; the round's result is unchanged.
+
+    Five sites: three sound, one far from the global adapters (a norm outlier), one beyond
+    max-abs-value: the same two are rejected for the same reasons either way.
+    """
+    import server.replies as replies_module
+    import server.robust as robust_module
+
+    reads, dists = [], []
+    real_read, real_dist = replies_module.read_update, robust_module.distances
+    monkeypatch.setattr(replies_module, "read_update", lambda content, *a: reads.append(1) or real_read(content, *a))
+    monkeypatch.setattr(robust_module, "distances", lambda values, ref: dists.extend(values) or real_dist(values, ref))
+    values = {1: 1.0, 2: 2.0, 3: 3.0, 4: 500.0, 5: 1e5}
+    results = {}
+    for arrival in (False, True):
+        strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, total_rounds=2)
+        replies = [reply_from(i, train_reply_content(f"s{i}", arrays(v), n=10 * i)) for i, v in values.items()]
+        recorder = Recorder()
+        strategy.listener = recorder
+        initial = ArrayRecord({k: Array(v) for k, v in arrays(0.0).items()})
+        list(strategy.configure_train(1, initial, ConfigRecord(), FakeGrid([1, 2, 3, 4, 5])))
+        reads.clear(), dists.clear()
+        if arrival:
+            strategy.replies_arrived(replies[:2])
+            strategy.replies_arrived(replies[2:])
+            assert len(reads) == 5 and len(dists) == 4  # read and measured while the round waited
+        agg, _ = strategy.aggregate_train(1, replies)
+        assert len(reads) == 5 and len(dists) == 4  # each reply read once, each in-range distance taken once
+        strategy.aggregate_evaluate(1, [])
+        report = recorder.rounds[-1]
+        results[arrival] = ({k: agg[k].numpy() for k in SCHEMA}, report.payload_sha256, report.rejected)
+    for k in SCHEMA:
+        np.testing.assert_array_equal(results[True][0][k], results[False][0][k])
+    assert results[True][1] == results[False][1] and len(results[True][1]) == 3
+    assert results[True][2] == results[False][2] and set(results[True][2]) == {"s4", "s5"}, results[True][2]
+    assert "median distance" in results[True][2]["s4"] and "max-abs-value" in results[True][2]["s5"]
+
+
 def test_fedadam_state_round_trips_for_resume():
     strategy = make_strategy("fedadam", schema=SCHEMA, min_nodes=1, total_rounds=3)
     run_round(strategy, [reply_from(1, train_reply_content("s1", arrays(1.0)))])
