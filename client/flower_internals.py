@@ -36,7 +36,7 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "flwr.app.message": ("remove_content_from_message",),
     "flwr.proto.runtime_pb2": ("AcquireTaskRequest", "PushTaskOutputRequest"),
     "flwr.supernode.runtime.run_clientapp": ("pull_task_input", "push_message"),
-    "flwr.cli.build": ("build_fab_from_disk",),
+    "flwr.cli.build": ("build_fab_from_files",),
 }
 # what the worker relies on beyond names: the SuperNode flags it is started with
 SUPERNODE_FLAGS = ("--isolation", "--superexec-auth-secret-file")
@@ -188,12 +188,18 @@ def answer_for_dead_worker(address: str, token: str, reply: Any | None, node_id:
 
 # -- FABs ------------------------------------------------------------------------------------------------
 def build_fab(app_dir: str | Path) -> bytes:
-    """The FAB ``flwr run APP_DIR`` would submit (deterministic: fixed zip dates, sorted files)."""
+    """The FAB ``flwr run APP_DIR`` would submit (deterministic: fixed zip dates, sorted files).
+
+    Flower's own builder walks every file under ``app_dir`` (a checkout's ``.venv`` too);
+    :func:`nearl_protocol.bundle.bundle_files` hands it the same files without that walk.
+    """
     import warnings
+
+    from nearl_protocol.bundle import bundle_files
 
     with warnings.catch_warnings():  # pathspec's deprecation notices, once per pattern
         warnings.simplefilter("ignore", DeprecationWarning)
-        return _get("flwr.cli.build", "build_fab_from_disk")(Path(app_dir))
+        return _get("flwr.cli.build", "build_fab_from_files")(bundle_files(app_dir))[0]
 
 
 def fab_sha256(content: bytes) -> str:

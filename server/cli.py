@@ -32,6 +32,7 @@ from nearl_core.transport import TRANSPORT_DTYPES
 from server import settings
 from server.progress_view import format_event, format_summary
 from nearl_protocol import processes as flower
+from nearl_protocol.bundle import stage
 from nearl_protocol.processes import Certs, FlowerError
 
 PROG = "nearl-server"
@@ -266,7 +267,8 @@ class Server:
         print(f"{PROG}: SuperLink Control and Runtime APIs on 127.0.0.1:{local_port} (this host only); operate "
               f"the run here with: FLWR_HOME={home} flwr ls {flower.CONNECTION} (or flwr log RUN_ID / flwr stop "
               f"RUN_ID)", flush=True)
-        submitted = flower.flwr_json(["run", str(flower.APP_DIR), flower.CONNECTION, "--run-config", str(run_file)],
+        app = stage(flower.APP_DIR, self.state_dir / "app-bundle")  # the same bundle, without walking .venv
+        submitted = flower.flwr_json(["run", str(app), flower.CONNECTION, "--run-config", str(run_file)],
                                      env=self.cli_env, timeout=300)
         self.run_id = str(submitted["run-id"])
         self.phase = "run"

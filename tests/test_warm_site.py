@@ -18,6 +18,7 @@ from client.fab_check import COMPONENTS, FabPolicy, fab_identity, own_fab_hash
 from client.worker import Worker
 from nearl_protocol import keys
 from nearl_protocol.messages import REFUSAL_CODE, instruction_config, read_reply
+from nearl_protocol.bundle import bundle_files, stage
 from nearl_protocol.processes import APP_DIR
 from tests.fed_helpers import instruction
 
@@ -51,10 +52,52 @@ def fab(publisher: str = "nearl", name: str = "nearl-federated", components: dic
     return buf.getvalue()
 
 
-def test_own_fab_hash_is_the_bundle_flwr_run_submits_and_is_deterministic():
+def flower_build(app_dir: Path) -> bytes:
+    """The bundle as ``flwr run`` builds it: Flower's own walk of every file under ``app_dir``."""
+    from flwr.cli.build import build_fab_from_disk
+
+    return build_fab_from_disk(app_dir)
+
+
+def test_own_fab_hash_is_the_bundle_flwr_run_submits_and_is_deterministic(tmp_path):
     own = own_fab_hash(APP_DIR)
-    assert own == fi.fab_sha256(fi.build_fab(APP_DIR)) and len(own) == 64
-    assert fab_identity(fi.build_fab(APP_DIR)) == ("nearl", "nearl-federated", COMPONENTS)
+    theirs = flower_build(APP_DIR)
+    assert own == fi.fab_sha256(theirs) == fi.fab_sha256(fi.build_fab(APP_DIR)) and len(own) == 64
+    assert fab_identity(theirs) == ("nearl", "nearl-federated", COMPONENTS)
+    staged = stage(APP_DIR, tmp_path / "staged")  # what nearl-server submits
+    assert fi.fab_sha256(flower_build(staged)) == own
+    assert not (staged / ".venv").exists() and len(list(staged.rglob("*"))) < 1000
+
+
+def test_the_bundle_walk_skips_only_what_flower_always_excludes(tmp_path):
+    """Byte for byte Flower's FAB for a tree with every case the shortcut walk treats specially."""
+    app = tmp_path / "app"
+    (app / "nearl_core" / "sub").mkdir(parents=True)
+    text = (APP_DIR / "pyproject.toml").read_text()
+    start = text.index("fab-include = [")
+    text = text[:start] + 'fab-include = ["pyproject.toml", "nearl_core/**/*.py", "nearl_core/**/*.json"]' + \
+        text[text.index("]", start) + 1:]
+    (app / "pyproject.toml").write_text(text)
+    (app / ".gitignore").write_text("ignored/\n")
+    (app / "nearl_core" / "a.py").write_text("A = 1\n")
+    (app / "nearl_core" / "sub" / "b.json").write_text("{}")
+    for skipped in (".venv/nearl_core/x.py", ".flwr/nearl_core/x.py", "nearl_core/__pycache__/c.py",
+                    "nearl_core/ignored/d.py"):
+        (app / skipped).parent.mkdir(parents=True, exist_ok=True)
+        (app / skipped).write_text("SKIPPED = 1\n")
+    (app / "nearl_core" / ".venv").mkdir()  # not at the top: Flower keeps it, and so must the walk
+    (app / "nearl_core" / ".venv" / "e.py").write_text("E = 1\n")
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "f.py").write_text("F = 1\n")
+    (app / "nearl_core" / "link.py").symlink_to(app / "nearl_core" / "a.py")
+    (app / "nearl_core" / "linked").symlink_to(outside, target_is_directory=True)
+    ours, theirs = fi.build_fab(app), flower_build(app)
+    assert ours == theirs
+    names = set(zipfile.ZipFile(io.BytesIO(ours)).namelist())
+    assert {"nearl_core/a.py", "nearl_core/sub/b.json", "nearl_core/.venv/e.py"} <= names, names
+    assert not any("x.py" in n or "c.py" in n or "d.py" in n or "link" in n for n in names), names
+    assert bundle_files(app).keys() >= {"nearl_core/a.py", "nearl_core/ignored/d.py"}  # .gitignore: Flower's filter
 
 
 def test_policy_accepts_only_listed_nearl_bundles():
