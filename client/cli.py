@@ -111,7 +111,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     from client.egress import valid_site_name
     from client.fab_check import valid_hash
     from nearl_core.config import load_config
-    from nearl_core.workflows import check_data
+    from nearl_core.site_check import check_data
     from nearl_protocol import processes as flower
 
     if not valid_site_name(args.site):
@@ -140,7 +140,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if certs is None:
             raise NearlError("--auth-key needs TLS: drop --insecure and pass --certs DIR")
     home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site)).expanduser()
-    print(f"{PROG}: backbone fingerprint {backbone_fingerprint_of(cfg)}", flush=True)
+    if args.cold or args.check_only:  # a warm site's worker builds it once and prints it (client/worker.py)
+        print(f"{PROG}: backbone fingerprint {backbone_fingerprint_of(cfg)}", flush=True)
     state_dir = (args.state_dir.expanduser() if args.state_dir else home / "state").resolve()
     args.state_dir_resolved = state_dir
     node_config = {"site": args.site, "data-path": str(data), "state-dir": str(state_dir),

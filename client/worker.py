@@ -100,11 +100,13 @@ class Worker:
 
         from client.task import cached_backbone, cached_site
         from nearl_core.config import load_config
+        from nearl_core.fingerprint import backbone_fingerprint
 
         t0 = time.perf_counter()
         cfg = load_config(self.spec["config"])
         model_cfg = replace(cfg.model, pretrained=self.spec["pretrained"]) if self.spec.get("pretrained") else cfg.model
-        cached_backbone(model_cfg)
+        backbone = cached_backbone(model_cfg)
+        log(f"site {self.site}: backbone fingerprint {backbone_fingerprint(backbone.clip, backbone.name, backbone.source)}")
         cached_site(Path(self.spec["data"]), cfg.task.classes)
         log(f"site {self.site}: backbone and site index ready in {time.perf_counter() - t0:.1f}s")
 

@@ -21,7 +21,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nearl_core.errors import NearlError, NearlWarning
-from nearl_core import workflows
+from nearl_core import site_check, workflows
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
@@ -113,7 +113,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         workflows.demo_data(args.out, args.sites, seed=args.seed, train_per_site=args.train_per_site,
                             overwrite=args.overwrite)
     elif args.command == "check-data":
-        workflows.check_data(args.data, workflows.config_from_args(args))
+        site_check.check_data(args.data, workflows.config_from_args(args))
     elif args.command == "params":
         report = workflows.params(workflows.config_from_args(args))
         print(json.dumps(report, indent=2) if args.json else workflows.format_params(report))

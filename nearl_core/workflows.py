@@ -19,13 +19,14 @@ import torch
 
 from nearl_core.adapter_io import check_compatible, read_adapters, save_adapters, set_adapter_state
 from nearl_core.config import NearlConfig, from_dict, load_config
-from nearl_core.data import SiteData, format_counts, infer_classes, load_image, scan_site
+from nearl_core.data import load_image, scan_site
 from nearl_core.demo_data import generate_demo_data
 from nearl_core.errors import AdapterFileError, ConfigError, ModelOutputError, NearlError
 from nearl_core.metrics import METRIC_NAMES
 from nearl_core.model import FrozenCLIP, build_model
 from nearl_core.params import format_report, parameter_report
 from nearl_core import privacy
+from nearl_core.site_check import load_site, with_site_classes
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 
 format_params = format_report
@@ -52,23 +53,6 @@ def config_from_args(args: Any) -> NearlConfig:
     return load_config(args.config, overrides)
 
 
-def with_site_classes(cfg: NearlConfig, data: Path, log=print) -> NearlConfig:
-    """Classes from the config, or (when it names none) from the site's train folders."""
-    if cfg.task.classes:
-        return cfg
-    classes = infer_classes(data)
-    log(f"classes from {data / 'train'} (sorted folder names): {', '.join(classes)}")
-    return cfg.with_classes(classes)
-
-
-def load_site(cfg: NearlConfig, data: Path, log=print) -> SiteData:
-    site = scan_site(data, cfg.task.classes, verify=True)
-    missing = site.missing_classes("train")
-    if missing:
-        log(f"note: site {data} has no training images of {', '.join(missing)} (valid for non-IID federations)")
-    return site
-
-
 def demo_data(out: Path, sites: int, *, seed: int = 0, train_per_site: int = 96, overwrite: bool = False) -> list[Path]:
     if sites < 1:
         raise ConfigError(f"--sites {sites}: need at least 1 site")
@@ -79,14 +63,6 @@ def demo_data(out: Path, sites: int, *, seed: int = 0, train_per_site: int = 96,
         counts = site.counts()["train"]
         print(f"  {p.name}: train " + ", ".join(f"{c}={n}" for c, n in counts.items()))
     return paths
-
-
-def check_data(data: Path, cfg: NearlConfig) -> SiteData:
-    cfg = with_site_classes(cfg, data)
-    site = load_site(cfg, data)
-    print(f"site {data}: OK ({sum(len(s) for s in site.splits.values())} images, classes {', '.join(site.classes)})")
-    print(format_counts(site))
-    return site
 
 
 def params(cfg: NearlConfig) -> dict:
