@@ -8,7 +8,9 @@ that imports ``client.app`` before it can run anything, so this import is paid p
 message and per site.  Each repeat starts ``python -c "import client.app"`` and
 ``python -c "import flwr"`` (the floor any Flower ClientApp pays) in turn, as fresh
 processes with the same interpreter, and takes their wall times (interpreter start
-included in both); the RESULT is the ratio of the medians.  One extra
+included in both); the RESULT is the ratio of the medians.  ``python -c "import torch"``
+is timed in the same rotation and printed beside them: a ClientApp that trains cannot
+import less than torch, so it is the floor under the ratio.  One extra
 ``python -X importtime`` run lists the largest imports under ``client.app`` and which
 heavy packages were imported at all.
 """
@@ -66,13 +68,16 @@ def main() -> int:
     print(f"# ClientApp import time: {root}, {args.repeats} alternating repeats after 1 warm-up, median")
     print(f"# machine: {machine()}; python {sys.version.split()[0]}; device cpu; load average {load_average()}",
           flush=True)
-    wall(root, "import client.app"), wall(root, "import flwr")  # warm the page cache
-    app, flwr = [], []
+    wall(root, "import client.app"), wall(root, "import flwr"), wall(root, "import torch")  # warm the page cache
+    app, flwr, torch = [], [], []
     for _ in range(args.repeats):
         app.append(wall(root, "import client.app"))
         flwr.append(wall(root, "import flwr"))
+        torch.append(wall(root, "import torch"))
     print(f"python -c 'import client.app': {' '.join(f'{t:.2f}' for t in app)} s")
     print(f"python -c 'import flwr':       {' '.join(f'{t:.2f}' for t in flwr)} s")
+    print(f"python -c 'import torch':      {' '.join(f'{t:.2f}' for t in torch)} s "
+          f"(floor: torch / flwr = {statistics.median(torch) / statistics.median(flwr):.2f})")
     rows, heavy = import_profile(root, args.top)
     print(f"# heavy packages imported by client.app: {', '.join(heavy) or 'none'}")
     print("# largest imports (cumulative, python -X importtime, one run):")

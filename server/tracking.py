@@ -98,8 +98,12 @@ class Tracker:
             self.client.log_batch(self.run_id, params=items[i:i + 100])
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
-        for k, v in tags.items():
-            self.client.set_tag(self.run_id, metric_key(k), str(v))
+        """All tags of a call in batched requests (a round with 100 sites logs 100+ payload hashes)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(metric_key(k), str(v)) for k, v in tags.items()]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, tags=items[i:i + 100])
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
         from mlflow.entities import Metric

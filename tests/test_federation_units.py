@@ -206,6 +206,9 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     assert h("siteB/answered") == {2: 0.0} and h("bytes_sent")[2] == 100 and h("round_seconds")[1] == 1.5
     run = tracker.client.get_run(tracker.run_id)
     assert run.data.tags["round_0002_missing"] == "siteB"
+    tracker.set_tags({f"payload_sha256/round_0003/site{i}": f"h{i}" for i in range(150)})  # two batch requests
+    tags = tracker.client.get_run(tracker.run_id).data.tags
+    assert tags["payload_sha256/round_0003/site0"] == "h0" and tags["payload_sha256/round_0003/site149"] == "h149"
     assert complete_rounds(tmp_path / "ck") == [1, 2]
     assert load_latest(tmp_path / "ck").mlflow_run_id == tracker.run_id
     resumed = Tracker(uri, run_id=tracker.run_id)
