@@ -177,6 +177,11 @@ def floor_rounds(tmp: Path, rounds: int, sites: int) -> list[dict]:
 
 
 # -- NEARL: nearl-server + nearl-client ----------------------------------------------------------------------
+def site_threads(sites: int) -> int:
+    """The sites share this machine's cores: each gets cores / sites (docs/federation.md, --threads)."""
+    return max(1, (os.cpu_count() or 1) // sites)
+
+
 def nearl_rounds(tmp: Path, rounds: int, sites: int, mode: str = "--warm", config: tuple[str, ...] = (),
                  images: int = 24) -> list[dict]:
     """One NEARL federation; ``mode`` = ``--warm`` (a site worker per site) or ``--cold`` (a process per message).
@@ -207,7 +212,8 @@ def nearl_rounds(tmp: Path, rounds: int, sites: int, mode: str = "--warm", confi
         for i, root in enumerate(roots, 1):
             procs.append(flower.start_process(
                 [str(BIN / "nearl-client"), "--site", f"site{i}", "--data", str(root), "--server",
-                 f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp / f"state-site{i}"), mode],
+                 f"127.0.0.1:{port}", "--insecure", "--state-dir", str(tmp / f"state-site{i}"), mode,
+                 "--threads", str(site_threads(sites))],
                 env=flower.flower_env(tmp / f"home-site{i}"), log_file=tmp / f"site{i}.log", cwd=tmp))
         try:
             code = server.wait(timeout=1800)
@@ -294,7 +300,7 @@ def vit_b16_config(folder: Path) -> Path:
 def vit_b16(args: argparse.Namespace) -> int:
     """Warm vs cold on the full-size model: what a site saves by not rebuilding ViT-B-16 per message."""
     print(f"# warm vs cold on ViT-B-16 (random init), {args.sites} sites, {args.rounds} rounds x 1 local epoch, "
-          f"8 training images per site, loopback")
+          f"8 training images per site, loopback, --threads {site_threads(args.sites)} per site")
     print(f"# machine: {machine()}; device cpu; load average {load_average()}", flush=True)
     walls = {}
     with tempfile.TemporaryDirectory(prefix="nearl-bench-fed-vit-") as tmp_s:
@@ -330,7 +336,8 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     exit_on_sigterm()
     print("# federation overhead: nearl-server + nearl-client on loopback (deployment engine), "
-          f"{args.sites} sites, demo config (nearl-tiny), {args.rounds} rounds x 1 local epoch")
+          f"{args.sites} sites, demo config (nearl-tiny), {args.rounds} rounds x 1 local epoch, "
+          f"--threads {site_threads(args.sites)} per site")
     print(f"# machine: {machine()}; device cpu; load average {load_average()}", flush=True)
     with tempfile.TemporaryDirectory(prefix="nearl-bench-fed-") as tmp_s:
         tmp = Path(tmp_s)

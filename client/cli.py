@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="local port of this node's app runtime (default: a free port)")
     p.add_argument("--device", default=None, help="auto (default: GPU when available), cpu, cuda, cuda:N, mps")
     p.add_argument("--pretrained", default=None, help="local path of the backbone weights, if the config uses a file")
+    p.add_argument("--threads", type=int, default=None, metavar="N",
+                   help="CPU threads for training (default: torch's, one per core); when several sites share "
+                        "one machine give each cores/sites, else their threads contend and rounds slow down")
     p.add_argument("--max-epsilon", type=float, default=None,
                    help="this site's own DP budget ceiling; the server's config can lower it, never raise it")
     p.add_argument("--state-dir", type=Path, default=None,
@@ -119,6 +122,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     split_server(args.server)
     if not args.connect_timeout > 0:  # also refuses nan
         raise NearlError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds, e.g. 180")
+    threads = thread_env(args.threads)
     data = args.data.expanduser().resolve()
     overrides = {"model.pretrained": args.pretrained} if args.pretrained else {}
     cfg = load_config(args.config, overrides)
@@ -162,9 +166,22 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                                    node_config=node_config, certs=certs, auth_key=auth_key,
                                    secret_file=None if args.cold else args.runtime_dir / f"secret-{os.getpid()}")
     cmd += ["--max-wait-time", f"{args.connect_timeout:g}"]  # later outages: Flower's own bounded retry
-    env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr")
+    env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr", threads)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env
+
+
+def thread_env(threads: int | None) -> dict[str, str]:
+    """``--threads N`` as the variables torch's and BLAS's thread pools read at start.
+
+    Set in the environment of everything nearl-client starts (SuperNode, supervisor, worker,
+    cold ClientApps), so the worker and every cold process use the same count.
+    """
+    if threads is None:
+        return {}
+    if threads < 1:
+        raise NearlError(f"--threads {threads}: give a positive number of CPU threads, e.g. --threads 2")
+    return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
 def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[str, str]) -> list[str]:

@@ -108,7 +108,10 @@ class Worker:
         backbone = cached_backbone(model_cfg)
         log(f"site {self.site}: backbone fingerprint {backbone_fingerprint(backbone.clip, backbone.name, backbone.source)}")
         cached_site(Path(self.spec["data"]), cfg.task.classes)
-        log(f"site {self.site}: backbone and site index ready in {time.perf_counter() - t0:.1f}s")
+        import torch
+
+        log(f"site {self.site}: backbone and site index ready in {time.perf_counter() - t0:.1f}s; "
+            f"{torch.get_num_threads()} CPU threads")
 
     def run(self) -> None:
         client = fi.executor_client(self.address, self.secret)

@@ -232,6 +232,7 @@ NEARL_CERTS="$W/secrets/certs" NEARL_PORT="$port" python "$HERE/docker/healthche
   || fail "the SuperLink's /health did not answer over TLS through the Fleet proxy"
 
 # -- 4. sites -------------------------------------------------------------------------------------
+threads=$(( $(nproc) / sites )); (( threads >= 1 )) || threads=1
 for ((k = 1; k <= sites; k++)); do
   site="site$k"
   envs="common.env site.env"
@@ -239,6 +240,7 @@ for ((k = 1; k <= sites; k++)); do
   node_port="$(free_port)"
   si_over="NEARL_SITE=$site NEARL_SERVER=127.0.0.1:$port NEARL_DATA=$W/data/$site NEARL_CERTS=$W/secrets/certs"
   si_over+=" NEARL_AUTH_KEY=$W/secrets/keys/$site NEARL_CLIENT_HOME=$W/sites/$site NEARL_NODE_PORT=$node_port"
+  si_over+=" NEARL_THREADS=$threads"  # the sites share this machine's cores
   node_ports[k]="$node_port"
   start "$site" "$envs" "$si_over" -- "$HERE/run/site.sh"
 done

@@ -127,7 +127,8 @@ class Procs:
 
 def nearl_client(procs: Procs, site: str, data: Path, port: int, tmp: Path, *extra: str,
                  name: str | None = None) -> subprocess.Popen:
-    cmd = [str(BIN / "nearl-client"), "--site", site, "--data", str(data), "--server", f"127.0.0.1:{port}", *extra]
+    cmd = [str(BIN / "nearl-client"), "--site", site, "--data", str(data), "--server", f"127.0.0.1:{port}",
+           "--threads", "1", *extra]  # several sites share this machine's cores
     return procs.start(name or site, cmd, env=env(tmp / f"home-{name or site}"), cwd=tmp)
 
 

@@ -307,6 +307,33 @@ def test_accept_fab_takes_only_a_sha256(capsys, demo_root, no_exec):
     assert "--accept-fab 'abc': give the app bundle's sha256" in err
 
 
+@pytest.mark.parametrize("mode", ["--warm", "--cold"])
+def test_threads_go_to_every_process_the_site_starts(capsys, demo_root, monkeypatch, tmp_path, mode):
+    """--threads N is in the environment nearl-client execs with (SuperNode or supervisor, then the
+    worker and cold ClientApps inherit it); without it the count is left to torch."""
+    monkeypatch.setenv("NEARL_CLIENT_HOME", str(tmp_path / "home"))
+    monkeypatch.delenv("FLWR_HOME", raising=False)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    envs: list[dict[str, str]] = []
+    monkeypatch.setattr(client_cli.os, "execvpe", lambda file, args, env: envs.append(env))
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        port = listener.getsockname()[1]
+        assert join(capsys, demo_root, port, mode, "--threads", "1")[0] == 0
+        assert join(capsys, demo_root, port, mode)[0] == 0
+    assert envs[0]["OMP_NUM_THREADS"] == "1" and envs[0]["MKL_NUM_THREADS"] == "1"
+    assert "OMP_NUM_THREADS" not in envs[1]
+
+
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_threads_must_be_positive(capsys, demo_root, no_exec, value):
+    code, _, err = join(capsys, demo_root, closed_port(), "--threads", value)
+    assert code == 2 and no_exec == []
+    assert one_line(err, "nearl-client: error: ") == \
+        f"--threads {value}: give a positive number of CPU threads, e.g. --threads 2"
+
+
 def test_default_connect_timeout_is_bounded(capsys, demo_root, no_exec):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))

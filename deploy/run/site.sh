@@ -20,6 +20,7 @@ args=(--site "$NEARL_SITE" --data "${NEARL_DATA:-/data}" --server "$NEARL_SERVER
 [[ -n "${NEARL_DEVICE:-}" && "${NEARL_DEVICE}" != auto ]] && args+=(--device "$NEARL_DEVICE")
 [[ -n "${NEARL_PRETRAINED:-}" ]] && args+=(--pretrained "$NEARL_PRETRAINED")
 [[ -n "${NEARL_MAX_EPSILON:-}" ]] && args+=(--max-epsilon "$NEARL_MAX_EPSILON")
+[[ -n "${NEARL_THREADS:-}" ]] && args+=(--threads "$NEARL_THREADS")
 for fab in ${NEARL_ACCEPT_FAB:-}; do args+=(--accept-fab "$fab"); done
 [[ "${NEARL_COLD:-}" == 1 ]] && args+=(--cold)
 export NEARL_CLIENT_HOME="${NEARL_CLIENT_HOME:-/var/lib/nearl/site}"
