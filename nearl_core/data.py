@@ -36,11 +36,6 @@ from PIL import Image
 
 from nearl_core.errors import DataError
 
-try:  # pydicom >= 3
-    from pydicom.pixels import apply_modality_lut, apply_voi_lut
-except ImportError:  # pragma: no cover - pydicom 2.x
-    from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
-
 IMAGE_SUFFIXES: frozenset[str] = frozenset({".png", ".jpg", ".jpeg", ".dcm"})
 SPLITS = ("train", "val", "test")
 REQUIRED_SPLITS = ("train", "val")
@@ -607,6 +602,10 @@ def _dicom_values(ds, path: Path) -> np.ndarray:
         pixels = pixels[0]  # multi-frame: the first frame stands for the image
     if int(ds.get("SamplesPerPixel", 1)) == 3:
         return pixels.astype(np.float64)
+    try:  # here, not at the top: a site without DICOM files never imports pydicom (0.5 s)
+        from pydicom.pixels import apply_modality_lut, apply_voi_lut
+    except ImportError:  # pragma: no cover - pydicom 2.x
+        from pydicom.pixel_data_handlers.util import apply_modality_lut, apply_voi_lut
     try:
         values = apply_modality_lut(pixels, ds).astype(np.float64)
         return apply_voi_lut(values, ds).astype(np.float64)

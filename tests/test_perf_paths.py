@@ -12,6 +12,8 @@ Timing and memory targets live in bench/, not here.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from open_clip.transformer import ResidualAttentionBlock
@@ -205,3 +207,20 @@ def test_dp_micro_batches_clip_per_sample_and_add_noise_once(noise):
         steps[micro] = sum(n for _, _, n in acc.history)
     assert steps == {0: 1, 4: 1}
     _assert_same(deltas[4], deltas[0], "DP update", 1e-5)  # loss_fn rounds the cross-entropy in float32
+
+
+# Imported where they are used: a ClientApp process must not pay for them before a message
+# needs them (open_clip, torchvision and transformers when a backbone is built, scikit-learn
+# when metrics are computed, pydicom when a DICOM file is read).
+LAZY_IMPORTS = ("open_clip", "torchvision", "transformers", "timm", "sklearn", "pydicom", "torch._dynamo")
+
+
+def test_importing_the_client_app_leaves_the_heavy_packages_for_later():
+    import subprocess
+    import sys
+
+    code = ("import sys, client.app; "
+            f"print(' '.join(m for m in {LAZY_IMPORTS!r} if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert out.stdout.split() == [], f"imported by client.app: {out.stdout.strip()}"
