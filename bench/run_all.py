@@ -1,6 +1,6 @@
 """Run every benchmark and rewrite docs/benchmarks.md from their RESULT lines.
 
-    python bench/run_all.py                      # everything, full size (ViT-B-16 on the CPU: about an hour)
+    python bench/run_all.py                      # everything, full size (ViT-B-16 on the CPU: about 40 minutes)
     python bench/run_all.py --quick              # fewer repeats, 3 rounds, 4 and 8 virtual sites
     python bench/run_all.py --only aggregation,payload
     python bench/run_all.py --from-logs runs/bench-20260101-120000   # rebuild the page from saved logs
@@ -39,11 +39,20 @@ class Script:
     args: tuple[str, ...] = ()
     quick: tuple[str, ...] = ()
     timeout: float = 3600.0
+    label: str = ""  # names the log and --only when one script runs twice with other arguments
+
+    @property
+    def key(self) -> str:
+        return self.label or self.name
 
 
 SCRIPTS = (
     Script("payload", "a. parameters and payload"),
     Script("train_step", "b. local train step", (), ("--repeats", "2")),
+    Script("train_step", "b. memory option: checkpointed frozen blocks", ("--checkpoint-backbone",),
+           ("--checkpoint-backbone", "--repeats", "2"), label="train_step_checkpoint"),
+    Script("train_step", "b. memory option: gradient accumulation", ("--micro-batch", "2"),
+           ("--micro-batch", "2", "--repeats", "2"), label="train_step_micro2"),
     Script("inference", "c. inference", (), ("--repeats", "2")),
     Script("aggregation", "d. server aggregation", (), ("--repeats", "2")),
     Script("federation_overhead", "e. federation overhead", ("--simulation",), ("--rounds", "3")),
@@ -99,17 +108,17 @@ def run_script(script: Script, quick: bool, logdir: Path) -> Outcome:
         output = (err.stdout or b"").decode(errors="replace") if isinstance(err.stdout, bytes) else (err.stdout or "")
         output += f"\n[timed out after {script.timeout:.0f}s]"
     seconds = time.perf_counter() - start
-    (logdir / f"{script.name}.log").write_text(f"$ {' '.join(cmd)}\n# exit {code}, {seconds:.0f}s\n{output}")
+    (logdir / f"{script.key}.log").write_text(f"$ {' '.join(cmd)}\n# exit {code}, {seconds:.0f}s\n{output}")
     outcome = parse_output(script, " ".join(cmd), code, seconds, output)
     for r in outcome.results:
         print(f"   {r['name']}: ratio {r['ratio']:.4g} ({r['status']})", flush=True)
     if code != 0:
-        print(f"   FAILED (exit {code}); log: {logdir / (script.name + '.log')}", flush=True)
+        print(f"   FAILED (exit {code}); log: {logdir / (script.key + '.log')}", flush=True)
     return outcome
 
 
 def read_log(script: Script, logdir: Path) -> Outcome | None:
-    path = logdir / f"{script.name}.log"
+    path = logdir / f"{script.key}.log"
     if not path.exists():
         return None
     text = path.read_text(errors="replace")
@@ -157,7 +166,7 @@ def table(outcomes: list[Outcome]) -> list[str]:
             "|---|---|---|---|---|---|---|"]
     for o in outcomes:
         if not o.results:
-            rows.append(f"| `{o.script.name}` | - | - | - | - | **failed** (exit {o.code}) | `{o.command}` |")
+            rows.append(f"| `{o.script.key}` | - | - | - | - | **failed** (exit {o.code}) | `{o.command}` |")
             continue
         for r in o.results:
             status = {"met": "met", "info": "comparison"}.get(r["status"], "**missed**")
@@ -201,7 +210,7 @@ def render(outcomes: list[Outcome], *, quick: bool, when: str, commit: str, find
         f"- missed ({len(missed)}): " + (", ".join(f"`{n}`" for n in missed) or "none"),
     ]
     if failed:
-        lines.append("- failed to run: " + ", ".join(f"`{o.script.name}` (exit {o.code})" for o in failed))
+        lines.append("- failed to run: " + ", ".join(f"`{o.script.key}` (exit {o.code})" for o in failed))
     lines += ["", "Why, per metric, with the profiles behind it: see *Findings* below.", ""]
     lines += ["## GPU", ""]
     if gpu:
@@ -237,16 +246,16 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=DOC, help="page to write (default docs/benchmarks.md)")
     ap.add_argument("--logdir", type=Path, default=None, help="where to keep the logs (default runs/bench-<time>)")
     args = ap.parse_args(argv)
-    chosen = [s for s in SCRIPTS if not args.only or s.name in args.only.split(",")]
-    unknown = set(filter(None, args.only.split(","))) - {s.name for s in SCRIPTS}
+    chosen = [s for s in SCRIPTS if not args.only or s.key in args.only.split(",")]
+    unknown = set(filter(None, args.only.split(","))) - {s.key for s in SCRIPTS}
     if unknown:
-        ap.error(f"unknown script(s) {sorted(unknown)}; choose from {', '.join(s.name for s in SCRIPTS)}")
+        ap.error(f"unknown script(s) {sorted(unknown)}; choose from {', '.join(s.key for s in SCRIPTS)}")
     if args.from_logs:
         outcomes = [o for s in chosen if (o := read_log(s, args.from_logs)) is not None]
         if not outcomes:
             ap.error(f"no <script>.log files in {args.from_logs}")
         quick = any(o.command != " ".join(command_of(o.script, False)) for o in outcomes)
-        stamp = time.strftime("%Y-%m-%d", time.localtime(max((args.from_logs / f"{o.script.name}.log").stat().st_mtime
+        stamp = time.strftime("%Y-%m-%d", time.localtime(max((args.from_logs / f"{o.script.key}.log").stat().st_mtime
                                                               for o in outcomes)))
     else:
         logdir = args.logdir or ROOT / "runs" / time.strftime("bench-%Y%m%d-%H%M%S")

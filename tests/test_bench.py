@@ -100,7 +100,7 @@ RESULT name=inference_shared_vs_zero_shot value=9 baseline=10 ratio=0.9 target=0
 
 
 def _outcomes():
-    by_name = {s.name: s for s in run_all.SCRIPTS}
+    by_name = {s.key: s for s in run_all.SCRIPTS}
     return [run_all.parse_output(by_name["train_step"], "python bench/train_step.py", 0, 60.0, FAKE_TRAIN),
             run_all.parse_output(by_name["aggregation"], "python bench/aggregation.py", 0, 60.0, FAKE_AGG),
             run_all.parse_output(by_name["inference"], "python bench/inference.py", 0, 60.0, FAKE_INF),
@@ -169,3 +169,9 @@ def test_a_comparison_without_a_target_is_reported_as_such():
     assert run_all.table([o])[2].split("|")[5:7] == [" - ", " comparison "]
     page = run_all.render([o], quick=False, when="d", commit="c", findings=None)
     assert "- met (0): none" in page and "- missed (0): none" in page
+
+
+def test_every_benchmark_run_has_its_own_log_and_only_name():
+    keys = [s.key for s in run_all.SCRIPTS]
+    assert len(keys) == len(set(keys)), keys
+    assert {"train_step", "train_step_checkpoint", "train_step_micro2"} <= set(keys)
