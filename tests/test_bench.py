@@ -175,3 +175,14 @@ def test_every_benchmark_run_has_its_own_log_and_only_name():
     keys = [s.key for s in run_all.SCRIPTS]
     assert len(keys) == len(set(keys)), keys
     assert {"train_step", "train_step_checkpoint", "train_step_micro2"} <= set(keys)
+
+
+def test_a_page_rebuilt_from_logs_names_the_commits_the_scripts_ran_at(tmp_path):
+    by_key = {s.key: s for s in run_all.SCRIPTS}
+    (tmp_path / "payload.log").write_text(f"$ python bench/payload.py\n# exit 0, 28s, commit aaa1111\n{FAKE_INF}")
+    (tmp_path / "inference.log").write_text(f"$ python bench/inference.py\n# exit 0, 82s\n{FAKE_INF}")
+    assert run_all.read_log(by_key["payload"], tmp_path).commit == "aaa1111"
+    assert run_all.read_log(by_key["inference"], tmp_path).commit == ""  # a log from before commits were kept
+    page = run_all.render([run_all.read_log(by_key["payload"], tmp_path)], quick=False, when="d",
+                          commit="aaa1111,bbb2222", findings=None)
+    assert "commits `aaa1111`, `bbb2222`." in page
