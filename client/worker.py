@@ -110,8 +110,9 @@ class Worker:
         cached_site(Path(self.spec["data"]), cfg.task.classes)
         import torch
 
+        threads = torch.get_num_threads()
         log(f"site {self.site}: backbone and site index ready in {time.perf_counter() - t0:.1f}s; "
-            f"{torch.get_num_threads()} CPU threads")
+            f"{threads} CPU thread{'s' if threads != 1 else ''} (nearl-client --threads)")
 
     def run(self) -> None:
         client = fi.executor_client(self.address, self.secret)

@@ -79,6 +79,7 @@ def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(
         assert len(pids) == 1, pids  # one process answered every round
         log = procs.text(site)
         assert "warm: one site worker runs this site's installed NEARL code" in log
+        assert "1 CPU thread (nearl-client --threads)" in log, log  # --threads 1 reached the worker
         assert "Start `flwr-clientapp` process" not in log and "Starting Flower SuperExec" not in log, log
     assert history(client, rid, "sites_warm") == {1: 2.0, 2: 2.0}
 
