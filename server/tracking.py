@@ -94,16 +94,14 @@ class Tracker:
 
         existing = self.client.get_run(self.run_id).data.params
         items = [Param(k, v) for k, v in flatten_params(params).items() if k not in existing]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[i:i + 100])
+        self._log_batch("params", items, 100)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
         """All tags of a call in batched requests (a round with 100 sites logs 100+ payload hashes)."""
         from mlflow.entities import RunTag
 
         items = [RunTag(metric_key(k), str(v)) for k, v in tags.items()]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, tags=items[i:i + 100])
+        self._log_batch("tags", items, 100)
 
     def log_metrics(self, metrics: Mapping[str, Any], step: int) -> dict[str, float]:
         from mlflow.entities import Metric
@@ -111,9 +109,14 @@ class Tracker:
         values = finite_metrics(metrics)
         now = int(time.time() * 1000)
         items = [Metric(k, v, now, step) for k, v in values.items()]
-        for i in range(0, len(items), 500):
-            self.client.log_batch(self.run_id, metrics=items[i:i + 500])
+        self._log_batch("metrics", items, 500)
         return values
+
+    def _log_batch(self, kind: str, items: list, size: int) -> None:
+        """``items`` as ``log_batch(kind=...)`` requests of at most ``size`` (MLflow caps a request's params
+        and tags at 100 each and its metrics at 1000)."""
+        for i in range(0, len(items), size):
+            self.client.log_batch(self.run_id, **{kind: items[i:i + size]})
 
     def log_adapters(self, folder: str | Path, artifact_path: str = "final_adapters",
                      registered_name: str | None = None, version_tags: Mapping[str, str] | None = None) -> str | None:
