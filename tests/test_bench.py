@@ -122,7 +122,7 @@ def test_table_rows_hide_cpu_times_but_show_absolute_targets_and_memory():
 
 
 def test_page_has_machine_header_table_verdicts_gpu_section_and_findings():
-    page = run_all.render(_outcomes(), quick=True, when="2026-01-01", commit="abc1234", findings="Some finding.")
+    page = run_all.render(_outcomes(), quick=True, when="2026-01-01", commits=["abc1234"], findings="Some finding.")
     assert "`python bench/run_all.py --quick`" in page and "commit `abc1234`" in page
     assert "    machine: AMD EPYC, 2 cores, 24 GiB RAM" in page
     assert "| `aggregation_100_sites_seconds` |" in page
@@ -139,7 +139,7 @@ def test_a_gpu_run_names_the_card_and_shows_its_times():
     gpu = gpu.replace("torch 2.14.1; device cuda, GPU NVIDIA H100", "GPU NVIDIA H100; torch 2.14.1; device cuda")
     o = run_all.parse_output(run_all.SCRIPTS[1], "python bench/train_step.py", 0, 1.0, gpu)
     assert o.device == "cuda"
-    page = run_all.render([o], quick=False, when="d", commit="c", findings=None)
+    page = run_all.render([o], quick=False, when="d", commits=["c"], findings=None)
     assert "No GPU was available" not in page and "NVIDIA H100" in page.split("## GPU")[1]
     assert "| 3.10 s | 1.20 s |" in page
 
@@ -167,7 +167,7 @@ def test_a_comparison_without_a_target_is_reported_as_such():
     o = run_all.parse_output({s.name: s for s in run_all.SCRIPTS}["methods"], "python bench/methods.py", 0, 1.0,
                              line + "\n")
     assert run_all.table([o])[2].split("|")[5:7] == [" - ", " comparison "]
-    page = run_all.render([o], quick=False, when="d", commit="c", findings=None)
+    page = run_all.render([o], quick=False, when="d", commits=["c"], findings=None)
     assert "- met (0): none" in page and "- missed (0): none" in page
 
 
@@ -184,5 +184,5 @@ def test_a_page_rebuilt_from_logs_names_the_commits_the_scripts_ran_at(tmp_path)
     assert run_all.read_log(by_key["payload"], tmp_path).commit == "aaa1111"
     assert run_all.read_log(by_key["inference"], tmp_path).commit == ""  # a log from before commits were kept
     page = run_all.render([run_all.read_log(by_key["payload"], tmp_path)], quick=False, when="d",
-                          commit="aaa1111,bbb2222", findings=None)
+                          commits=["aaa1111", "bbb2222"], findings=None)
     assert "commits `aaa1111`, `bbb2222`." in page
