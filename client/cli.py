@@ -32,6 +32,7 @@ import sys
 import time
 from pathlib import Path
 
+from nearl_core import flags
 from nearl_core.errors import NearlError
 
 PROG = "nearl-client"
@@ -48,11 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--auth-key", type=Path, default=None,
                    help="this site's private key (deploy/make-site-key.sh); its .pub must be registered at the server")
-    p.add_argument("--config", default="demo",
-                   help="the federation's NEARL config (for the class list checked here; default demo)")
+    p.add_argument("--config", default=None,
+                   help="the federation's NEARL config, for the class list checked here (default: the folders' "
+                        "classes; the coordinator's config decides them when a run starts)")
     p.add_argument("--port", type=int, default=None,
                    help="local port of this node's app runtime (default: a free port)")
-    p.add_argument("--device", default=None, help="auto (default: GPU when available), cpu, cuda, cuda:N, mps")
+    flags.add_device_flag(p)
     p.add_argument("--pretrained", default=None, help="local path of the backbone weights, if the config uses a file")
     p.add_argument("--threads", type=int, default=None, metavar="N",
                    help="CPU threads for training (default: torch's, one per core); when several sites share "
@@ -125,8 +127,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     threads = thread_env(args.threads)
     data = args.data.expanduser().resolve()
     overrides = {"model.pretrained": args.pretrained} if args.pretrained else {}
-    cfg = load_config(args.config, overrides)
-    if not cfg.task.classes:
+    cfg = load_config(flags.config_name(args), overrides)
+    if args.config is None:
+        cfg = cfg.with_classes(())  # the folders' classes now; the coordinator's config names them per run
+    elif not cfg.task.classes:
         raise NearlError(f"config {args.config}: names no task.classes; use the federation's config file")
     check_data(data, cfg)  # same checks as `nearl check-data`; raises DataError for a bad folder
     certs = None

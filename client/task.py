@@ -12,6 +12,7 @@ would break the egress rules.
 from __future__ import annotations
 
 import functools
+import logging
 import math
 import os
 import time
@@ -31,8 +32,8 @@ from client.egress import EgressError, check_reply, pack_outgoing
 from nearl_core.adapter_io import set_shared_state, shared_schema, shared_state
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import ModelConfig, NearlConfig, from_dict
-from nearl_core.data import SiteData, scan_site
-from nearl_core.errors import NearlError
+from nearl_core.data import SiteData, infer_classes, scan_site
+from nearl_core.errors import DataError, NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import check_transport, encode, widen_flat, wire_schema
@@ -40,6 +41,8 @@ from nearl_core.train import evaluate, fit, make_loader, schedule_window, seed_e
 from nearl_protocol import keys
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import Instruction, build_reply, instruction_adapters, read_instruction, refusal
+
+log = logging.getLogger("nearl.site")
 
 
 class SiteRefusal(NearlError):
@@ -68,7 +71,22 @@ def cached_backbone(model_cfg: ModelConfig) -> Backbone:
 
 @functools.lru_cache(maxsize=8)
 def cached_site(root: Path, classes: tuple[str, ...]) -> SiteData:
-    """The site index; nearl-client verified every image before the node joined, so no re-decode here."""
+    """The site index; nearl-client verified every image before the node joined, so no re-decode here.
+
+    The classes are the coordinator's (its resolved config): a site folder holding another
+    class is refused in one line, one lacking some of them is told so and trains on the rest.
+    """
+    held = infer_classes(root)
+    named = ", ".join(classes)
+    extra = [c for c in held if c not in classes]
+    if extra:
+        raise DataError(f"site folder {root} holds class {', '.join(map(repr, extra))}, which the federation's "
+                        f"config does not name (its classes: {named}); rename or remove it, or ask the "
+                        "coordinator to add it to task.classes")
+    lacking = [c for c in classes if c not in held]
+    if lacking:
+        log.warning("site folder %s has no training images of %s (the federation's classes: %s); it trains on "
+                    "the others", root, ", ".join(lacking), named)
     return scan_site(root, classes, verify=False)
 
 

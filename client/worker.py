@@ -100,10 +100,14 @@ class Worker:
 
         from client.task import cached_backbone, cached_site
         from nearl_core.config import load_config
+        from nearl_core.data import infer_classes
+        from nearl_core.flags import DEFAULT_CONFIG
         from nearl_core.fingerprint import backbone_fingerprint
 
         t0 = time.perf_counter()
-        cfg = load_config(self.spec["config"])
+        cfg = load_config(self.spec["config"] or DEFAULT_CONFIG)
+        if not self.spec["config"]:  # no --config: the folders' classes, which the coordinator's usually are
+            cfg = cfg.with_classes(infer_classes(Path(self.spec["data"])))
         model_cfg = replace(cfg.model, pretrained=self.spec["pretrained"]) if self.spec.get("pretrained") else cfg.model
         backbone = cached_backbone(model_cfg)
         log(f"site {self.site}: backbone fingerprint {backbone_fingerprint(backbone.clip, backbone.name, backbone.source)}")

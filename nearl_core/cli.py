@@ -2,6 +2,7 @@
 
     nearl demo-data  --out DIR --sites N          synthetic multi-site data (embedded default)
     nearl check-data --data SITE [--config X]     validate a site folder, print counts
+                                                  (without --config, the classes come from the folders)
     nearl params     [--config X] [--json]        parameter breakdown and payload size
     nearl train      --data SITE --out DIR        centralized / local-only baseline
                      [--dp-epsilon E]             ... under sample-level DP (docs/privacy.md)
@@ -21,15 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 from nearl_core.errors import NearlError, NearlWarning
-from nearl_core import site_check, workflows
+from nearl_core import flags, site_check, workflows
 
 
 def _add_config(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", default="demo", help="YAML config file or shipped name (demo, vit-b16); default demo")
-    p.add_argument("--pretrained", default=None,
-                   help="override model.pretrained: an open_clip tag, a local checkpoint file, or 'none'")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override any config value, e.g. --set train.lr=0.001 (repeatable)")
+    flags.add_config_flags(p)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -56,14 +53,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, type=Path)
     p.add_argument("--epochs", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None, help="auto (default), cpu, cuda, mps")
+    flags.add_device_flag(p)
     p.add_argument("--overwrite", action="store_true", help="replace adapters already in --out")
-    p.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
-                   help="train with DP-SGD (Opacus, adapters only) to epsilon E; the ledger is --out/privacy.json")
-    p.add_argument("--dp-delta", type=float, default=None, metavar="D",
-                   help="DP delta (default min(1e-5, 1/(10 N)) for N training images)")
-    p.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C",
-                   help="per-sample gradient clipping bound (default 1.0)")
+    flags.add_dp_flags(p, what="this site (the ledger is --out/privacy.json)")
     _add_config(p)
 
     p = sub.add_parser("evaluate", help="evaluate saved adapters on a site's split")
@@ -115,7 +107,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "check-data":
         site_check.check_data(args.data, workflows.config_from_args(args))
     elif args.command == "params":
-        report = workflows.params(workflows.config_from_args(args))
+        report = workflows.params(workflows.config_from_args(args, reads_site=False))
         print(json.dumps(report, indent=2) if args.json else workflows.format_params(report))
     elif args.command == "train":
         workflows.train(args.data, args.out, workflows.config_from_args(args), overwrite=args.overwrite)

@@ -10,6 +10,7 @@ applies through :func:`apply_overrides`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Mapping
@@ -160,6 +161,23 @@ class NearlConfig:
         return replace(self, task=replace(self.task, classes=tuple(classes)))
 
 
+def dump_config(cfg: NearlConfig) -> str:
+    """The config as YAML text, the same shape as a config file (and what :func:`config_sha256` hashes)."""
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def config_sha256(cfg: NearlConfig) -> str:
+    """One name for a resolved config: recorded in MLflow, comparable between the two engines."""
+    return hashlib.sha256(dump_config(cfg).encode()).hexdigest()
+
+
+def write_config(cfg: NearlConfig, path: Path) -> Path:
+    """Write the resolved config for the ServerApp (and the record): loading it gives the same config."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(dump_config(cfg))
+    return path
+
+
 def resolve_config_path(name_or_path: str | Path) -> Path:
     """A file path, or the name of a shipped config such as ``demo`` or ``vit-b16``."""
     path = Path(name_or_path)
@@ -232,8 +250,8 @@ def _section(cls: type, values: Mapping[str, Any], where: str) -> Any:
 def _coerce(value: Any, f: dataclasses.Field, where: str) -> Any:
     default = f.default if f.default is not dataclasses.MISSING else f.default_factory()  # type: ignore[misc]
     if isinstance(default, tuple):
-        if isinstance(value, str):  # a template may hold commas; a list of group names is comma-separated
-            value = [v.strip() for v in value.split(",")] if f.name == "local" else [value]
+        if isinstance(value, str):  # a list in a flag is comma-separated; a template may hold commas itself
+            value = [value] if f.name == "templates" else [v.strip() for v in value.split(",") if v.strip()]
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}: expected a list, got {value!r}")
         return tuple(str(v) for v in value)

@@ -13,7 +13,6 @@ state dir between rounds (and restarts); after the last round it fine-tunes for
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 from pathlib import Path
@@ -96,23 +95,3 @@ def config_digest(cfg_dict: dict[str, Any]) -> str:
 def state_dirs(state_dir: Path) -> tuple[Path, Path]:
     """(<state-dir>/local, <state-dir>/personalized)."""
     return state_dir / LOCAL_DIR, state_dir / PERSONALIZED_DIR
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """``--personalize`` and ``--finetune-epochs``, the same on nearl-server and simulation/run.py."""
-    parser.add_argument("--personalize", default=None, metavar="PRESET|GROUPS",
-                        help="adapter groups every site keeps to itself (federation.local): none, "
-                             "all-but-useformer, or groups as `nearl params` lists them, e.g. oca-text,gates")
-    parser.add_argument("--finetune-epochs", type=int, default=None, metavar="E",
-                        help="after the last round each site fine-tunes for E epochs on its own data and keeps "
-                             "its personalized adapters in <state-dir>/personalized/ (federation.finetune-epochs)")
-
-
-def overrides_from_args(args: argparse.Namespace) -> dict[str, Any]:
-    """Those flags as NEARL config overrides (the sites read them from the federation's config)."""
-    out: dict[str, Any] = {}
-    if args.personalize is not None:
-        out["federation.local"] = args.personalize
-    if args.finetune_epochs is not None:
-        out["federation.finetune-epochs"] = args.finetune_epochs
-    return out

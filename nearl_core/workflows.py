@@ -25,32 +25,21 @@ from nearl_core.errors import AdapterFileError, ConfigError, ModelOutputError, N
 from nearl_core.metrics import METRIC_NAMES
 from nearl_core.model import FrozenCLIP, build_model
 from nearl_core.params import format_report, parameter_report
-from nearl_core import privacy
+from nearl_core import flags, privacy
 from nearl_core.site_check import load_site, with_site_classes
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 
 format_params = format_report
 
 
-def config_from_args(args: Any) -> NearlConfig:
-    """--config, then --set overrides, then the dedicated flags (--pretrained, --epochs, ...)."""
-    overrides: dict[str, Any] = {}
-    for item in getattr(args, "overrides", []) or []:
-        key, sep, value = item.partition("=")
-        if not sep:
-            raise ConfigError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
-        overrides[key.strip()] = value.strip()
-    for flag, key in (("pretrained", "model.pretrained"), ("epochs", "train.epochs"),
-                      ("seed", "train.seed"), ("device", "train.device"),
-                      ("dp_epsilon", "privacy.target-epsilon"), ("dp_delta", "privacy.delta"),
-                      ("dp_max_grad_norm", "privacy.max-grad-norm")):
-        if getattr(args, flag, None) is not None:
-            overrides[key] = getattr(args, flag)
-    if any(k.startswith("privacy.") for k in overrides) and "privacy.enabled" not in overrides:
-        overrides["privacy.enabled"] = True  # a --dp-* flag turns DP on
-    if getattr(args, "dp_epsilon", None) is not None:
-        overrides["privacy.noise-multiplier"] = None  # --dp-epsilon plans the noise itself
-    return load_config(args.config, overrides)
+def config_from_args(args: Any, *, reads_site: bool = True) -> NearlConfig:
+    """--config, then --set, then the dedicated flags (nearl_core/flags.py: the same on every command).
+
+    For a command that ``reads_site``, no ``--config`` and no ``--set task.classes`` leave the
+    class list empty, so that it comes from the site's folders (``with_site_classes``).
+    """
+    cfg = load_config(flags.config_name(args), flags.config_overrides(args))
+    return cfg.with_classes(()) if reads_site and flags.classes_from_data(args) else cfg
 
 
 def demo_data(out: Path, sites: int, *, seed: int = 0, train_per_site: int = 96, overwrite: bool = False) -> list[Path]:

@@ -23,13 +23,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from nearl_core import personalize
+from nearl_core import flags
 from nearl_core.errors import NearlError
-from nearl_core.transport import TRANSPORT_DTYPES
-from server import settings
+from server import options, settings
+from server.settings import FederationSettings
+from server.tracking import resolve_tracking_uri
 from server.progress_view import format_event, format_summary
 from nearl_protocol import processes as flower
 from nearl_protocol.bundle import stage
@@ -41,33 +43,12 @@ POLL_SECONDS = 10.0  # `flwr ls` is a Python process per call; progress lines ar
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The federation settings' flags (server/options.py) and the shared NEARL flags, then this command's own."""
     p = argparse.ArgumentParser(prog=PROG, description="Coordinate a NEARL federation (Flower SuperLink + ServerApp).")
-    d, h = settings.default, settings.help_of
-    p.add_argument("--rounds", type=int, default=d("num_rounds"), help=h("num_rounds"))
-    p.add_argument("--config", default=d("config"), help=h("config"))
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="SECTION.KEY=VALUE",
-                   help="override a NEARL config value, e.g. --set train.lr=0.001 (repeatable)")
-    p.add_argument("--strategy", default=d("strategy"), help=h("strategy"))
-    p.add_argument("--min-sites", type=int, default=d("min_nodes"), help=h("min_nodes"))
-    p.add_argument("--fraction-train", type=float, default=d("fraction_train"), help=h("fraction_train"))
-    p.add_argument("--local-epochs", type=int, default=d("local_epochs"), help=h("local_epochs"))
-    p.add_argument("--round-timeout", type=float, default=d("round_timeout"), help=h("round_timeout"))
-    p.add_argument("--wait-timeout", type=float, default=d("wait_timeout"), help=h("wait_timeout"))
-    p.add_argument("--no-eval-in-train", dest="evaluate_in_train", action="store_false",
-                   default=d("evaluate_in_train"), help="evaluate in a separate message every round (slower; "
-                   "default: inside the train message)")
-    personalize.add_arguments(p)
-    p.add_argument("--proximal-mu", type=float, default=d("proximal_mu"), help=h("proximal_mu"))
-    p.add_argument("--server-momentum", type=float, default=d("server_momentum"), help=h("server_momentum"))
-    p.add_argument("--server-lr", type=float, default=d("server_lr"), help=h("server_lr"))
-    p.add_argument("--trim-beta", type=float, default=d("trim_beta"), help=h("trim_beta"))
-    p.add_argument("--krum-malicious", type=int, default=d("krum_malicious"), help=h("krum_malicious"))
-    guard = p.add_argument_group("what one site can do to a round (docs/security.md)")
-    guard.add_argument("--max-abs-value", type=float, default=d("max_abs_value"), help=h("max_abs_value"))
-    guard.add_argument("--outlier-factor", type=float, default=d("outlier_factor"), help=h("outlier_factor"))
-    guard.add_argument("--examples-growth", type=float, default=d("examples_growth"), help=h("examples_growth"))
-    guard.add_argument("--max-examples", type=float, default=d("max_examples"), help=h("max_examples"))
-    guard.add_argument("--equal-weights", action="store_true", default=d("equal_weights"), help=h("equal_weights"))
+    flags.add_config_flags(p, federation_keys=True)
+    options.add_federation_flags(p, settings.SERVER)
+    flags.add_personalize_flags(p)
+    flags.add_dp_flags(p)
     p.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0; 127.0.0.1 = local only)")
     p.add_argument("--port", type=int, default=9092, help="port sites connect to (default 9092): serves the "
                    "Flower Fleet API only")
@@ -79,52 +60,13 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--auth-keys", type=Path, default=None,
                    help="folder of site public keys (*.pub): enables SuperNode authentication; only these sites join")
-    p.add_argument("--mlflow-uri", default=d("mlflow_uri"),
-                   help=h("mlflow_uri", "; a relative sqlite path is in this folder; http://host:5000 for a server"))
-    p.add_argument("--experiment", default=d("mlflow_experiment"), help=h("mlflow_experiment"))
-    p.add_argument("--checkpoint-dir", type=Path, default=Path(d("checkpoint_dir")), help=h("checkpoint_dir"))
-    p.add_argument("--keep-checkpoints", type=int, default=d("keep_checkpoints"), help=h("keep_checkpoints"))
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR from its last complete round (same MLflow run)")
     p.add_argument("--superlink-db", type=Path, default=None, metavar="FILE",
                    help="keep the SuperLink's state in this sqlite file so connected sites survive a coordinator "
                         "restart (default: in memory; sites then rejoin by restarting nearl-client)")
-    p.add_argument("--transport-dtype", default=d("transport_dtype"), choices=TRANSPORT_DTYPES,
-                   help=h("transport_dtype", "; fp16/bf16 halve the payload in both directions"))
     p.add_argument("--quiet", action="store_true", help="only the final summary")
-    sec = p.add_argument_group("secure aggregation (docs/security.md)")
-    sec.add_argument("--secure-aggregation", action="store_true", default=d("secure_aggregation"),
-                     help=h("secure_aggregation"))
-    sec.add_argument("--secagg-threshold", type=float, default=d("secagg_threshold"), help=h("secagg_threshold"))
-    sec.add_argument("--secagg-clip", type=float, default=d("secagg_clip"), help=h("secagg_clip"))
-    sec.add_argument("--secagg-max-weight", type=int, default=d("secagg_max_weight"), help=h("secagg_max_weight"))
-    sec.add_argument("--secagg-timeout", type=float, default=d("secagg_timeout"), help=h("secagg_timeout"))
-    dp = p.add_argument_group("differential privacy (docs/privacy.md)")
-    dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
-                    help="ask every site for DP-SGD to epsilon E over the whole federation (sample-level; "
-                         "a site's own nearl-client --max-epsilon can only lower it)")
-    dp.add_argument("--dp-delta", type=float, default=None, metavar="D",
-                    help="sample-level delta (default: per site, below 1/N of its training images)")
-    dp.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C", help="per-sample clipping bound")
-    dp.add_argument("--server-dp-noise", type=float, default=d("server_dp_noise"), metavar="Z",
-                    help=h("server_dp_noise", "; needs --server-dp-clip"))
-    dp.add_argument("--server-dp-clip", type=float, default=d("server_dp_clip"), metavar="C",
-                    help=h("server_dp_clip"))
-    dp.add_argument("--server-dp-delta", type=float, default=d("server_dp_delta"), metavar="D",
-                    help=h("server_dp_delta"))
     return p
-
-
-def dp_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """--dp-* flags as NEARL config overrides (a flag turns sample-level DP on)."""
-    out: dict[str, Any] = {}
-    for flag, key in (("dp_epsilon", "privacy.target-epsilon"), ("dp_delta", "privacy.delta"),
-                      ("dp_max_grad_norm", "privacy.max-grad-norm")):
-        if getattr(args, flag, None) is not None:
-            out[key] = getattr(args, flag)
-    if out:
-        out["privacy.enabled"] = True
-    return out
 
 
 class Interrupted(Exception):
@@ -168,29 +110,36 @@ class Server:
         self.superlink = None
         self.run_id: str | None = None
         self.cli_env: dict[str, str] = {}
-        self.checkpoint_dir = (args.resume or args.checkpoint_dir).expanduser().resolve()
+        chosen = args.resume or args.checkpoint_dir or settings.default("checkpoint_dir")
+        self.checkpoint_dir = Path(chosen).expanduser().resolve()
         self.superlink_log = state_dir / "superlink.log"
         self.proxy = None
 
     # -- setup checks: everything a user can get wrong fails here, before any process starts -------
-    def validate(self) -> tuple[dict[str, Any], Certs | None]:
-        from nearl_core.config import load_config, resolve_config_path
+    def validate(self) -> tuple[FederationSettings, Certs | None]:
+        """Resolve the NEARL config and the settings from the flags; check certificates, keys and checkpoints.
+
+        The ServerApp gets the resolved config as a file (``config``), exactly as the
+        simulation hands it over, so every config key works here without a run-config
+        declaration.
+        """
+        from nearl_core.config import load_config, resolve_config_path, write_config
         from server.checkpoint import complete_rounds, load_latest
-        from server.settings import FederationSettings
 
         a = self.args
         if not (flower.APP_DIR / "pyproject.toml").is_file():
             raise NearlError(f"{flower.APP_DIR} has no pyproject.toml: run nearl-server from a NEARL source install")
-        overrides: dict[str, Any] = {}
-        for item in a.overrides:
-            key, sep, value = item.partition("=")
-            if not sep:
-                raise NearlError(f"--set {item}: expected SECTION.KEY=VALUE, e.g. --set train.lr=0.001")
-            overrides[key.strip()] = value.strip()
-        overrides.update(dp_overrides(a))
-        overrides.update(personalize.overrides_from_args(a))
-        config_path = resolve_config_path(a.config)
-        load_config(config_path, overrides)  # readable error now rather than inside the ServerApp
+        keys = options.federation_keys()
+        _, federation_sets = flags.parse_set(a.overrides, keys)
+        cfg = load_config(resolve_config_path(flags.config_name(a)), flags.config_overrides(a, keys))
+        if not cfg.task.classes:
+            raise NearlError(f"config {flags.config_name(a)} names no task.classes: a federation needs the same "
+                             "list at every site; add them to the config or pass --set task.classes=A,B,C")
+        config_file = write_config(cfg, self.state_dir / "nearl-config.yaml")
+        fed = options.settings_from_args(
+            a, settings.SERVER, federation_sets, config=str(config_file), checkpoint_dir=str(self.checkpoint_dir),
+            resume=a.resume is not None, progress_file=str(self.state_dir / "progress.jsonl"))
+        fed = replace(fed, mlflow_uri=resolve_tracking_uri(fed.mlflow_uri, os.getcwd()))
         certs = None if a.insecure else Certs((a.certs or Path("deploy/secrets/certs")).expanduser().resolve())
         if certs is not None:
             try:
@@ -204,41 +153,19 @@ class Server:
                 raise NearlError(f"--auth-keys {a.auth_keys}: no *.pub site keys found (deploy/make-site-key.sh SITE)")
         if a.resume is not None:
             ckpt = load_latest(self.checkpoint_dir)
-            if ckpt.round >= a.rounds:
-                print(f"{PROG}: {self.checkpoint_dir} is already at round {ckpt.round} of {a.rounds}; "
+            if ckpt.round >= fed.num_rounds:
+                print(f"{PROG}: {self.checkpoint_dir} is already at round {ckpt.round} of {fed.num_rounds}; "
                       "finishing (final adapters and MLflow artifact)")
         elif complete_rounds(self.checkpoint_dir):
             raise NearlError(f"{self.checkpoint_dir} already holds checkpoints of an earlier run; continue it with "
                              f"--resume {self.checkpoint_dir} or choose another --checkpoint-dir")
-        run_config = {
-            "num-server-rounds": a.rounds, "config": str(config_path), "strategy": a.strategy,
-            "min-nodes": a.min_sites, "fraction-train": a.fraction_train, "round-timeout": a.round_timeout,
-            "wait-timeout": a.wait_timeout, "local-epochs": a.local_epochs, "evaluate-in-train": a.evaluate_in_train,
-            "proximal-mu": a.proximal_mu, "server-lr": a.server_lr, "server-momentum": a.server_momentum,
-            "trim-beta": a.trim_beta,
-            "krum-malicious": a.krum_malicious, "max-abs-value": a.max_abs_value,
-            "outlier-factor": a.outlier_factor, "examples-growth": a.examples_growth, "max-examples": a.max_examples,
-            "equal-weights": a.equal_weights, "mlflow-uri": self._mlflow_uri(), "mlflow-experiment": a.experiment,
-            "checkpoint-dir": str(self.checkpoint_dir), "keep-checkpoints": a.keep_checkpoints,
-            "resume": a.resume is not None, "progress-file": str(self.state_dir / "progress.jsonl"),
-            "server-dp-noise": a.server_dp_noise, "server-dp-clip": a.server_dp_clip,
-            "server-dp-delta": a.server_dp_delta, "transport-dtype": a.transport_dtype,
-            "secure-aggregation": a.secure_aggregation, "secagg-threshold": a.secagg_threshold,
-            "secagg-clip": a.secagg_clip, "secagg-max-weight": a.secagg_max_weight,
-            "secagg-timeout": a.secagg_timeout, **overrides,
-        }
-        FederationSettings.from_run_config(run_config).nearl_config()
-        return run_config, certs
-
-    def _mlflow_uri(self) -> str:
-        from server.tracking import resolve_tracking_uri
-
-        return resolve_tracking_uri(self.args.mlflow_uri, os.getcwd())
+        return fed, certs
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> int:
         a = self.args
-        run_config, certs = self.validate()
+        fed, certs = self.validate()
+        run_config = fed.to_run_config()
         self.phase = "start"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         connect_host = "127.0.0.1" if a.host in ("0.0.0.0", "::", "") else a.host
@@ -272,8 +199,8 @@ class Server:
                                      env=self.cli_env, timeout=300)
         self.run_id = str(submitted["run-id"])
         self.phase = "run"
-        print(f"{PROG}: run {self.run_id} submitted ({a.rounds} rounds, strategy {a.strategy}, "
-              f"at least {a.min_sites} sites); waiting for sites...", flush=True)
+        print(f"{PROG}: run {self.run_id} submitted ({fed.num_rounds} rounds, strategy {fed.strategy}, "
+              f"at least {fed.min_nodes} sites); waiting for sites...", flush=True)
         return self.follow(Path(run_config["progress-file"]))
 
     def start_proxy(self, connect_host: str, local_port: int, certs: Certs | None) -> None:

@@ -21,6 +21,7 @@ from flwr.app import Array, ArrayRecord
 from flwr.serverapp import Grid
 
 from nearl_core.adapter_io import package_version, save_adapters, set_shared_state, shared_schema, shared_state
+from nearl_core.config import config_sha256
 from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
@@ -176,7 +177,7 @@ def build_server_model(settings: FederationSettings) -> NearlCLIP:
 
 def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a federation; returns a summary. Raises on failure after recording it."""
-    progress = Progress(str(run_config.get("progress-file", "")) or None)  # so that a bad key is reported too
+    progress = Progress(str(run_config.get("progress-file") or "") or None)  # so that a bad key is reported too
     tracker: Tracker | None = None
     try:
         settings = FederationSettings.from_run_config(run_config)
@@ -206,7 +207,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             tracker = Tracker(uri, settings.mlflow_experiment, run_id=ckpt.mlflow_run_id if ckpt else None,
                               run_name=f"federation-{time.strftime('%Y%m%d-%H%M%S')}",
                               tags={"nearl.strategy": settings.strategy, "nearl.backbone": cfg.model.name})
-            tracker.log_params({**cfg.flat(), **settings.params(), "backbone": cfg.model.name,
+            tracker.log_params({**cfg.flat(), **settings.params(), "config.sha256": config_sha256(cfg),
+                                "backbone": cfg.model.name,
                                 "backbone_source": model.backbone_source, "backbone_fingerprint": fingerprint,
                                 "strategy": settings.strategy, "trainable_parameters": parameter_count(schema),
                                 **privacy_params(cfg, settings)})
@@ -225,7 +227,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
             listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
             evaluate_in_train=settings.evaluate_in_train, wait_timeout=settings.wait_timeout,
-            options={**settings.strategy_options(), "client-lr": cfg.train.lr}, transport=settings.transport_dtype,
+            options=settings.strategy_options(), client_lr=cfg.train.lr, transport=settings.transport_dtype,
             registry=load_registry(settings.site_registry), secure=settings.secagg_settings())
         if ckpt is not None:
             strategy.load_strategy_state(ckpt.strategy_state)

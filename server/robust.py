@@ -33,6 +33,8 @@ from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 
+from server.settings import default
+
 log = logging.getLogger("nearl.robust")
 
 CAPS_STATE = "example_caps"  # strategy_state() key of the first accepted example counts
@@ -41,17 +43,19 @@ CHUNK = 1 << 15  # values per block of a distance: the block's float64 differenc
 
 @dataclass(frozen=True)
 class Limits:
-    max_abs_value: float = 1e4
-    examples_growth: float = 2.0
-    max_examples: float = 1e7
-    equal_weights: bool = False
-    outlier_factor: float = 10.0
+    """The guard's limits; the defaults are the federation's (server/settings.py)."""
+
+    max_abs_value: float = default("max_abs_value")
+    examples_growth: float = default("examples_growth")
+    max_examples: float = default("max_examples")
+    equal_weights: bool = default("equal_weights")
+    outlier_factor: float = default("outlier_factor")
 
     @classmethod
-    def from_options(cls, options: Mapping[str, Any], defaults: Callable[[str], Any]) -> "Limits":
+    def from_options(cls, options: Mapping[str, Any]) -> "Limits":
         """From strategy options (run-config keys); a missing key takes its federation default."""
         def get(name: str) -> Any:
-            return options.get(name.replace("_", "-"), defaults(name))
+            return options.get(name.replace("_", "-"), default(name))
         return cls(max_abs_value=float(get("max_abs_value")), examples_growth=float(get("examples_growth")),
                    max_examples=float(get("max_examples")), equal_weights=bool(get("equal_weights")),
                    outlier_factor=float(get("outlier_factor")))

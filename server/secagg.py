@@ -30,6 +30,7 @@ from nearl_protocol import keys
 from nearl_protocol import secagg as sa
 from nearl_protocol.arrays import PayloadError, decode_array
 from nearl_protocol.messages import read_reply
+from server.settings import default
 
 log = logging.getLogger("nearl.secagg")
 
@@ -42,11 +43,11 @@ class SecAggAbort(RuntimeError):
 class SecAggSettings:
     """The federation's choices (server/settings.py): threshold fraction, clip range, weight cap, stage timeout."""
 
-    threshold: float = 0.6
-    clip: float = 0.05
-    max_weight: int = 100_000
-    equal_weights: bool = False
-    timeout: float = 300.0
+    threshold: float = default("secagg_threshold")
+    clip: float = default("secagg_clip")
+    max_weight: int = default("secagg_max_weight")
+    equal_weights: bool = default("equal_weights")
+    timeout: float = default("secagg_timeout")
 
 
 @dataclass

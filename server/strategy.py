@@ -336,16 +336,22 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
                   listener: RoundListener | None = None, round_offset: int = 0, total_rounds: int = 1,
                   evaluate_in_train: bool = True, wait_timeout: float = 600.0,
                   options: Mapping[str, Any] | None = None, transport: str = "float32",
-                  registry: Mapping[int, str] | None = None, secure: Any = None) -> NearlStrategyMixin:
+                  registry: Mapping[int, str] | None = None, secure: Any = None,
+                  client_lr: float | None = None) -> NearlStrategyMixin:
     """Build the configured strategy with explicit sampling settings and NEARL's hooks.
 
     ``options`` holds the strategies' settings and the guard's limits under their run-config
-    keys (``max-abs-value``, ``examples-growth``, ``max-examples``, ``equal-weights``,
-    ``outlier-factor``); a missing key takes the federation default (server/settings.py).
+    keys (``proximal-mu``, ``max-abs-value``, ...); a missing key takes the federation default
+    (server/settings.py).  ``client_lr`` is the sites' learning rate, which FedAdam/FedYogi
+    record as their ``eta_l`` (the NEARL config's ``train.lr``).
     """
-    from server.settings import default  # settings imports this module
+    from server.settings import default
 
     options = dict(options or {})
+
+    def option(name: str) -> Any:
+        return options.get(name.replace("_", "-"), default(name))
+
     cls = strategy_class(name)
     kwargs: dict[str, Any] = dict(fraction_train=fraction_train, fraction_evaluate=1.0,
                                   min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
@@ -355,19 +361,20 @@ def make_strategy(name: str, *, schema: Schema, min_nodes: int, fraction_train: 
     if secure is not None and secure_problem(base, central_dp=False):
         raise ValueError(secure_problem(base, central_dp=False))
     if base == "fedprox":
-        kwargs["proximal_mu"] = float(options.get("proximal-mu", 0.01))
+        kwargs["proximal_mu"] = float(option("proximal_mu"))
     elif base == "fedavgm":
-        kwargs["server_momentum"] = float(options.get("server-momentum", 0.9))
+        kwargs["server_momentum"] = float(option("server_momentum"))
     elif base in ("fedadam", "fedyogi"):
-        kwargs["eta"] = float(options.get("server-lr", 0.01))
-        kwargs["eta_l"] = float(options.get("client-lr", 0.003))
+        kwargs["eta"] = float(option("server_lr"))
+        if client_lr is not None:
+            kwargs["eta_l"] = float(client_lr)
     elif base == "fedtrimmedavg":
-        kwargs["beta"] = float(options.get("trim-beta", 0.2))
+        kwargs["beta"] = float(option("trim_beta"))
     elif base == "krum":
-        kwargs["num_malicious_nodes"] = int(options.get("krum-malicious", 0))
+        kwargs["num_malicious_nodes"] = int(option("krum_malicious"))
     strategy = cls(**kwargs)
     strategy._nearl_setup(schema=schema, listener=listener, round_offset=round_offset, total_rounds=total_rounds,
                           evaluate_in_train=evaluate_in_train, wait_timeout=wait_timeout, min_nodes=min_nodes,
-                          transport=transport, registry=registry, limits=Limits.from_options(options, default),
+                          transport=transport, registry=registry, limits=Limits.from_options(options),
                           secure=secure)
     return strategy

@@ -161,13 +161,13 @@ def compare_methods(args: Namespace, configs: dict[str, NearlConfig], per_method
         cfg = configs[method]  # with the run's DP settings, so the timed epoch is the sites' own
         seconds = epoch_seconds(cfg, backbone, site1, device)
         print(f"{method}: one local epoch on {site_roots[0].name} takes {seconds:.2f}s")
-        rows += method_rows(method, summary["results"], cost(cfg, backbone, args.transport_dtype), seconds)
+        rows += method_rows(method, summary["results"], cost(cfg, backbone, args.settings.transport_dtype), seconds)
     dp = f", DP-SGD epsilon {args.dp_epsilon:g} at every site" if args.dp_epsilon is not None else ""
-    title = (f"Methods in the same federation: {args.sites} sites, alpha {args.alpha}, {args.rounds} rounds x "
-             f"{args.local_epochs} epochs, {first.model.name}{dp}")
+    title = (f"Methods in the same federation: {args.sites} sites, alpha {args.alpha}, {args.settings.num_rounds} rounds x "
+             f"{args.settings.local_epochs} epochs, {first.model.name}{dp}")
     notes = ["Accuracy etc.: test split of every site, mean over sites (each site counts once); round-0 acc is the "
              "fresh model (zero-shot CLIP for every method but CoOp with a random context).",
-             f"Bytes: a site's download + upload per round ({args.transport_dtype}). s / epoch: the faster of two local "
+             f"Bytes: a site's download + upload per round ({args.settings.transport_dtype}). s / epoch: the faster of two local "
              f"epochs on {site_roots[0].name}, timed in the driver process" + (" under DP-SGD." if dp else "."),
              "Each method's own results, curves and MLflow run: <out>/<method>/."]
     files = [write_csv(rows, out), write_markdown(rows, out, title, notes), plot(rows, out)]

@@ -30,59 +30,44 @@ for _key, _value in {"FLWR_TELEMETRY_ENABLED": "0", "FLWR_DISABLE_UPDATE_CHECK":
 if __package__ in (None, ""):  # `python simulation/run.py`: make the repository importable
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from nearl_core.config import load_config  # noqa: E402
+from dataclasses import replace  # noqa: E402
+
+from nearl_core import flags  # noqa: E402
+from nearl_core.config import NearlConfig, load_config, write_config  # noqa: E402
 from nearl_core.data import scan_site  # noqa: E402
 from nearl_core.demo_data import generate_demo_data  # noqa: E402
-from nearl_core import personalize  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
 from nearl_protocol.processes import FlowerError  # noqa: E402
+from server import options  # noqa: E402
+from server.settings import SIMULATION  # noqa: E402
+from server.tracking import resolve_tracking_uri  # noqa: E402
 from simulation import compare, methods  # noqa: E402
 from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
 
 
 def build_parser() -> argparse.ArgumentParser:
+    """The federation settings' flags and the shared NEARL flags (as on nearl-server), then the simulation's own."""
     p = argparse.ArgumentParser(prog="simulation/run.py", description=__doc__.splitlines()[0])
     p.add_argument("--sites", type=int, default=4, help="number of virtual hospitals (default 4)")
-    p.add_argument("--rounds", type=int, default=5, help="federated rounds (default 5)")
-    p.add_argument("--local-epochs", type=int, default=2, help="local epochs per site per round (default 2)")
     p.add_argument("--alpha", default="0.5", help="Dirichlet label skew (default 0.5), 'iid' or 'pathological:K'")
     p.add_argument("--data", type=Path, default=None,
                    help="data to partition: ImageFolder root, folder of site folders, or MedMNIST .npz "
                         "(default: the synthetic demo data, generated when missing)")
-    p.add_argument("--config", default="demo", help="nearl config file or shipped name (default demo)")
-    p.add_argument("--pretrained", default=None, help="override model.pretrained (tag or local file)")
-    p.add_argument("--strategy", default="fedavg",
-                   help="fedavg (default), fedprox, fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="settings",
-                   help="a NEARL config key (train.loss=logit-adjusted, train.schedule=federation) or a server "
-                        "option (proximal-mu=0.1, server-momentum=0.9, server-lr=0.03); repeatable")
     p.add_argument("--seed", type=int, default=0, help="partitioning and training seed (default 0; "
                    "--set train.seed=S changes the training seed alone, on the same split)")
     p.add_argument("--out", type=Path, default=None, help="output folder (default runs/sim-<time>)")
-    p.add_argument("--mlflow-uri", default=None, help="tracking URI (default sqlite:///mlflow.db in the cwd)")
     p.add_argument("--compare", action="store_true", help="also run centralized and local-only baselines")
-    personalize.add_arguments(p)  # the arm 'personalized' of results.csv
     p.add_argument("--methods", default=None, metavar="M1,M2,...",
                    help="run the same federation once per adapter.method (nearl, coop, clip-adapter, lora, "
                         "linear-probe, full-ft) on the same sites, seeds and DP settings; writes methods.csv, "
                         "methods.md and methods.png (docs/methods.md)")
     p.add_argument("--cpus-per-site", type=float, default=1.0, help="Ray CPUs per virtual site (default 1)")
-    p.add_argument("--transport-dtype", default="float32", choices=("float32", "fp16", "bf16"),
-                   help="adapters on the wire: fp16/bf16 halve the payload, aggregation stays float32")
-    p.add_argument("--secure-aggregation", action="store_true",
-                   help="SecAgg+: the server learns only the sum of the sites' updates (docs/security.md)")
-    dp = p.add_argument_group("differential privacy (docs/privacy.md)")
-    dp.add_argument("--dp-epsilon", type=float, default=None, metavar="E",
-                    help="DP-SGD at every site, epsilon E over all rounds (sample-level; each site keeps its ledger "
-                         "in <out>/site-state/)")
-    dp.add_argument("--dp-delta", type=float, default=None, metavar="D", help="sample-level delta (default 1e-5)")
-    dp.add_argument("--dp-max-grad-norm", type=float, default=None, metavar="C",
-                    help="per-sample clipping bound (default 1.0)")
+    flags.add_config_flags(p, federation_keys=True)
+    options.add_federation_flags(p, SIMULATION)
+    flags.add_personalize_flags(p)  # the arm 'personalized' of results.csv
+    dp = flags.add_dp_flags(p)
     dp.add_argument("--site-max-epsilon", action="append", default=[], metavar="SITE=E",
                     help="a virtual site's own ceiling, as its nearl-client --max-epsilon (repeatable)")
-    dp.add_argument("--server-dp-noise", type=float, default=0.0, metavar="Z",
-                    help="client-level DP at the server: noise multiplier (with --server-dp-clip)")
-    dp.add_argument("--server-dp-clip", type=float, default=0.0, metavar="C", help="L2 bound of each site's update")
     return p
 
 
@@ -102,23 +87,25 @@ def run(args: argparse.Namespace) -> dict:
     out = (args.out or Path("runs") / time.strftime("sim-%Y%m%d-%H%M%S")).resolve()
     if (out / "results.csv").exists() or (out / "methods.csv").exists():
         raise NearlError(f"{out} already holds results; choose another --out")
-    nearl_sets, server_sets = split_settings(args.settings)
-    nearl_sets.update(personalize.overrides_from_args(args))
+    keys = options.federation_keys()
+    nearl_sets = flags.config_overrides(args, keys)  # --set, --pretrained, --personalize, --dp-*: as on nearl-server
     nearl_sets.setdefault("train.seed", args.seed)  # every arm trains with the federation's seed
-    args.nearl_sets, args.server_sets = nearl_sets, server_sets
-    cfg = load_config(args.config, {**nearl_sets, **({"model.pretrained": args.pretrained} if args.pretrained else {})})
-    if args.sites < 1 or args.rounds < 1 or args.local_epochs < 1:
-        raise NearlError("--sites, --rounds and --local-epochs must be >= 1")
-    if (args.dp_delta is not None or args.dp_max_grad_norm is not None or args.site_max_epsilon) \
-            and args.dp_epsilon is None:
-        raise NearlError("--dp-delta, --dp-max-grad-norm and --site-max-epsilon need --dp-epsilon E")
+    _, federation_sets = flags.parse_set(args.overrides, keys)
+    args.nearl_sets = nearl_sets
+    if args.sites < 1:
+        raise NearlError("--sites must be >= 1")
+    args.settings = options.settings_from_args(args, SIMULATION, federation_sets, min_nodes=args.sites)
+    if args.site_max_epsilon and args.dp_epsilon is None:
+        raise NearlError("--site-max-epsilon needs --dp-epsilon E")
     # every method's config is checked before anything runs (an unknown method, full-ft under DP)
-    configs = {m: load_config(args.config, {**method_overrides(args, m), **dp_overrides(args)})
-               for m in methods.parse_methods(args.methods or "")}
+    configs = {m: config_of(args, {"adapter.method": m}) for m in methods.parse_methods(args.methods or "")}
     if args.methods is not None and not configs:
         raise NearlError("--methods needs at least one method, e.g. --methods nearl,coop")
+    cfg = config_of(args)
 
     pool = pool_images(args.data or demo_pool(args.sites, args.seed), cfg.task.classes or None)
+    if not cfg.task.classes:
+        print(f"classes from the data (sorted): {', '.join(pool.classes)}")
     cfg = cfg if cfg.task.classes else cfg.with_classes(pool.classes)
     parts = partition(pool, args.sites, args.alpha, args.seed)
     site_roots = write_virtual_sites(pool, parts, out / "sites", args.seed)
@@ -145,35 +132,10 @@ def run(args: argparse.Namespace) -> dict:
     return {"out": out, "methods": rows_out, "per_method": per_method}
 
 
-def method_overrides(args: argparse.Namespace, method: str) -> dict:
-    return {**args.nearl_sets, "adapter.method": method,
-            **({"model.pretrained": args.pretrained} if args.pretrained else {})}
-
-
-def split_settings(items: list[str]) -> tuple[dict[str, str], dict[str, str]]:
-    """``--set`` items: NEARL config keys (``section.key``) and server options (run-config keys), checked."""
-    from server.settings import FederationSettings
-
-    server_keys = set(FederationSettings().strategy_options())
-    nearl, server = {}, {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        key = key.strip()
-        if not sep or not key:
-            raise NearlError(f"--set {item}: expected KEY=VALUE, e.g. --set train.loss=logit-adjusted")
-        if "." in key:
-            nearl[key] = value
-        elif key in server_keys:
-            server[key] = value
-        else:
-            raise NearlError(f"--set {key}: not a NEARL config key (section.key) nor a server option; server "
-                             f"options: {', '.join(sorted(server_keys))}")
-    return nearl, server
-
-
-def dp_overrides(args: argparse.Namespace) -> dict:
-    """The NEARL config keys --dp-epsilon sets at every site (as in the run config), for checks and timing."""
-    return {k: v for k, v in dp_config(args, Path(".")).items() if k.startswith("privacy.")}
+def config_of(args: argparse.Namespace, extra: dict | None = None) -> NearlConfig:
+    """The run's NEARL config: --config, the overrides of the flags, then ``extra``; classes as the data says."""
+    cfg = load_config(flags.config_name(args), {**args.nearl_sets, **(extra or {})})
+    return cfg.with_classes(()) if flags.classes_from_data(args) else cfg
 
 
 def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], root: Path) -> dict:
@@ -181,7 +143,8 @@ def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], r
     from simulation.launch import run_simulation  # Flower is only needed for the federation itself
 
     run_config = federation_config(args, cfg, out, root / "sites")
-    print(f"\nfederation: {args.rounds} rounds x {args.local_epochs} local epochs, strategy {args.strategy}, "
+    s = args.settings
+    print(f"\nfederation: {s.num_rounds} rounds x {s.local_epochs} local epochs, strategy {s.strategy}, "
           f"method {cfg.adapter.method}, Simulation Engine ({args.sites} virtual SuperNodes)")
     print(f"{'round':>5}  {'sites':>5}  {'train_loss':>10}  {'eval_acc':>8}  {'eval_bal_acc':>12}  {'seconds':>7}"
           + ("  eps_max" if args.dp_epsilon is not None else ""))
@@ -193,7 +156,7 @@ def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], r
 
     results = run_arms(args, cfg, site_roots, sim.adapters, out / "site-state")
     rows_out = compare.result_rows(results)
-    title = (f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {args.rounds} rounds x {args.local_epochs} "
+    title = (f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {s.num_rounds} rounds x {s.local_epochs} "
              f"epochs, method {cfg.adapter.method}")
     csv_path, md_path = compare.write_results(rows_out, out, title)
     curves = compare.plot_curves(eval_curve(sim), {r["arm"]: r["accuracy"] for r in rows_out
@@ -213,31 +176,17 @@ def demo_pool(sites: int, seed: int) -> Path:
     return root
 
 
-def federation_config(args: argparse.Namespace, cfg, out: Path, sites_root: Path) -> dict:
-    config_file = out / "nearl-config.yaml"
-    import yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    config_file.write_text(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
-    return {
-        "num-server-rounds": args.rounds,
-        "config": str(config_file),
-        "strategy": args.strategy,
-        "min-nodes": args.sites,
-        "fraction-train": 1.0,
-        "local-epochs": args.local_epochs,
-        "mlflow-uri": args.mlflow_uri or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}",
-        "checkpoint-dir": str(out / "checkpoints"),
-        "sim-data-root": str(sites_root),
-        "sim-state-root": str(out / "site-state"),  # each virtual site's DP ledger and audit trail
-        "train.seed": cfg.train.seed,
-        "transport-dtype": args.transport_dtype,
-        "server-dp-noise": args.server_dp_noise,
-        "server-dp-clip": args.server_dp_clip,
-        "secure-aggregation": args.secure_aggregation,
-        **dp_config(args, out),
-        **getattr(args, "server_sets", {}),
-    }
+def federation_config(args: argparse.Namespace, cfg: NearlConfig, out: Path, sites_root: Path) -> dict:
+    """The run config: the settings (as nearl-server builds them) with the resolved config file, plus the
+    simulation's own ``sim-*`` keys."""
+    config_file = write_config(cfg, out / "nearl-config.yaml")
+    uri = resolve_tracking_uri(args.settings.mlflow_uri, Path.cwd())
+    settings = replace(args.settings, config=str(config_file), checkpoint_dir=str(out / "checkpoints"),
+                       mlflow_uri=uri)
+    ceilings = ",".join(_site_ceiling(item) for item in args.site_max_epsilon)
+    return {**settings.to_run_config(), "sim-data-root": str(sites_root),
+            "sim-state-root": str(out / "site-state"),  # each virtual site's DP ledger and audit trail
+            **({"sim-max-epsilon": ceilings} if ceilings else {})}
 
 
 def _site_ceiling(item: str) -> str:
@@ -250,21 +199,6 @@ def _site_ceiling(item: str) -> str:
     if ceiling is None or not site.strip().startswith("site"):
         raise NearlError(f"--site-max-epsilon {item}: expected SITE=E, e.g. --site-max-epsilon site2=1.5")
     return f"{site.strip()}={ceiling}"
-
-
-def dp_config(args: argparse.Namespace, out: Path) -> dict:
-    """Run-config keys for sample-level DP at every virtual site (none without --dp-epsilon)."""
-    if args.dp_epsilon is None:
-        return {}
-    from nearl_core.privacy import DEFAULT_DELTA
-
-    ceilings = [_site_ceiling(item) for item in args.site_max_epsilon]
-    out_cfg = {"privacy.enabled": True, "privacy.target-epsilon": args.dp_epsilon,
-               "privacy.delta": args.dp_delta if args.dp_delta is not None else DEFAULT_DELTA,
-               "sim-max-epsilon": ",".join(ceilings)}
-    if args.dp_max_grad_norm is not None:
-        out_cfg["privacy.max-grad-norm"] = args.dp_max_grad_norm
-    return out_cfg
 
 
 def print_round(event: dict) -> None:
@@ -297,7 +231,7 @@ def run_arms(args, cfg, site_roots: list[Path], adapters: Path, state_root: Path
     sites = {root.name: scan_site(root, cfg.task.classes, verify=False) for root in site_roots}
     backbone = build_backbone(cfg.model)
     device = select_device(cfg.train.device)
-    epochs = args.rounds * args.local_epochs
+    epochs = args.settings.num_rounds * args.settings.local_epochs
     results = {"zero-shot": compare.zero_shot(cfg, backbone, sites, device),
                "federated": compare.federated(cfg, backbone, sites, device, adapters)}
     if args.compare:

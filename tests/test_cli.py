@@ -48,14 +48,44 @@ def test_bad_site_folder_is_one_line_exit_2(capsys, demo_root, tmp_path, case, m
         shutil.copytree(demo_root / "site1", site)
         (site / "train" / "cat").mkdir()
         shutil.copy(next((site / "train" / "normal").iterdir()), site / "train" / "cat" / "x.png")
-    code, _, err = run(capsys, "check-data", "--data", str(site))
+    code, _, err = run(capsys, "check-data", "--data", str(site), "--config", "demo")
     assert code == 2
     assert message in err and err.count("\n") == 1 and err.startswith("nearl check-data: error:")
 
 
 def test_bad_set_override_is_reported(capsys, demo_root):
     code, _, err = run(capsys, "check-data", "--data", str(demo_root / "site1"), "--set", "train.lr")
-    assert code == 2 and "expected SECTION.KEY=VALUE" in err
+    assert err == "nearl check-data: error: --set train.lr: expected KEY=VALUE, e.g. --set train.lr=0.001\n"
+    assert code == 2
+
+
+def _modality_site(root, demo_root):
+    """A site whose class folders are not the demo's: ct, fundus, histology (demo images, renamed classes)."""
+    for split in ("train", "val", "test"):
+        for new, old in (("ct", "normal"), ("fundus", "nodule"), ("histology", "opacity")):
+            shutil.copytree(demo_root / "site1" / split / old, root / split / new)
+    return root
+
+
+def test_without_a_config_the_classes_come_from_the_folders(capsys, demo_root, tmp_path):
+    site = _modality_site(tmp_path / "site", demo_root)
+    code, out, _ = run(capsys, "check-data", "--data", str(site))
+    assert code == 0 and "classes ct, fundus, histology" in out
+    assert f"classes from {site / 'train'} (sorted folder names): ct, fundus, histology" in out
+    code, _, err = run(capsys, "check-data", "--data", str(site), "--config", "demo")  # a config that names them wins
+    assert code == 2 and "unknown class 'ct'" in err
+    code, out, _ = run(capsys, "check-data", "--data", str(site), "--set", "task.classes=ct,fundus,histology,mri")
+    assert code == 0 and "no training images of mri" in out
+
+
+@pytest.mark.slow
+def test_nearl_train_on_own_classes_without_a_config(capsys, demo_root, tmp_path):
+    site = _modality_site(tmp_path / "site", demo_root)
+    code, out, err = run(capsys, "train", "--data", str(site), "--out", str(tmp_path / "a"), "--epochs", "1")
+    assert code == 0, err
+    assert "ct, fundus, histology" in out and "adapters saved" in out
+    meta = json.loads((tmp_path / "a" / "adapters.json").read_text())
+    assert meta["classes"] == ["ct", "fundus", "histology"]
 
 
 def test_train_evaluate_predict_round_trip(capsys, tmp_path, demo_root):

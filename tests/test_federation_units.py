@@ -114,17 +114,16 @@ def test_run_config_overrides_map_onto_the_nearl_config():
     assert s.num_rounds == 7 and s.strategy == "fedadam" and s.evaluate_in_train is False
 
 
-def test_server_dp_and_transport_flags_reach_the_run_config():
-    from server.cli import build_parser, dp_overrides
+def test_server_dp_and_transport_flags_reach_the_resolved_config(tmp_path):
+    from server.cli import Server, build_parser
 
-    args = build_parser().parse_args(["--dp-epsilon", "3", "--dp-delta", "1e-6", "--transport-dtype", "bf16"])
-    over = dp_overrides(args)
-    assert over == {"privacy.target-epsilon": 3.0, "privacy.delta": 1e-6, "privacy.enabled": True}
-    assert dp_overrides(build_parser().parse_args([])) == {}  # no flag, no DP
-    s = FederationSettings.from_run_config({**pyproject_run_config(), **over, "transport-dtype": "bf16"})
+    args = build_parser().parse_args(["--insecure", "--dp-epsilon", "3", "--dp-delta", "1e-6", "--transport-dtype",
+                                      "bf16", "--checkpoint-dir", str(tmp_path / "ckpt")])
+    s, _ = Server(args, tmp_path).validate()
     cfg = s.nearl_config()
     assert cfg.privacy.enabled and cfg.privacy.target_epsilon == 3.0 and cfg.privacy.delta == 1e-6
-    assert s.transport_dtype == "bf16" and not s.central_dp
+    assert cfg.privacy.noise_multiplier is None
+    assert s.transport_dtype == "bf16" and not s.central_dp and s.overrides == ()  # the config travels as a file
 
 
 @pytest.mark.parametrize("bad, match", [

@@ -1,4 +1,4 @@
-"""Federation settings are defined once: pyproject's run config, FederationSettings and nearl-server agree."""
+"""Federation settings are defined once: flags, pyproject's run config and the docs table come from them."""
 
 from __future__ import annotations
 
@@ -8,41 +8,102 @@ import tomllib
 import pytest
 
 from nearl_core.errors import ConfigError
-from server.cli import build_parser
-from server.settings import FederationSettings, default, run_config_key, setting_fields
+import re
+
+from server.options import (DOCS_BEGIN, DOCS_END, dest_of, docs_table, flag_of, nearl_keys, pyproject_table,
+                            settings_from_args)
+from server.settings import (SERVER, SIMULATION, SIMULATION_DEFAULTS, STRATEGY_NAMES, FederationSettings, default,
+                             run_config_key, setting_fields)
 from tests.fed_helpers import ROOT
 
-# nearl-server flag (argparse dest) for each setting it exposes
-FLAGS = {"num_rounds": "rounds", "config": "config", "strategy": "strategy", "min_nodes": "min_sites",
-         "fraction_train": "fraction_train", "round_timeout": "round_timeout", "wait_timeout": "wait_timeout",
-         "local_epochs": "local_epochs", "evaluate_in_train": "evaluate_in_train", "proximal_mu": "proximal_mu",
-         "server_lr": "server_lr", "server_momentum": "server_momentum", "trim_beta": "trim_beta", "krum_malicious": "krum_malicious",
-         "max_abs_value": "max_abs_value", "outlier_factor": "outlier_factor",
-         "examples_growth": "examples_growth", "max_examples": "max_examples", "equal_weights": "equal_weights",
-         "server_dp_noise": "server_dp_noise", "server_dp_clip": "server_dp_clip",
-         "server_dp_delta": "server_dp_delta", "transport_dtype": "transport_dtype", "mlflow_uri": "mlflow_uri",
-         "mlflow_experiment": "experiment", "checkpoint_dir": "checkpoint_dir",
-         "keep_checkpoints": "keep_checkpoints", "secure_aggregation": "secure_aggregation",
-         "secagg_threshold": "secagg_threshold", "secagg_clip": "secagg_clip",
-         "secagg_max_weight": "secagg_max_weight", "secagg_timeout": "secagg_timeout"}
+INTERNAL = {"config", "resume", "progress_file", "site_registry"}  # set by the commands themselves
 
 
 def pyproject_config() -> dict:
     return tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def test_pyproject_run_config_declares_every_setting_with_its_default():
-    declared = {k: v for k, v in pyproject_config().items() if not isinstance(v, dict)}
-    expected = {run_config_key(f.name): f.default for f in setting_fields()}
-    assert declared == expected
+def test_pyproject_run_config_is_the_generated_table():
+    """Drift fails here: regenerate with `python -m server.options --write`."""
+    text = (ROOT / "pyproject.toml").read_text()
+    assert text.endswith(pyproject_table()), "pyproject.toml is stale: run python -m server.options --write"
+    declared = pyproject_config()
+    settings = {k: v for k, v in declared.items() if not isinstance(v, dict)}
+    assert settings == {run_config_key(f.name): f.default for f in setting_fields()}
+    nearl = {f"{section}.{key}": v for section, keys in declared.items() if isinstance(keys, dict)
+             for key, v in keys.items()}
+    assert nearl == {key: "" for key in nearl_keys()}
+    assert "federation.local" in nearl and "train.loss" in nearl and "task.classes" in nearl  # the keys that failed
 
 
-def test_nearl_server_flags_default_to_the_same_values():
-    args = vars(build_parser().parse_args([]))
-    for name, dest in FLAGS.items():
-        assert str(args[dest]) == str(default(name)), name
-    exposed = set(FLAGS) | {"resume", "progress_file", "site_registry"}  # set by nearl-server itself
-    assert exposed == {f.name for f in setting_fields()}
+def test_the_docs_settings_table_is_current():
+    text = (ROOT / "docs" / "federation.md").read_text()
+    assert f"{DOCS_BEGIN}\n{docs_table()}{DOCS_END}" in text, "run python -m server.options --write"
+
+
+@pytest.mark.parametrize("engine, parser", [(SERVER, "server.cli"), (SIMULATION, "simulation.run")])
+def test_every_setting_is_a_flag_of_both_commands_or_set_by_them(engine, parser):
+    import importlib
+
+    args = importlib.import_module(parser).build_parser().parse_args([])
+    for f in setting_fields():
+        if f.name in INTERNAL:
+            assert f.metadata["on"] == (), f.name
+        elif f.name not in ("min_nodes", "wait_timeout", "checkpoint_dir"):  # what a simulation decides itself
+            assert f.metadata["on"] == (SERVER, SIMULATION), f.name
+        if engine in f.metadata["on"]:
+            assert getattr(args, dest_of(f)) is None, f"{flag_of(f)} must default to None (not given)"
+
+
+def test_flags_without_values_give_the_defaults_and_a_given_flag_wins_over_set():
+    from server.cli import build_parser
+
+    s = settings_from_args(build_parser().parse_args([]), SERVER, {})
+    assert s == FederationSettings()
+    args = build_parser().parse_args(["--server-lr", "0.5", "--no-eval-in-train", "--equal-weights"])
+    s = settings_from_args(args, SERVER, {"server-lr": "0.1", "trim-beta": "0.3"})
+    assert (s.server_lr, s.trim_beta, s.evaluate_in_train, s.equal_weights) == (0.5, 0.3, False, True)
+
+
+def test_the_simulation_defaults_differ_only_where_named():
+    from simulation.run import build_parser
+
+    s = settings_from_args(build_parser().parse_args([]), SIMULATION, {}, min_nodes=4)
+    expected = {**{f.name: f.default for f in setting_fields()}, **SIMULATION_DEFAULTS, "min_nodes": 4}
+    assert {f.name: getattr(s, f.name) for f in setting_fields()} == expected
+
+
+def test_no_module_restates_a_default_as_a_literal_fallback():
+    """`.get("server-lr", 0.01)` next to a settings key is a second owner of its default."""
+    keys = {run_config_key(f.name) for f in setting_fields()} | set(nearl_keys())
+    pattern = re.compile(r"""\.get\(\s*["']([a-z0-9.-]+)["']\s*,""")
+    found = []
+    for folder in ("server", "client", "simulation", "nearl_protocol", "nearl_core"):
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            for number, line in enumerate(path.read_text().splitlines(), 1):
+                found += [f"{path.relative_to(ROOT)}:{number}: {m.group(1)}" for m in pattern.finditer(line)
+                          if m.group(1) in keys]
+    assert found == []
+    assert pattern.search('options.get("server-lr", 0.01)')  # the pattern finds what it is for
+
+
+def test_the_guard_and_secure_aggregation_take_their_defaults_from_the_settings():
+    from server.robust import Limits
+    from server.secagg import SecAggSettings
+
+    limits, secure = Limits(), SecAggSettings()
+    assert limits == Limits.from_options({})
+    assert (limits.max_abs_value, limits.examples_growth, limits.max_examples, limits.equal_weights,
+            limits.outlier_factor) == tuple(default(n) for n in ("max_abs_value", "examples_growth", "max_examples",
+                                                                 "equal_weights", "outlier_factor"))
+    assert (secure.threshold, secure.clip, secure.max_weight, secure.timeout) == tuple(
+        default(n) for n in ("secagg_threshold", "secagg_clip", "secagg_max_weight", "secagg_timeout"))
+
+
+def test_strategy_names_match_the_strategies():
+    from server.strategy import STRATEGIES
+
+    assert tuple(STRATEGIES) == STRATEGY_NAMES
 
 
 @pytest.mark.parametrize("key, hint", [

@@ -96,12 +96,17 @@ def _fedavgm_steps() -> None:
     assert steps[1] == pytest.approx(np.full(4, 1.5))  # 1 + 0.5 x the previous step
 
 
-def test_simulation_set_splits_config_keys_from_server_options():
-    from simulation.run import split_settings
+def test_set_splits_config_keys_from_federation_settings_in_one_grammar():
+    from nearl_core.flags import parse_set
+    from server.options import federation_keys
 
-    nearl, server = split_settings(["train.loss=logit-adjusted", "server-momentum=0.5", "proximal-mu=0.1"])
+    nearl, server = parse_set(["train.loss=logit-adjusted", "server-momentum=0.5", "proximal-mu=0.1"],
+                              federation_keys())
     assert nearl == {"train.loss": "logit-adjusted"} and server == {"server-momentum": "0.5", "proximal-mu": "0.1"}
-    with pytest.raises(NearlError, match="--set rounds: not a NEARL config key"):
-        split_settings(["rounds=3"])
+    with pytest.raises(NearlError, match="--set rounds: not a NEARL config key .section.key. nor a federation "
+                                         "setting; settings: .*server-lr"):
+        parse_set(["rounds=3"], federation_keys())
+    with pytest.raises(NearlError, match="--set server-lr: not a NEARL config key; keys look like 'train.lr'"):
+        parse_set(["server-lr=3"])  # nearl train: no federation settings
     with pytest.raises(NearlError, match="expected KEY=VALUE"):
-        split_settings(["train.loss"])
+        parse_set(["train.loss"])
