@@ -104,6 +104,18 @@ def images_for(model: NearlCLIP, batch: int, seed: int = 0) -> torch.Tensor:
     return torch.randn(batch, 3, *size, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture
+def task_identity():
+    """A ServerApp's task identity (1, 0, 1) for the test, restored afterwards: strategies build
+    Messages, which read it.  Strategy test modules apply it to every test with
+    ``pytestmark = pytest.mark.usefixtures("task_identity")``."""
+    from tests.fed_helpers import restore_task_identity, server_task_identity
+
+    saved = server_task_identity()
+    yield
+    restore_task_identity(saved)
+
+
 @pytest.fixture(scope="session")
 def demo_root(tmp_path_factory):
     """Two small synthetic sites, generated once per test session."""

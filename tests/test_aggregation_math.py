@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 from server.strategy import make_strategy
-from tests.fed_helpers import reply_from, restore_task_identity, server_task_identity, train_reply_content
+from tests.fed_helpers import reply_from, train_reply_content
 
 SCHEMA = {"a.weight": ((2, 2), "float32"), "b.bias": ((3,), "float32")}
 
@@ -38,11 +38,7 @@ SITES = {
 EXAMPLES = {"s1": 1, "s2": 1, "s3": 2, "s4": 4, "s5": 2}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def update(a, b) -> dict[str, np.ndarray]:

@@ -11,17 +11,13 @@ from server.central_dp import NearlServerSideDP, check_central_dp
 from server.settings import FederationSettings
 from server.strategy import make_strategy
 from nearl_core.errors import ConfigError
-from tests.fed_helpers import FakeGrid, reply_from, restore_task_identity, server_task_identity, train_reply_content
+from tests.fed_helpers import FakeGrid, reply_from, train_reply_content
 from tests.test_strategy import Recorder, declined_content
 
 SCHEMA = {"a.weight": ((20, 30), "float32"), "b.bias": ((40,), "float32")}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def full(value: float) -> dict[str, np.ndarray]:

@@ -21,14 +21,10 @@ from nearl_protocol import keys
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import instruction_config
 from server.strategy import make_strategy
-from tests.fed_helpers import FakeGrid, RoundRecorder, restore_task_identity, server_task_identity
+from tests.fed_helpers import FakeGrid, RoundRecorder
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def site_context(node: int, site: str, data, tmp_path) -> Context:

@@ -14,18 +14,13 @@ from nearl_protocol.arrays import PayloadError
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import adapter_record, instruction_adapters
 from server.strategy import STRATEGIES, make_strategy
-from tests.fed_helpers import (FakeGrid, flat_record, instruction, metadata, reply_from, restore_task_identity,
-                               server_task_identity, train_reply_content)
+from tests.fed_helpers import FakeGrid, flat_record, instruction, metadata, reply_from, train_reply_content
 
 SCHEMA = {"a.weight": ((3, 4), "float32"), "b.bias": ((5,), "float32"), "c.gate": ((1,), "float32")}
 LAYOUT = FlatLayout.of(SCHEMA)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def tensors(seed: int = 0) -> dict[str, np.ndarray]:

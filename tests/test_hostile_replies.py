@@ -20,16 +20,12 @@ from server.checkpoint import Checkpoint, load_checkpoint, save_checkpoint
 from server.central_dp import NearlServerSideDP
 from server.strategy import make_strategy
 from tests import hostile
-from tests.fed_helpers import ROOT, RoundRecorder, reply_from, restore_task_identity, server_task_identity
+from tests.fed_helpers import ROOT, RoundRecorder, reply_from
 from tests.hostile import (CAP, CASES, HONEST, HOSTILE, HOSTILE_NODE, NAMES, SCHEMA, delta, federation,
                            honest_replies, play, plus)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 @functools.lru_cache(maxsize=None)

@@ -223,15 +223,6 @@ def test_adapter_files_round_trip_and_refuse_another_method(method, tmp_path):
 
 
 # -- the federation -------------------------------------------------------------------------------
-@pytest.fixture
-def task_identity():
-    from tests.fed_helpers import restore_task_identity, server_task_identity
-
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
-
-
 def test_nearl_server_set_adapter_method_reaches_the_federation_config():
     """``nearl-server --set adapter.method=lora`` becomes a run-config key: Flower accepts it only if the app's
     pyproject declares it, and the ServerApp's settings turn it into the NEARL config every instruction carries."""

@@ -24,17 +24,12 @@ from nearl_protocol.arrays import decode_array
 from server.secagg import SecAggSettings
 from server.settings import FederationSettings
 from server.strategy import make_strategy
-from tests.fed_helpers import restore_task_identity, server_task_identity
 from tests.secagg_fakes import LAYOUT, SCHEMA, flat_of, initial_record, make_sites, plain_mean, run_round, sent_update
 
 SECURE = SecAggSettings(threshold=0.6, clip=0.1)
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def tolerance(strategy, expected: np.ndarray) -> np.ndarray:

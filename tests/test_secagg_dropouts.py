@@ -12,7 +12,6 @@ import numpy as np
 import pytest
 
 from server.secagg import SecAggSettings
-from tests.fed_helpers import restore_task_identity, server_task_identity
 from tests.secagg_fakes import flat_of, make_sites, plain_mean, run_round
 
 SITES, SETTINGS = 5, SecAggSettings(threshold=0.6, clip=0.1)  # threshold_for(5, 0.6) = 3
@@ -20,11 +19,7 @@ STAGES = ("setup", "share-keys", "collect", "unmask")
 CASES = [(stage, k) for stage in STAGES for k in range(0, SITES - 3 + 2)]
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def included(sites, drop: dict[str, set[int]]):

@@ -16,19 +16,13 @@ from server.strategy import (
 from tests.fed_helpers import (
     FakeGrid,
     reply_from,
-    restore_task_identity,
-    server_task_identity,
     train_reply_content,
 )
 
 SCHEMA = {"a.weight": ((2, 3), "float32"), "b.bias": ((4,), "float32")}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def arrays(value: float = 0.0) -> dict[str, np.ndarray]:

@@ -9,17 +9,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from nearl_core.transport import decode, encode, wire_schema
 from server.strategy import make_strategy, record_bytes
-from tests.fed_helpers import FakeGrid, reply_from, restore_task_identity, server_task_identity, train_reply_content
+from tests.fed_helpers import FakeGrid, reply_from, train_reply_content
 from tests.test_strategy import Recorder
 
 SCHEMA = {"a.weight": ((64, 32), "float32"), "b.bias": ((32,), "float32")}
 
 
-@pytest.fixture(autouse=True)
-def task_identity():
-    saved = server_task_identity()
-    yield
-    restore_task_identity(saved)
+pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
 
 
 def random_state(seed: int) -> dict[str, np.ndarray]:
