@@ -1,0 +1,118 @@
+"""Progress events: each type through the one writer and the one reader, the file format other tools read,
+partial lines, and the refusals."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from dataclasses import replace
+
+import pytest
+
+from server.events import (DoneEvent, ErrorEvent, EvalEvent, ProgressReader, ProgressWriter, RoundEvent, StartEvent,
+                           parse, read_all, select)
+
+START = StartEvent(time=1.0, rounds=5, start_round=1, strategy="fedavg", min_nodes=2, run_id="abc",
+                   mlflow_uri="sqlite:////tmp/mlflow.db", payload_bytes=1234, trainable_parameters=308,
+                   backbone="f00d", resumed=False)
+EVAL = EvalEvent(time=2.0, step=0, metrics={"eval_accuracy": 0.5, "eval_loss": 1.25},
+                 sites={"site1": {"eval_accuracy": 0.25}, "site2": {"eval_accuracy": 0.75}})
+ROUND = RoundEvent(time=3.0, round=1, rounds=5, answered=["site1"], missing=["site2"], rejected={"site3": "nan"},
+                   declined={"site4": "declined: privacy budget"}, sampled=4, aggregated=True, not_applied="",
+                   payload_sha256={"site1": "ab12"}, seconds=1.5, bytes_sent=100, bytes_received=90,
+                   train={"train_loss": 0.75, "epsilon_max": 1.5}, eval_step=0, eval={"eval_accuracy": 0.5},
+                   checkpoint="/ck/round-0001")
+DONE = DoneEvent(time=4.0, round=5, adapters="/ck/final", run_id=None, model_version="3")
+ERROR = ErrorEvent(time=5.0, message="NotEnoughSites: 1 of 2 sites")
+EVENTS = [START, EVAL, ROUND, DONE, ERROR]
+
+
+def test_every_event_type_survives_the_writer_and_the_reader_exactly(tmp_path):
+    writer = ProgressWriter(tmp_path / "progress.jsonl")
+    for event in EVENTS:
+        writer.emit(event)
+    assert read_all(tmp_path / "progress.jsonl") == EVENTS
+    assert [type(e).kind for e in EVENTS] == ["start", "eval", "round", "done", "error"]
+    assert select(EVENTS, RoundEvent) == [ROUND]
+
+
+def test_the_file_keeps_the_field_names_and_order_other_tools_read(tmp_path):
+    writer = ProgressWriter(tmp_path / "p.jsonl")
+    writer.emit(ROUND)
+    writer.emit(ERROR)
+    first, second = (tmp_path / "p.jsonl").read_text().splitlines()
+    assert list(json.loads(first)) == [
+        "event", "time", "round", "rounds", "answered", "missing", "rejected", "declined", "sampled", "aggregated",
+        "not_applied", "payload_sha256", "seconds", "bytes_sent", "bytes_received", "train", "eval_step", "eval",
+        "checkpoint"]
+    assert second == '{"event": "error", "time": 5.0, "message": "NotEnoughSites: 1 of 2 sites"}'
+    assert list(START.to_dict()) == ["event", "time", "rounds", "start_round", "strategy", "min_nodes", "run_id",
+                                     "mlflow_uri", "payload_bytes", "trainable_parameters", "backbone", "resumed"]
+    assert list(EVAL.to_dict()) == ["event", "time", "step", "metrics", "sites"]
+    assert list(DONE.to_dict()) == ["event", "time", "round", "adapters", "run_id", "model_version"]
+
+
+def test_metrics_that_are_not_finite_numbers_become_null():
+    event = replace(ROUND, train={"a": math.nan, "b": math.inf, "c": 2, "d": "x"}, eval={"e": -math.inf})
+    assert event.train == {"a": None, "b": None, "c": 2, "d": None} and event.eval == {"e": None}
+    line = event.to_json()
+    assert '"train": {"a": null, "b": null, "c": 2, "d": null}' in line and "NaN" not in line
+    assert parse(line) == event
+    evaluated = EvalEvent(step=1, metrics={"m": math.nan}, sites={"s": {"m": math.inf}})
+    assert (evaluated.metrics, evaluated.sites) == ({"m": None}, {"s": {"m": None}})
+
+
+def test_the_reader_returns_whole_lines_once_and_keeps_a_partial_last_line_for_later(tmp_path):
+    path = tmp_path / "progress.jsonl"
+    reader = ProgressReader(path)
+    assert reader.read_new() == []  # no file yet: the ServerApp has not started
+    second = ROUND.to_json()
+    path.write_text(START.to_json() + "\n" + second[:40])
+    assert reader.read_new() == [START]
+    assert reader.read_new() == []
+    with open(path, "a") as fh:
+        fh.write(second[40:] + "\n" + DONE.to_json())
+    assert reader.read_new() == [ROUND]
+    with open(path, "a") as fh:
+        fh.write("\n")
+    assert reader.read_new() == [DONE]
+    assert reader.read_new() == []
+
+
+def test_an_unknown_kind_and_a_missing_field_are_refused_by_name():
+    with pytest.raises(ValueError) as err:
+        parse({"event": "finish", "time": 1.0})
+    assert str(err.value) == "unknown progress event kind 'finish'; expected one of start, eval, round, done, error"
+    with pytest.raises(ValueError) as err:
+        parse('{"event": "done", "time": 1.0, "round": 2, "adapters": "/a"}')
+    assert str(err.value) == "progress event 'done' lacks run_id, model_version"
+    with pytest.raises(ValueError) as err:
+        parse({"time": 1.0, "message": "x"})
+    assert str(err.value) == "unknown progress event kind None; expected one of start, eval, round, done, error"
+    with pytest.raises(ValueError, match="a progress event is a JSON object, got list"):
+        parse("[1, 2]")
+
+
+def test_a_field_a_newer_writer_adds_is_ignored():
+    assert parse({**ERROR.to_dict(), "site": "site1"}) == ERROR
+
+
+def test_the_reader_names_the_file_and_line_of_a_bad_event(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text(START.to_json() + "\n" + '{"event": "paused", "time": 2.0}\n')
+    with pytest.raises(ValueError) as err:
+        read_all(path)
+    assert str(err.value) == (f"{path}, line 2: unknown progress event kind 'paused'; expected one of start, eval, "
+                              "round, done, error")
+    with pytest.raises(FileNotFoundError):
+        read_all(tmp_path / "missing.jsonl")
+
+
+def test_the_writer_logs_every_event_and_writes_no_file_without_a_path(tmp_path, caplog, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with caplog.at_level(logging.INFO, logger="nearl.federation"):
+        ProgressWriter(None).emit(ERROR)
+        ProgressWriter("").emit(DONE)
+    assert [r.getMessage() for r in caplog.records] == [ERROR.to_json(), DONE.to_json()]
+    assert list(tmp_path.iterdir()) == []
