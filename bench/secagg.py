@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -146,6 +145,7 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
 
     from client.binding import SiteBinding
     from nearl_core.adapter_io import read_adapters
+    from server.events import EvalEvent, RoundEvent, read_all, select
     from server.federation import run_federation
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -160,16 +160,15 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
     t0 = time.perf_counter()
     with Stopwatch() as secagg_time:
         out = run_federation(grid, run_config, workdir=work)
-    events = [json.loads(line) for line in progress.read_text().splitlines()]
-    rounds_ev = [e for e in events if e["event"] == "round"]
-    final_eval = [e for e in events if e["event"] == "eval" and e["step"] == rounds]
-    return {"seconds": [e["seconds"] for e in rounds_ev], "bytes": [e["bytes_sent"] + e["bytes_received"]
-                                                                    for e in rounds_ev],
-            "not_applied": [e["not_applied"] for e in rounds_ev], "total": time.perf_counter() - t0,
-            "accuracy": final_eval[-1]["metrics"].get("eval_accuracy") if final_eval else float("nan"),
+    events = read_all(progress)
+    rounds_ev = select(events, RoundEvent)
+    final_eval = [e for e in select(events, EvalEvent) if e.step == rounds]
+    return {"seconds": [e.seconds for e in rounds_ev], "bytes": [e.bytes_sent + e.bytes_received for e in rounds_ev],
+            "not_applied": [e.not_applied for e in rounds_ev], "total": time.perf_counter() - t0,
+            "accuracy": final_eval[-1].metrics.get("eval_accuracy") if final_eval else float("nan"),
             "secagg_seconds": secagg_time.seconds, "globals": grid.globals,
             "deltas": np.concatenate(grid.deltas) if grid.deltas else np.zeros(1),
-            "clipped": [e["train"].get("secagg_clipped") for e in rounds_ev],
+            "clipped": [e.train.get("secagg_clipped") for e in rounds_ev],
             "adapters": {k: v.numpy() for k, v in read_adapters(Path(out["adapters"]))[0].items()}}
 
 

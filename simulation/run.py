@@ -36,6 +36,7 @@ from nearl_core.demo_data import generate_demo_data  # noqa: E402
 from nearl_core import personalize  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
 from nearl_protocol.processes import FlowerError  # noqa: E402
+from server.events import Event, RoundEvent  # noqa: E402
 from simulation import compare, methods  # noqa: E402
 from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
 
@@ -187,7 +188,7 @@ def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], r
           + ("  eps_max" if args.dp_epsilon is not None else ""))
     sim = run_simulation(sites=args.sites, run_config=run_config, workdir=out / "flower",
                          cpus_per_site=args.cpus_per_site, on_event=print_round)
-    answered = [len(r.get("answered", [])) for r in sim.rounds()]
+    answered = [len(r.answered) for r in sim.rounds()]
     if any(n < args.sites for n in answered):
         print(f"warning: some sites did not answer (answered per round: {answered}); see {out}/flower")
 
@@ -267,24 +268,24 @@ def dp_config(args: argparse.Namespace, out: Path) -> dict:
     return out_cfg
 
 
-def print_round(event: dict) -> None:
-    if event.get("event") != "round":
+def print_round(event: Event) -> None:
+    """A round's line of the table ``federate`` prints (other events print nothing)."""
+    if not isinstance(event, RoundEvent):
         return
     fmt = lambda v, w: f"{v:>{w}.4f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
-    train, ev = event.get("train") or {}, event.get("eval") or {}
-    print(f"{event['round']:>5}  {len(event.get('answered', [])):>5}  {fmt(train.get('train_loss'), 10)}  "
+    train, ev = event.train, event.eval
+    print(f"{event.round:>5}  {len(event.answered):>5}  {fmt(train.get('train_loss'), 10)}  "
           f"{fmt(ev.get('eval_accuracy'), 8)}  {fmt(ev.get('eval_balanced_accuracy'), 12)}  "
-          f"{event.get('seconds', 0):>7.1f}" + (f"  {train['epsilon_max']:>7.3f}" if "epsilon_max" in train else "")
-          + "".join(f"\n       {site} {why}" for site, why in (event.get("declined") or {}).items()), flush=True)
+          f"{event.seconds:>7.1f}" + (f"  {train['epsilon_max']:>7.3f}" if "epsilon_max" in train else "")
+          + "".join(f"\n       {site} {why}" for site, why in event.declined.items()), flush=True)
 
 
 def eval_curve(sim) -> list[dict]:
     """Accuracy per evaluation step: weighted mean and per site."""
     curve = []
     for e in sim.evals():
-        metrics = e.get("metrics") or {}
-        sites = {s: v.get("eval_accuracy") for s, v in (e.get("sites") or {}).items()}
-        curve.append({"round": e["step"], "mean": metrics.get("eval_accuracy", math.nan),
+        sites = {s: v.get("eval_accuracy") for s, v in e.sites.items()}
+        curve.append({"round": e.step, "mean": e.metrics.get("eval_accuracy", math.nan),
                       "sites": {s: (v if v is not None else math.nan) for s, v in sites.items()}})
     return curve
 

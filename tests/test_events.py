@@ -1,17 +1,21 @@
 """Progress events: each type through the one writer and the one reader, the file format other tools read,
-partial lines, and the refusals."""
+partial lines, and the refusals; and that nothing else reads an event by its ``"event"`` string."""
 
 from __future__ import annotations
 
 import json
 import logging
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from server.events import (DoneEvent, ErrorEvent, EvalEvent, ProgressReader, ProgressWriter, RoundEvent, StartEvent,
                            parse, read_all, select)
+
+ROOT = Path(__file__).resolve().parent.parent
 
 START = StartEvent(time=1.0, rounds=5, start_round=1, strategy="fedavg", min_nodes=2, run_id="abc",
                    mlflow_uri="sqlite:////tmp/mlflow.db", payload_bytes=1234, trainable_parameters=308,
@@ -116,3 +120,30 @@ def test_the_writer_logs_every_event_and_writes_no_file_without_a_path(tmp_path,
         ProgressWriter("").emit(DONE)
     assert [r.getMessage() for r in caplog.records] == [ERROR.to_json(), DONE.to_json()]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_nearl_servers_view_reads_the_typed_events():
+    from server.progress_view import format_event, format_summary
+
+    lines = [format_event(e) for e in EVENTS]
+    assert lines[1] == "zero-shot (round 0) eval acc 0.500 bal_acc n/a"
+    assert lines[2].startswith("round 1/5  sites 1/4  train_loss 0.750  eps_max 1.50  eval@0 acc 0.500")
+    assert lines[2].endswith("missing: site2\n    site4 declined: privacy budget\n    rejected site3: nan")
+    assert lines[3:] == ["done: final adapters in /ck/final (MLflow run None)",
+                         "ServerApp error: NotEnoughSites: 1 of 2 sites"]
+    assert format_summary(EVENTS).splitlines()[3] == f"{'eval_accuracy':<26}{'0.500':>12}{'0.500':>12}"
+
+
+def test_no_module_reads_an_event_by_its_kind_string():
+    """Everything reads progress through server.events, so a field or kind is named in one place."""
+    by_string = re.compile(r"""\[\s*["']event["']\s*\]|\.get\(\s*["']event["']""")
+    skip = {ROOT / "server" / "events.py", Path(__file__).resolve()}
+    offenders = []
+    for path in sorted(ROOT.rglob("*.py")):
+        parts = path.relative_to(ROOT).parts
+        if path in skip or any(p.startswith(".") or p in ("build", "dist", "runs", "__pycache__") for p in parts):
+            continue
+        text = path.read_text(errors="replace")
+        offenders += [f"{path.relative_to(ROOT)}:{text.count(chr(10), 0, m.start()) + 1}"
+                      for m in by_string.finditer(text)]
+    assert offenders == [], f"read events through server.events instead: {offenders}"
