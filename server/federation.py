@@ -23,6 +23,7 @@ from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import wire_schema
+from nearl_protocol import keys
 from nearl_protocol.messages import instruction_config
 from nearl_protocol.schema import parameter_count, payload_bytes
 from server.central_dp import NearlServerSideDP
@@ -49,8 +50,8 @@ def numpy_to_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
 class RoundLog:
     """Listener of :class:`NearlStrategyMixin`: MLflow, checkpoints and progress after each round."""
 
-    def __init__(self, settings: FederationSettings, tracker: Tracker | None, progress: ProgressWriter, model: NearlCLIP,
-                 ckpt_meta: dict[str, Any]):
+    def __init__(self, settings: FederationSettings, tracker: Tracker | None, progress: ProgressWriter,
+                 model: NearlCLIP, ckpt_meta: dict[str, Any]):
         self.settings, self.tracker, self.progress, self.model = settings, tracker, progress, model
         self.ckpt_meta = ckpt_meta
         self.schema = shared_schema(model)
@@ -73,18 +74,18 @@ class RoundLog:
         self.seen_sites.update(report.answered)
         self.seen_sites.update(report.missing)
         flat: dict[str, float] = dict(report.train_metrics)
-        flat.update(round_seconds=report.seconds, bytes_sent=report.bytes_sent,
-                    bytes_received=report.bytes_received, sites_answered=len(report.answered),
-                    sites_missing=len(report.missing), sites_rejected=len(report.rejected),
-                    sites_declined=len(report.declined),
-                    sites_duplicate=sum(DUPLICATE in why for why in report.rejected.values()))
+        flat.update({keys.MLFLOW_ROUND_SECONDS: report.seconds, keys.MLFLOW_BYTES_SENT: report.bytes_sent,
+                     keys.MLFLOW_BYTES_RECEIVED: report.bytes_received,
+                     keys.MLFLOW_SITES_ANSWERED: len(report.answered), keys.MLFLOW_SITES_MISSING: len(report.missing),
+                     keys.MLFLOW_SITES_REJECTED: len(report.rejected), keys.MLFLOW_SITES_DECLINED: len(report.declined),
+                     keys.MLFLOW_SITES_DUPLICATE: sum(DUPLICATE in why for why in report.rejected.values())})
         for site, values in report.per_site.items():
             flat.update({f"{site}/{k}": v for k, v in values.items()})
-            if "epsilon" in values:
-                self.final_epsilon[site] = values["epsilon"]
+            if keys.MLFLOW_EPSILON in values:
+                self.final_epsilon[site] = values[keys.MLFLOW_EPSILON]
         self.contributors.update(report.payload_sha256)
         for site in sorted(self.seen_sites):
-            flat[f"{site}/answered"] = 1.0 if site in report.answered else 0.0
+            flat[f"{site}/{keys.MLFLOW_ANSWERED}"] = 1.0 if site in report.answered else 0.0
         if self.tracker is not None:
             self.tracker.log_metrics(flat, step=report.round)
             if report.round == self.settings_first_round:

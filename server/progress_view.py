@@ -9,11 +9,16 @@ from __future__ import annotations
 import math
 from typing import Any
 
+from nearl_protocol import keys
 from server.events import DoneEvent, ErrorEvent, EvalEvent, Event, RoundEvent, StartEvent, select
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.{digits}f}"
+
+
+SUMMARY = (keys.MLFLOW_EVAL_LOSS, keys.MLFLOW_EVAL_ACCURACY, keys.MLFLOW_EVAL_BALANCED_ACCURACY,
+           keys.MLFLOW_EVAL_MACRO_F1, keys.MLFLOW_EVAL_AUROC)  # the rows of the final table
 
 
 def format_event(e: Event) -> str:
@@ -26,8 +31,9 @@ def format_event(e: Event) -> str:
     if isinstance(e, RoundEvent):
         return format_round(e)
     if isinstance(e, EvalEvent):
-        return "" if e.step > 0 else (f"zero-shot (round 0) eval acc {_fmt(e.metrics.get('eval_accuracy'))} "
-                                      f"bal_acc {_fmt(e.metrics.get('eval_balanced_accuracy'))}")
+        m = e.metrics
+        return "" if e.step > 0 else (f"zero-shot (round 0) eval acc {_fmt(m.get(keys.MLFLOW_EVAL_ACCURACY))} "
+                                      f"bal_acc {_fmt(m.get(keys.MLFLOW_EVAL_BALANCED_ACCURACY))}")
     if isinstance(e, DoneEvent):
         return f"done: final adapters in {e.adapters} (MLflow run {e.run_id})"
     if isinstance(e, ErrorEvent):
@@ -39,14 +45,15 @@ def format_round(e: RoundEvent) -> str:
     """One round: sites, losses, the latest evaluation, time and bytes; then one line per site left out."""
     train, ev = e.train, e.eval
     parts = [f"round {e.round}/{e.rounds}", f"sites {len(e.answered)}/{e.sampled}",
-             f"train_loss {_fmt(train.get('train_loss'))}"]
-    if train.get("sites_warm") is not None:
-        parts.append(f"warm {int(train['sites_warm'])}/{len(e.answered)}")
-    if train.get("epsilon_max") is not None:
-        parts.append(f"eps_max {_fmt(train['epsilon_max'], 2)}")
+             f"train_loss {_fmt(train.get(keys.MLFLOW_TRAIN_LOSS))}"]
+    if (warm := train.get(keys.MLFLOW_SITES_WARM)) is not None:
+        parts.append(f"warm {int(warm)}/{len(e.answered)}")
+    if (eps := train.get(keys.MLFLOW_EPSILON_MAX)) is not None:
+        parts.append(f"eps_max {_fmt(eps, 2)}")
     if e.eval_step is not None:
-        parts.append(f"eval@{e.eval_step} acc {_fmt(ev.get('eval_accuracy'))} "
-                     f"bal_acc {_fmt(ev.get('eval_balanced_accuracy'))} loss {_fmt(ev.get('eval_loss'))}")
+        parts.append(f"eval@{e.eval_step} acc {_fmt(ev.get(keys.MLFLOW_EVAL_ACCURACY))} "
+                     f"bal_acc {_fmt(ev.get(keys.MLFLOW_EVAL_BALANCED_ACCURACY))} "
+                     f"loss {_fmt(ev.get(keys.MLFLOW_EVAL_LOSS))}")
     parts.append(f"{e.seconds:.1f}s")
     parts.append(f"sent {e.bytes_sent / 1e6:.2f} MB recv {e.bytes_received / 1e6:.2f} MB")
     line = "  ".join(parts)
@@ -68,9 +75,8 @@ def format_summary(events: list[Event]) -> str:
     evals = {e.step: e for e in select(events, EvalEvent)}
     if not evals:
         return ""
-    keys = ["eval_loss", "eval_accuracy", "eval_balanced_accuracy", "eval_macro_f1", "eval_auroc"]
     first, last = evals[min(evals)], evals[max(evals)]
     lines = [f"{'metric':<26}{'round ' + str(first.step):>12}{'round ' + str(last.step):>12}", "-" * 50]
-    for k in keys:
+    for k in SUMMARY:
         lines.append(f"{k:<26}{_fmt(first.metrics.get(k)):>12}{_fmt(last.metrics.get(k)):>12}")
     return "\n".join(lines)

@@ -18,6 +18,7 @@ from pathlib import Path
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nearl_protocol.keys import MLFLOW_EPSILON_MAX  # noqa: E402
 from server.events import RoundEvent, read_all, select  # noqa: E402
 from simulation import run as simulation  # noqa: E402
 
@@ -38,7 +39,7 @@ def arm_result(out: Path) -> dict[str, float]:
     with open(out / "results.csv", newline="") as fh:
         mean = next(r for r in csv.DictReader(fh) if r["arm"] == "federated" and r["site"] == "mean")
     rounds = select(read_all(out / "flower" / "progress.jsonl"), RoundEvent)
-    eps = [v for v in (r.train.get("epsilon_max") for r in rounds) if v is not None]
+    eps = [v for v in (r.train.get(MLFLOW_EPSILON_MAX) for r in rounds) if v is not None]
     return {**{k: float(mean[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")},
             "epsilon": max(eps) if eps else float("nan")}
 

@@ -36,6 +36,7 @@ from nearl_core.demo_data import generate_demo_data  # noqa: E402
 from nearl_core import personalize  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
 from nearl_protocol.processes import FlowerError  # noqa: E402
+from nearl_protocol import keys  # noqa: E402
 from server.events import Event, RoundEvent  # noqa: E402
 from simulation import compare, methods  # noqa: E402
 from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
@@ -274,9 +275,10 @@ def print_round(event: Event) -> None:
         return
     fmt = lambda v, w: f"{v:>{w}.4f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
     train, ev = event.train, event.eval
-    print(f"{event.round:>5}  {len(event.answered):>5}  {fmt(train.get('train_loss'), 10)}  "
-          f"{fmt(ev.get('eval_accuracy'), 8)}  {fmt(ev.get('eval_balanced_accuracy'), 12)}  "
-          f"{event.seconds:>7.1f}" + (f"  {train['epsilon_max']:>7.3f}" if "epsilon_max" in train else "")
+    print(f"{event.round:>5}  {len(event.answered):>5}  {fmt(train.get(keys.MLFLOW_TRAIN_LOSS), 10)}  "
+          f"{fmt(ev.get(keys.MLFLOW_EVAL_ACCURACY), 8)}  {fmt(ev.get(keys.MLFLOW_EVAL_BALANCED_ACCURACY), 12)}  "
+          f"{event.seconds:>7.1f}"
+          + (f"  {train[keys.MLFLOW_EPSILON_MAX]:>7.3f}" if keys.MLFLOW_EPSILON_MAX in train else "")
           + "".join(f"\n       {site} {why}" for site, why in event.declined.items()), flush=True)
 
 
@@ -284,8 +286,8 @@ def eval_curve(sim) -> list[dict]:
     """Accuracy per evaluation step: weighted mean and per site."""
     curve = []
     for e in sim.evals():
-        sites = {s: v.get("eval_accuracy") for s, v in e.sites.items()}
-        curve.append({"round": e.step, "mean": e.metrics.get("eval_accuracy", math.nan),
+        sites = {s: v.get(keys.MLFLOW_EVAL_ACCURACY) for s, v in e.sites.items()}
+        curve.append({"round": e.step, "mean": e.metrics.get(keys.MLFLOW_EVAL_ACCURACY, math.nan),
                       "sites": {s: (v if v is not None else math.nan) for s, v in sites.items()}})
     return curve
 

@@ -134,6 +134,22 @@ def test_nearl_servers_view_reads_the_typed_events():
     assert format_summary(EVENTS).splitlines()[3] == f"{'eval_accuracy':<26}{'0.500':>12}{'0.500':>12}"
 
 
+def test_the_mlflow_names_the_server_reads_are_the_sites_wire_keys_under_mlflow_name():
+    """The events' metric dicts and the MLflow run use these names; a renamed wire key must not drift apart."""
+    from nearl_protocol import keys
+
+    derived = {keys.NUM_EXAMPLES: keys.MLFLOW_TRAIN_EXAMPLES, keys.TRAIN_LOSS: keys.MLFLOW_TRAIN_LOSS,
+               keys.TRAIN_SECONDS: keys.MLFLOW_TRAIN_SECONDS, keys.EVAL_EXAMPLES: keys.MLFLOW_EVAL_EXAMPLES,
+               keys.TEST_EXAMPLES: keys.MLFLOW_TEST_EXAMPLES, keys.PERSONAL_EXAMPLES: keys.MLFLOW_PERSONAL_EXAMPLES,
+               keys.EVAL_PREFIX: keys.MLFLOW_EVAL_PREFIX, keys.TEST_PREFIX: keys.MLFLOW_TEST_PREFIX,
+               keys.PERSONAL_PREFIX: keys.MLFLOW_PERSONAL_PREFIX, keys.EPSILON: keys.MLFLOW_EPSILON,
+               keys.DP_EPSILON_NEXT: keys.MLFLOW_DP_EPSILON_NEXT, keys.DP_MAX_EPSILON: keys.MLFLOW_DP_MAX_EPSILON,
+               keys.wire_metric(keys.EVAL_PREFIX, "balanced_accuracy"): keys.MLFLOW_EVAL_BALANCED_ACCURACY,
+               keys.wire_metric(keys.EVAL_PREFIX, "macro_f1"): keys.MLFLOW_EVAL_MACRO_F1}
+    assert {wire: keys.mlflow_name(wire) for wire in derived} == derived
+    assert all(keys.mlflow_name(k).startswith(keys.MLFLOW_DP_PREFIX) for k in keys.LEDGER if k != keys.EPSILON)
+
+
 def test_no_module_reads_an_event_by_its_kind_string():
     """Everything reads progress through server.events, so a field or kind is named in one place."""
     by_string = re.compile(r"""\[\s*["']event["']\s*\]|\.get\(\s*["']event["']""")

@@ -188,7 +188,8 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     orig = fed.shared_schema
     fed.shared_schema = lambda m: fed_schema
     try:
-        listener = RoundLog(settings, tracker, ProgressWriter(tmp_path / "p.jsonl"), Model(), {"mlflow_run_id": tracker.run_id})
+        listener = RoundLog(settings, tracker, ProgressWriter(tmp_path / "p.jsonl"), Model(),
+                            {"mlflow_run_id": tracker.run_id})
     finally:
         fed.shared_schema = orig
     strategy = make_strategy("fedavg", schema=fed_schema, min_nodes=1)
