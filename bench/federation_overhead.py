@@ -264,13 +264,15 @@ def import_seconds(module: str = "client.app", repeats: int = 2) -> float:
 def read_mlflow_rounds(uri: str, sites: list[str]) -> list[dict]:
     from mlflow.tracking import MlflowClient
 
+    from nearl_protocol import keys
+
     client = MlflowClient(tracking_uri=uri)
     exp = client.get_experiment_by_name("nearl-federated")
     run = client.search_runs([exp.experiment_id])[0]
     rid = run.info.run_id
     hist = lambda key: {m.step: m for m in client.get_metric_history(rid, key)}  # noqa: E731
-    strategy = hist("round_seconds")
-    per_site = {s: hist(f"{s}/train_seconds") for s in sites}
+    strategy = hist(keys.MLFLOW_ROUND_SECONDS)
+    per_site = {s: hist(f"{s}/{keys.MLFLOW_TRAIN_SECONDS}") for s in sites}
     rows, previous_end = [], run.info.start_time
     for r in sorted(strategy):
         end = strategy[r].timestamp

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import statistics
 import sys
 import tempfile
@@ -146,6 +145,8 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
 
     from client.binding import SiteBinding
     from nearl_core.adapter_io import read_adapters
+    from nearl_protocol import keys
+    from server.events import EvalEvent, RoundEvent, read_all, select
     from server.federation import run_federation
 
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
@@ -160,16 +161,15 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
     t0 = time.perf_counter()
     with Stopwatch() as secagg_time:
         out = run_federation(grid, run_config, workdir=work)
-    events = [json.loads(line) for line in progress.read_text().splitlines()]
-    rounds_ev = [e for e in events if e["event"] == "round"]
-    final_eval = [e for e in events if e["event"] == "eval" and e["step"] == rounds]
-    return {"seconds": [e["seconds"] for e in rounds_ev], "bytes": [e["bytes_sent"] + e["bytes_received"]
-                                                                    for e in rounds_ev],
-            "not_applied": [e["not_applied"] for e in rounds_ev], "total": time.perf_counter() - t0,
-            "accuracy": final_eval[-1]["metrics"].get("eval_accuracy") if final_eval else float("nan"),
+    events = read_all(progress)
+    rounds_ev = select(events, RoundEvent)
+    final_eval = [e for e in select(events, EvalEvent) if e.step == rounds]
+    return {"seconds": [e.seconds for e in rounds_ev], "bytes": [e.bytes_sent + e.bytes_received for e in rounds_ev],
+            "not_applied": [e.not_applied for e in rounds_ev], "total": time.perf_counter() - t0,
+            "accuracy": final_eval[-1].metrics.get(keys.MLFLOW_EVAL_ACCURACY) if final_eval else float("nan"),
             "secagg_seconds": secagg_time.seconds, "globals": grid.globals,
             "deltas": np.concatenate(grid.deltas) if grid.deltas else np.zeros(1),
-            "clipped": [e["train"].get("secagg_clipped") for e in rounds_ev],
+            "clipped": [e.train.get(keys.MLFLOW_SECAGG_CLIPPED) for e in rounds_ev],
             "adapters": {k: v.numpy() for k, v in read_adapters(Path(out["adapters"]))[0].items()}}
 
 
@@ -178,6 +178,7 @@ def loopback(args: argparse.Namespace) -> int:
     from mlflow.tracking import MlflowClient
 
     from bench.federation_overhead import nearl_rounds
+    from nearl_protocol import keys
 
     header("secure aggregation vs plain rounds on loopback (nearl-server + warm nearl-client, demo model)")
     runs = {}
@@ -187,8 +188,8 @@ def loopback(args: argparse.Namespace) -> int:
             rows = nearl_rounds(Path(tmp) / name, args.rounds, args.sites, "--warm", extra, args.train_per_site)
             client = MlflowClient(tracking_uri=f"sqlite:///{Path(tmp) / name / 'warm' / 'mlflow.db'}")
             rid = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])[0].info.run_id
-            moved = {m.step: m.value for m in client.get_metric_history(rid, "bytes_sent")}
-            for m in client.get_metric_history(rid, "bytes_received"):
+            moved = {m.step: m.value for m in client.get_metric_history(rid, keys.MLFLOW_BYTES_SENT)}
+            for m in client.get_metric_history(rid, keys.MLFLOW_BYTES_RECEIVED):
                 moved[m.step] = moved.get(m.step, 0.0) + m.value
             for row in rows:
                 row["bytes"] = moved.get(row["round"], float("nan"))

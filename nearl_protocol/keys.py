@@ -2,7 +2,8 @@
 
 One convention on the wire: kebab-case, as Flower's own keys (``num-examples``,
 ``server-round``).  MLflow keeps the snake_case names users' dashboards read
-(``train_loss``, ``eval_accuracy``, ``<site>/dp_steps``): :func:`mlflow_name` derives them.
+(``train_loss``, ``eval_accuracy``, ``<site>/dp_steps``): :func:`mlflow_name` derives them
+from a site's keys, and the names the server reads or adds itself are named below, once.
 """
 
 from __future__ import annotations
@@ -72,6 +73,42 @@ SECAGG_DEAD = "secagg-dead"  # unmask: participants that dropped after sharing k
 SECAGG_SHARES = "secagg-shares"  # unmask reply: one share per participant of SECAGG_PARTICIPANTS
 MASKED = "masked-update"  # the one array of a masked train reply: uint32, the adapters' length + 2
 
+# -- MLflow metric names (the federation's run; dashboards read them, so they never change) ------
+# What the sites report, as mlflow_name() calls it; per site each is also logged as <site>/<name>.
+MLFLOW_TRAIN_EXAMPLES = "train_examples"  # mlflow_name(NUM_EXAMPLES): the weight of the train_* means
+MLFLOW_TRAIN_LOSS = "train_loss"
+MLFLOW_TRAIN_SECONDS = "train_seconds"
+MLFLOW_EVAL_PREFIX = "eval_"  # the means of eval_* are weighted by eval_examples, test_* by test_examples, ...
+MLFLOW_TEST_PREFIX = "test_"
+MLFLOW_PERSONAL_PREFIX = "personal_"
+MLFLOW_EVAL_EXAMPLES = "eval_examples"
+MLFLOW_TEST_EXAMPLES = "test_examples"
+MLFLOW_PERSONAL_EXAMPLES = "personal_examples"
+MLFLOW_EVAL_LOSS = "eval_loss"
+MLFLOW_EVAL_ACCURACY = "eval_accuracy"
+MLFLOW_EVAL_BALANCED_ACCURACY = "eval_balanced_accuracy"
+MLFLOW_EVAL_MACRO_F1 = "eval_macro_f1"
+MLFLOW_EVAL_AUROC = "eval_auroc"
+MLFLOW_EPSILON = "epsilon"
+MLFLOW_DP_PREFIX = "dp_"  # a site's ledger facts (steps, sample rate, ...): never averaged over sites
+MLFLOW_DP_EPSILON_NEXT = "dp_epsilon_next"
+MLFLOW_DP_MAX_EPSILON = "dp_max_epsilon"
+# What the server adds per round.
+MLFLOW_EPSILON_MAX = "epsilon_max"  # the worst site epsilon
+MLFLOW_SITES_WARM = "sites_warm"  # sites whose worker had the backbone cached
+MLFLOW_ROUND_SECONDS = "round_seconds"
+MLFLOW_BYTES_SENT = "bytes_sent"
+MLFLOW_BYTES_RECEIVED = "bytes_received"
+MLFLOW_SITES_ANSWERED = "sites_answered"
+MLFLOW_SITES_MISSING = "sites_missing"
+MLFLOW_SITES_REJECTED = "sites_rejected"
+MLFLOW_SITES_DECLINED = "sites_declined"
+MLFLOW_SITES_DUPLICATE = "sites_duplicate"
+MLFLOW_ANSWERED = "answered"  # <site>/answered: 1 or 0
+MLFLOW_SECAGG_CLIPPED = "secagg_clipped"
+MLFLOW_SECAGG_ERROR_BOUND = "secagg_error_bound"
+MLFLOW_SECAGG_DROPPED = "secagg_dropped"
+
 # -- error reasons a site sends instead of a reply ------------------------------------------------
 BACKBONE_MISMATCH = "backbone mismatch"
 
@@ -85,6 +122,6 @@ def wire_metric(prefix: str, name: str) -> str:
 def mlflow_name(key: str) -> str:
     """The MLflow name of a wire key: ``train-loss`` -> ``train_loss``, ``num-examples`` -> ``train_examples``."""
     if key == NUM_EXAMPLES:
-        return "train_examples"
+        return MLFLOW_TRAIN_EXAMPLES
     head, sep, tail = key.partition("/")
     return f"{head.replace('-', '_')}{sep}{tail}"

@@ -32,6 +32,7 @@ from nearl_core.errors import NearlError
 from server import options, settings
 from server.settings import FederationSettings
 from server.tracking import resolve_tracking_uri
+from server.events import DoneEvent, ErrorEvent, ProgressReader, select
 from server.progress_view import format_event, format_summary
 from nearl_protocol import processes as flower
 from nearl_protocol.bundle import stage
@@ -250,24 +251,14 @@ class Server:
 
     def follow(self, progress_file: Path) -> int:
         """Stream progress lines; poll the run status; decide the exit code."""
-        offset, events, last_poll, status = 0, [], 0.0, ""
+        reader, events, last_poll, status = ProgressReader(progress_file), [], 0.0, ""
         failing_since: float | None = None
         while True:
-            if progress_file.exists():
-                with open(progress_file) as fh:
-                    fh.seek(offset)
-                    chunk = fh.read()
-                    complete = chunk[: chunk.rfind("\n") + 1]
-                    offset += len(complete)
-                for line in complete.splitlines():
-                    try:
-                        event = json.loads(line)
-                    except json.JSONDecodeError:
-                        continue
-                    events.append(event)
-                    text = format_event(event)
-                    if text and (not self.args.quiet or event["event"] in ("done", "error")):
-                        print(text, flush=True)
+            for event in reader.read_new():
+                events.append(event)
+                text = format_event(event)
+                if text and (not self.args.quiet or isinstance(event, (DoneEvent, ErrorEvent))):
+                    print(text, flush=True)
             if status.startswith("finished"):
                 break
             if self.superlink is not None and self.superlink.poll() is not None:
@@ -275,7 +266,7 @@ class Server:
                                   f"{flower.tail(self.superlink_log, 1)}")
             if self.proxy is not None and self.proxy.poll() is not None:
                 raise FlowerError(f"the Fleet proxy on port {self.args.port} stopped (exit {self.proxy.returncode})")
-            ending = any(e["event"] in ("done", "error") for e in events[-2:])
+            ending = any(isinstance(e, (DoneEvent, ErrorEvent)) for e in events[-2:])
             if time.monotonic() - last_poll > (2.0 if ending else POLL_SECONDS):
                 try:
                     status, _ = flower.run_status(self.run_id, env=self.cli_env)
@@ -289,13 +280,12 @@ class Server:
                 if status.startswith("finished"):
                     continue  # one more pass to drain the progress file
             time.sleep(1.0)
-        errors = [e for e in events if e["event"] == "error"]
-        done = [e for e in events if e["event"] == "done"]
-        if status.endswith("completed") and done and not errors:
+        errors = select(events, ErrorEvent)
+        if status.endswith("completed") and select(events, DoneEvent) and not errors:
             print(format_summary(events), flush=True)
             return 0
         if errors:
-            message = errors[-1]["message"]
+            message = errors[-1].message
         elif status.endswith("stopped"):
             message = "the run was stopped"
         else:

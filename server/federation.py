@@ -2,14 +2,12 @@
 
 :func:`run_federation` is what ``server.app``'s ``@app.main()`` calls.  Per round the
 :class:`RoundLog` listener logs the round to MLflow, writes a checkpoint and appends a
-JSON line to the progress file that ``nearl-server`` streams to the terminal.
+JSON line to the progress file (:mod:`server.events`) that ``nearl-server`` streams to the terminal.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import math
 import os
 import time
 import traceback
@@ -26,10 +24,12 @@ from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import wire_schema
+from nearl_protocol import keys
 from nearl_protocol.messages import instruction_config
 from nearl_protocol.schema import parameter_count, payload_bytes
 from server.central_dp import NearlServerSideDP
 from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
+from server.events import DoneEvent, ErrorEvent, EvalEvent, ProgressWriter, RoundEvent, StartEvent
 from server.quick_grid import QuickPollGrid
 from server.screening import DUPLICATE, load_registry
 from server.settings import FederationSettings
@@ -38,32 +38,6 @@ from server.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger("nearl.federation")
 REGISTERED_MODEL = "nearl-adapters"
-
-
-class Progress:
-    """JSON lines for nearl-server (one event per line, flushed; a no-op without a path)."""
-
-    def __init__(self, path: str | Path | None):
-        self.path = Path(path) if path else None
-
-    def emit(self, event: str, **data: Any) -> None:
-        line = json.dumps({"event": event, "time": time.time(), **data}, default=_jsonable)
-        log.info("%s", line)
-        if self.path is not None:
-            with open(self.path, "a") as fh:
-                fh.write(line + "\n")
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    if isinstance(value, (np.floating, np.integer)):
-        return value.item()
-    return str(value)
-
-
-def _clean(metrics: dict[str, float]) -> dict[str, float | None]:
-    return {k: (v if isinstance(v, (int, float)) and math.isfinite(v) else None) for k, v in metrics.items()}
 
 
 def arrays_to_numpy(arrays: ArrayRecord, schema) -> dict[str, np.ndarray]:
@@ -77,8 +51,8 @@ def numpy_to_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
 class RoundLog:
     """Listener of :class:`NearlStrategyMixin`: MLflow, checkpoints and progress after each round."""
 
-    def __init__(self, settings: FederationSettings, tracker: Tracker | None, progress: Progress, model: NearlCLIP,
-                 ckpt_meta: dict[str, Any]):
+    def __init__(self, settings: FederationSettings, tracker: Tracker | None, progress: ProgressWriter,
+                 model: NearlCLIP, ckpt_meta: dict[str, Any]):
         self.settings, self.tracker, self.progress, self.model = settings, tracker, progress, model
         self.ckpt_meta = ckpt_meta
         self.schema = shared_schema(model)
@@ -95,25 +69,24 @@ class RoundLog:
         if self.tracker is not None:
             self.tracker.log_metrics(flat, step=step)
         self.last_eval = (step, metrics)
-        self.progress.emit("eval", step=step, metrics=_clean(metrics),
-                           sites={s: _clean(v) for s, v in per_site.items()})
+        self.progress.emit(EvalEvent(step=step, metrics=metrics, sites=per_site))
 
     def round_finished(self, report: RoundReport, strategy: NearlStrategyMixin) -> None:
         self.seen_sites.update(report.answered)
         self.seen_sites.update(report.missing)
         flat: dict[str, float] = dict(report.train_metrics)
-        flat.update(round_seconds=report.seconds, bytes_sent=report.bytes_sent,
-                    bytes_received=report.bytes_received, sites_answered=len(report.answered),
-                    sites_missing=len(report.missing), sites_rejected=len(report.rejected),
-                    sites_declined=len(report.declined),
-                    sites_duplicate=sum(DUPLICATE in why for why in report.rejected.values()))
+        flat.update({keys.MLFLOW_ROUND_SECONDS: report.seconds, keys.MLFLOW_BYTES_SENT: report.bytes_sent,
+                     keys.MLFLOW_BYTES_RECEIVED: report.bytes_received,
+                     keys.MLFLOW_SITES_ANSWERED: len(report.answered), keys.MLFLOW_SITES_MISSING: len(report.missing),
+                     keys.MLFLOW_SITES_REJECTED: len(report.rejected), keys.MLFLOW_SITES_DECLINED: len(report.declined),
+                     keys.MLFLOW_SITES_DUPLICATE: sum(DUPLICATE in why for why in report.rejected.values())})
         for site, values in report.per_site.items():
             flat.update({f"{site}/{k}": v for k, v in values.items()})
-            if "epsilon" in values:
-                self.final_epsilon[site] = values["epsilon"]
+            if keys.MLFLOW_EPSILON in values:
+                self.final_epsilon[site] = values[keys.MLFLOW_EPSILON]
         self.contributors.update(report.payload_sha256)
         for site in sorted(self.seen_sites):
-            flat[f"{site}/answered"] = 1.0 if site in report.answered else 0.0
+            flat[f"{site}/{keys.MLFLOW_ANSWERED}"] = 1.0 if site in report.answered else 0.0
         if self.tracker is not None:
             self.tracker.log_metrics(flat, step=report.round)
             if report.round == self.settings_first_round:
@@ -138,12 +111,12 @@ class RoundLog:
                               strategy_state=strategy.strategy_state(), meta=self.ckpt_meta)
             ckpt_path = str(save_checkpoint(root, ckpt, keep=self.settings.keep_checkpoints))
         eval_step, eval_metrics = self.last_eval if self.last_eval else (None, {})
-        self.progress.emit(
-            "round", round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
+        self.progress.emit(RoundEvent(
+            round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
             missing=report.missing, rejected=report.rejected, declined=report.declined, sampled=report.sampled,
             aggregated=report.aggregated, not_applied=report.not_applied, payload_sha256=report.payload_sha256,
             seconds=report.seconds, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
-            train=_clean(report.train_metrics), eval_step=eval_step, eval=_clean(eval_metrics), checkpoint=ckpt_path)
+            train=report.train_metrics, eval_step=eval_step, eval=eval_metrics, checkpoint=ckpt_path))
 
     settings_first_round = 1
 
@@ -177,7 +150,7 @@ def build_server_model(settings: FederationSettings) -> NearlCLIP:
 
 def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a federation; returns a summary. Raises on failure after recording it."""
-    progress = Progress(str(run_config.get("progress-file") or "") or None)  # so that a bad key is reported too
+    progress = ProgressWriter(str(run_config.get("progress-file") or "") or None)  # so that a bad key is reported too
     tracker: Tracker | None = None
     try:
         settings = FederationSettings.from_run_config(run_config)
@@ -219,10 +192,11 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         listener = RoundLog(settings, tracker, progress, model, ckpt_meta)
         listener.settings_first_round = start_round + 1
         remaining = settings.num_rounds - start_round
-        progress.emit("start", rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
-                      min_nodes=settings.min_nodes, run_id=tracker.run_id if tracker else None, mlflow_uri=uri,
-                      payload_bytes=payload, trainable_parameters=parameter_count(schema), backbone=fingerprint,
-                      resumed=ckpt is not None)
+        progress.emit(StartEvent(
+            rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
+            min_nodes=settings.min_nodes, run_id=tracker.run_id if tracker else None, mlflow_uri=uri,
+            payload_bytes=payload, trainable_parameters=parameter_count(schema), backbone=fingerprint,
+            resumed=ckpt is not None))
         strategy = make_strategy(
             settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
             listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
@@ -257,15 +231,15 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             version = tracker.log_adapters(out_dir, "final_adapters", registered_name=REGISTERED_MODEL,
                                            version_tags=provenance(fingerprint, settings, listener))
             tracker.end("FINISHED")
-        progress.emit("done", round=settings.num_rounds, adapters=str(out_dir.resolve()),
-                      run_id=tracker.run_id if tracker else None, model_version=version)
+        progress.emit(DoneEvent(round=settings.num_rounds, adapters=str(out_dir.resolve()),
+                                run_id=tracker.run_id if tracker else None, model_version=version))
         return {"adapters": out_dir, "run_id": tracker.run_id if tracker else None, "rounds": settings.num_rounds}
     except BaseException as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not isinstance(err, NearlError) and type(err).__name__ != "NotEnoughSites":
             message = f"{type(err).__name__}: {message}"
             log.error("federation failed:\n%s", traceback.format_exc())
-        progress.emit("error", message=message)
+        progress.emit(ErrorEvent(message=message))
         if tracker is not None:
             try:
                 tracker.set_tags({"error": message[:500]})

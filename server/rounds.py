@@ -7,6 +7,7 @@ from typing import Any, Protocol
 
 from flwr.app import ArrayRecord
 
+from nearl_protocol import keys
 from server.screening import aggregate_metrics, split_metrics
 
 
@@ -64,12 +65,12 @@ def record_site_metrics(report: RoundReport, sites: list[SiteReply], listener: R
     rows_train, rows_eval, evals_per_site = [], [], {}
     for s in sites:
         train_m, eval_m = split_metrics(s.metrics)
-        rows_train.append({**train_m, "train_examples": 1.0} if unweighted else train_m)
+        rows_train.append({**train_m, keys.MLFLOW_TRAIN_EXAMPLES: 1.0} if unweighted else train_m)
         report.per_site[s.site] = dict(train_m)
         if eval_m:
             rows_eval.append(eval_m)
             evals_per_site[s.site] = eval_m
     report.train_metrics = aggregate_metrics(rows_train)
-    report.train_metrics.pop("train_examples", None)
+    report.train_metrics.pop(keys.MLFLOW_TRAIN_EXAMPLES, None)
     if rows_eval and listener is not None:
         listener.evaluated(r - 1, aggregate_metrics(rows_eval), evals_per_site)

@@ -34,6 +34,9 @@ UNIT_WEIGHT_KEY = "server-dp-weight"  # set to 1 on each received update by serv
 MLFLOW_COUNTS = tuple(keys.mlflow_name(k) for k in keys.COUNT_KEYS)  # train_examples, eval_examples, ...
 WORKER_FACTS = tuple(keys.mlflow_name(k) for k in keys.WORKER)
 WORKER_WARM = keys.mlflow_name(keys.WORKER_WARM)
+SPLIT_COUNTS = ((keys.MLFLOW_EVAL_PREFIX, keys.MLFLOW_EVAL_EXAMPLES),  # an evaluation's metrics, and their weight
+                (keys.MLFLOW_TEST_PREFIX, keys.MLFLOW_TEST_EXAMPLES),
+                (keys.MLFLOW_PERSONAL_PREFIX, keys.MLFLOW_PERSONAL_EXAMPLES))
 
 
 class SiteIdentities:
@@ -124,17 +127,16 @@ def declined(content: RecordDict) -> bool:
 
 def declined_reason(metrics: Mapping[str, float]) -> str:
     """The one-line reason a site's ledger gives for declining (from its metrics, MLflow names)."""
-    return (f"declined: privacy budget (epsilon {metrics.get('epsilon', math.nan):.3f} spent, this round would "
-            f"reach {metrics.get('dp_epsilon_next', math.nan):.3f} > the site's max "
-            f"{metrics.get('dp_max_epsilon', math.nan):g})")
+    return (f"declined: privacy budget (epsilon {metrics.get(keys.MLFLOW_EPSILON, math.nan):.3f} spent, this "
+            f"round would reach {metrics.get(keys.MLFLOW_DP_EPSILON_NEXT, math.nan):.3f} > the site's max "
+            f"{metrics.get(keys.MLFLOW_DP_MAX_EPSILON, math.nan):g})")
 
 
 def _weight_key(key: str, sample: Mapping[str, float]) -> str:
-    for prefix, count in (("eval_", "eval_examples"), ("test_", "test_examples"),
-                          ("personal_", "personal_examples")):
+    for prefix, count in SPLIT_COUNTS:
         if key.startswith(prefix) and count in sample:
             return count
-    return "train_examples"
+    return keys.MLFLOW_TRAIN_EXAMPLES
 
 
 def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
@@ -150,14 +152,14 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
         if key in MLFLOW_COUNTS:
             out[key] = float(sum(r.get(key, 0.0) for r in rows))
         elif key == WORKER_WARM:
-            out["sites_warm"] = float(sum(r.get(key, 0.0) == 1.0 for r in rows))
+            out[keys.MLFLOW_SITES_WARM] = float(sum(r.get(key, 0.0) == 1.0 for r in rows))
         elif key in WORKER_FACTS:  # which process answered, how many builds: per-site, never averaged
             continue
-        elif key == "epsilon":
+        elif key == keys.MLFLOW_EPSILON:
             eps = [r[key] for r in rows if key in r and math.isfinite(r[key])]
             if eps:
-                out["epsilon_max"] = max(eps)
-        elif not key.startswith("dp_"):
+                out[keys.MLFLOW_EPSILON_MAX] = max(eps)
+        elif not key.startswith(keys.MLFLOW_DP_PREFIX):
             num = den = 0.0
             for r in rows:
                 v, w = r.get(key), r.get(_weight_key(key, r), 0.0)
@@ -169,5 +171,5 @@ def aggregate_metrics(rows: list[Mapping[str, float]]) -> dict[str, float]:
 
 def split_metrics(metrics: Mapping[str, float]) -> tuple[dict[str, float], dict[str, float]]:
     """(train-side, eval-side) views of one reply's metrics (MLflow names)."""
-    evals = {k: v for k, v in metrics.items() if k.startswith(("eval_", "test_", "personal_"))}
+    evals = {k: v for k, v in metrics.items() if k.startswith(tuple(prefix for prefix, _ in SPLIT_COUNTS))}
     return {k: v for k, v in metrics.items() if k not in evals}, evals

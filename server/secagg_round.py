@@ -89,16 +89,16 @@ class SecureRounds:
             try:
                 mean, weight, clipped = rnd.unmask(self.grid, masked)
                 arrays = self._apply(strategy, r, mean, weight, report, replies)
-                stats = {"secagg_clipped": float(clipped), "secagg_error_bound":
+                stats = {keys.MLFLOW_SECAGG_CLIPPED: float(clipped), keys.MLFLOW_SECAGG_ERROR_BOUND:
                          rnd.params.error_bound(weight, len(masked)) if weight else math.nan}
                 if weight and not self.settings.equal_weights:
-                    stats["train_examples"] = float(weight)
+                    stats[keys.MLFLOW_TRAIN_EXAMPLES] = float(weight)
             except SecAggAbort as err:
                 report.not_applied = str(err)
                 log.warning("round %d: %s", r, err)
         report.bytes_received = rnd.bytes_received + sum(s.nbytes for s in sites)
         report.bytes_sent += rnd.bytes_sent - sent_before  # the unmask stage
-        stats["secagg_dropped"] = float(sum(len(v) for v in rnd.dropped.values()))
+        stats[keys.MLFLOW_SECAGG_DROPPED] = float(sum(len(v) for v in rnd.dropped.values()))
         self._report(strategy, report, r, sites, rejected, stats)
         return arrays, MetricRecord({k: v for k, v in report.train_metrics.items() if math.isfinite(v)})
 

@@ -197,8 +197,8 @@ class NearlStrategyMixin(ReplyScreening):
         else:
             log.warning("round %d: no update accepted; the global adapters stay unchanged", r)
         record_site_metrics(report, sites, self.listener, r)
-        report.train_metrics["train_examples"] = float(sum(s.metrics.get("train_examples", 0) for s in sites
-                                                           if not s.declined))
+        report.train_metrics[keys.MLFLOW_TRAIN_EXAMPLES] = float(
+            sum(s.metrics.get(keys.MLFLOW_TRAIN_EXAMPLES, 0) for s in sites if not s.declined))
         known = set(self.identities.bound.values()) | set(self._site_names(self._sampled))
         report.missing = sorted(known - set(report.answered) - set(report.declined))
         self._round = report
@@ -212,7 +212,7 @@ class NearlStrategyMixin(ReplyScreening):
                                  equal_weights=self.weighted_by_key == UNIT_WEIGHT_KEY)
         for u, s in zip(updates, sites):
             if u.used:
-                s.metrics["train_examples"] = u.used  # what the round counted, not what the site claimed
+                s.metrics[keys.MLFLOW_TRAIN_EXAMPLES] = u.used  # what the round counted, not what the site claimed
             if u.cap is not None:
                 s.metrics.update(examples_clipped=1.0, examples_cap=u.cap)
         self.last_update_count = outcome.count
@@ -286,8 +286,8 @@ class NearlStrategyMixin(ReplyScreening):
             accepted, sites, rejected = self.screen_replies(replies, train=False)
             if self._round is not None:
                 self._round.bytes_received += sum(s.nbytes for s in sites)
-            per_site = {s.site: {("eval_examples" if k == "train_examples" else k): v for k, v in s.metrics.items()}
-                        for s in sites}
+            per_site = {s.site: {(keys.MLFLOW_EVAL_EXAMPLES if k == keys.MLFLOW_TRAIN_EXAMPLES else k): v
+                                 for k, v in s.metrics.items()} for s in sites}
             rows = list(per_site.values())
             agg = aggregate_metrics(rows)
             if self.listener is not None and rows:

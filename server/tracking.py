@@ -1,6 +1,7 @@
 """MLflow tracking of a federation: one MLflow run per federation, one step per round.
 
-Only the ServerApp imports MLflow (nearl_core never does).  Metric keys:
+Only the ServerApp imports MLflow (nearl_core never does).  Metric keys (named once in
+:mod:`nearl_protocol.keys`, its "MLflow metric names" section):
 
     train_loss, train_accuracy, eval_loss, eval_accuracy, eval_balanced_accuracy,
     eval_macro_f1, eval_auroc (weighted by examples), <site>/<metric> per site,

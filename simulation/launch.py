@@ -8,7 +8,6 @@ Flower reports client failures only through the results, so the caller counts si
 
 from __future__ import annotations
 
-import json
 import shutil
 import time
 import tomllib
@@ -19,6 +18,7 @@ from typing import Any, Callable
 from nearl_protocol.processes import (CONNECTION, FlowerError, flower_env, flwr_json, free_port, run_logs, run_status,
                            start_process, stop_process, superlink_command, wait_for_port, write_connection,
                            write_run_config)
+from server.events import DoneEvent, ErrorEvent, EvalEvent, Event, ProgressReader, RoundEvent, select
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE_APP = "simulation.site_app"
@@ -51,27 +51,34 @@ def app_dir(workdir: Path) -> Path:
 
 @dataclass
 class SimulationResult:
-    events: list[dict[str, Any]] = field(default_factory=list)
+    events: list[Event] = field(default_factory=list)
     adapters: Path | None = None
     run_id: str | None = None  # MLflow run id
     status: str = ""
     seconds: float = 0.0
 
-    def rounds(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == "round"]
+    def rounds(self) -> list[RoundEvent]:
+        return select(self.events, RoundEvent)
 
-    def evals(self) -> list[dict[str, Any]]:
-        return [e for e in self.events if e.get("event") == "eval"]
+    def evals(self) -> list[EvalEvent]:
+        return select(self.events, EvalEvent)
+
+    def add(self, event: Event) -> None:
+        """Keep an event; ``done`` says where the final adapters and the MLflow run are."""
+        self.events.append(event)
+        if isinstance(event, DoneEvent):
+            self.adapters, self.run_id = Path(event.adapters), event.run_id
 
 
 def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpus_per_site: float = 1.0,
-                   timeout: float = 1800.0, on_event: Callable[[dict[str, Any]], None] | None = None
+                   timeout: float = 1800.0, on_event: Callable[[Event], None] | None = None
                    ) -> SimulationResult:
     """Start a private simulation SuperLink, run the app with ``sites`` virtual SuperNodes, wait."""
     workdir.mkdir(parents=True, exist_ok=True)
     flwr_home = workdir / ".flwr"
     progress = workdir / "progress.jsonl"
     progress.unlink(missing_ok=True)
+    reader = ProgressReader(progress)
     env = flower_env(flwr_home, {"RAY_DEDUP_LOGS": "0", "RAY_USAGE_STATS_ENABLED": "0", "HF_HUB_OFFLINE": "1"})
     port = free_port()
     command = superlink_command(host="127.0.0.1", port=port, certs=None, database=None) + ["--simulation"]
@@ -85,19 +92,18 @@ def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpu
         submitted = flwr_json(["run", str(app_dir(workdir)), CONNECTION, "--federation-config", federation,
                                "--run-config", str(config_file)], env=env, cwd=ROOT)
         flwr_run = str(submitted.get("run-id") or submitted.get("run_id"))
-        seen = 0
         while True:
-            seen = _follow(progress, result, seen, on_event)
+            _follow(reader, result, on_event)
             status, _ = run_status(flwr_run, env=env)
             if status.startswith("finished"):
-                seen = _follow(progress, result, seen, on_event)
+                _follow(reader, result, on_event)
                 result.status = status
                 break
             if time.perf_counter() - start > timeout:
                 raise FlowerError(f"simulation did not finish within {timeout:.0f}s; see {workdir}/superlink.log")
             time.sleep(1.0)
         if result.status != "finished:completed" or result.adapters is None:
-            errors = [e.get("message") for e in result.events if e.get("event") == "error"]
+            errors = [e.message for e in select(result.events, ErrorEvent)]
             detail = errors[0] if errors else run_logs(flwr_run, env=env)
             raise FlowerError(f"simulation run {flwr_run} ended {result.status}: {detail}")
         return result
@@ -106,21 +112,9 @@ def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpu
         stop_process(link)
 
 
-def _follow(progress: Path, result: SimulationResult, seen: int, on_event) -> int:
-    """Read new JSON lines of the ServerApp's progress file."""
-    if not progress.exists():
-        return seen
-    lines = progress.read_text().splitlines()
-    for line in lines[seen:]:
-        try:
-            event = json.loads(line)
-        except json.JSONDecodeError:  # a line still being written
-            return seen
-        result.events.append(event)
-        if event.get("event") == "done":
-            result.adapters = Path(event["adapters"])
-            result.run_id = event.get("run_id")
+def _follow(reader: ProgressReader, result: SimulationResult, on_event: Callable[[Event], None] | None) -> None:
+    """The events the ServerApp wrote since the last call, into ``result`` and to ``on_event``."""
+    for event in reader.read_new():
+        result.add(event)
         if on_event:
             on_event(event)
-        seen += 1
-    return seen

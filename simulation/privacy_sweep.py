@@ -12,13 +12,14 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from nearl_protocol.keys import MLFLOW_EPSILON_MAX  # noqa: E402
+from server.events import RoundEvent, read_all, select  # noqa: E402
 from simulation import run as simulation  # noqa: E402
 
 
@@ -37,9 +38,8 @@ def arm_result(out: Path) -> dict[str, float]:
     """Federated test metrics (mean row) and the largest site epsilon of one finished arm."""
     with open(out / "results.csv", newline="") as fh:
         mean = next(r for r in csv.DictReader(fh) if r["arm"] == "federated" and r["site"] == "mean")
-    events = [json.loads(line) for line in (out / "flower" / "progress.jsonl").read_text().splitlines()]
-    eps = [e["train"].get("epsilon_max") for e in events if e["event"] == "round" and e.get("train")]
-    eps = [v for v in eps if v is not None]
+    rounds = select(read_all(out / "flower" / "progress.jsonl"), RoundEvent)
+    eps = [v for v in (r.train.get(MLFLOW_EPSILON_MAX) for r in rounds) if v is not None]
     return {**{k: float(mean[k]) for k in ("accuracy", "balanced_accuracy", "macro_f1", "auroc")},
             "epsilon": max(eps) if eps else float("nan")}
 

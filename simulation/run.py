@@ -41,6 +41,8 @@ from nearl_protocol.processes import FlowerError  # noqa: E402
 from server import options  # noqa: E402
 from server.settings import SIMULATION  # noqa: E402
 from server.tracking import resolve_tracking_uri  # noqa: E402
+from nearl_protocol import keys  # noqa: E402
+from server.events import Event, RoundEvent  # noqa: E402
 from simulation import compare, methods  # noqa: E402
 from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
 
@@ -150,7 +152,7 @@ def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], r
           + ("  eps_max" if args.dp_epsilon is not None else ""))
     sim = run_simulation(sites=args.sites, run_config=run_config, workdir=out / "flower",
                          cpus_per_site=args.cpus_per_site, on_event=print_round)
-    answered = [len(r.get("answered", [])) for r in sim.rounds()]
+    answered = [len(r.answered) for r in sim.rounds()]
     if any(n < args.sites for n in answered):
         print(f"warning: some sites did not answer (answered per round: {answered}); see {out}/flower")
 
@@ -201,24 +203,25 @@ def _site_ceiling(item: str) -> str:
     return f"{site.strip()}={ceiling}"
 
 
-def print_round(event: dict) -> None:
-    if event.get("event") != "round":
+def print_round(event: Event) -> None:
+    """A round's line of the table ``federate`` prints (other events print nothing)."""
+    if not isinstance(event, RoundEvent):
         return
     fmt = lambda v, w: f"{v:>{w}.4f}" if isinstance(v, (int, float)) else f"{'-':>{w}}"
-    train, ev = event.get("train") or {}, event.get("eval") or {}
-    print(f"{event['round']:>5}  {len(event.get('answered', [])):>5}  {fmt(train.get('train_loss'), 10)}  "
-          f"{fmt(ev.get('eval_accuracy'), 8)}  {fmt(ev.get('eval_balanced_accuracy'), 12)}  "
-          f"{event.get('seconds', 0):>7.1f}" + (f"  {train['epsilon_max']:>7.3f}" if "epsilon_max" in train else "")
-          + "".join(f"\n       {site} {why}" for site, why in (event.get("declined") or {}).items()), flush=True)
+    train, ev = event.train, event.eval
+    print(f"{event.round:>5}  {len(event.answered):>5}  {fmt(train.get(keys.MLFLOW_TRAIN_LOSS), 10)}  "
+          f"{fmt(ev.get(keys.MLFLOW_EVAL_ACCURACY), 8)}  {fmt(ev.get(keys.MLFLOW_EVAL_BALANCED_ACCURACY), 12)}  "
+          f"{event.seconds:>7.1f}"
+          + (f"  {train[keys.MLFLOW_EPSILON_MAX]:>7.3f}" if keys.MLFLOW_EPSILON_MAX in train else "")
+          + "".join(f"\n       {site} {why}" for site, why in event.declined.items()), flush=True)
 
 
 def eval_curve(sim) -> list[dict]:
     """Accuracy per evaluation step: weighted mean and per site."""
     curve = []
     for e in sim.evals():
-        metrics = e.get("metrics") or {}
-        sites = {s: v.get("eval_accuracy") for s, v in (e.get("sites") or {}).items()}
-        curve.append({"round": e["step"], "mean": metrics.get("eval_accuracy", math.nan),
+        sites = {s: v.get(keys.MLFLOW_EVAL_ACCURACY) for s, v in e.sites.items()}
+        curve.append({"round": e.step, "mean": e.metrics.get(keys.MLFLOW_EVAL_ACCURACY, math.nan),
                       "sites": {s: (v if v is not None else math.nan) for s, v in sites.items()}})
     return curve
 

@@ -169,7 +169,8 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     """The listener's output for two rounds, against a real sqlite store in tmp_path."""
     from flwr.app import Array, ArrayRecord
 
-    from server.federation import Progress, RoundLog
+    from server.events import EvalEvent, ProgressWriter, RoundEvent, read_all
+    from server.federation import RoundLog
     from server.strategy import make_strategy
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -186,7 +187,8 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     orig = fed.shared_schema
     fed.shared_schema = lambda m: fed_schema
     try:
-        listener = RoundLog(settings, tracker, Progress(tmp_path / "p.jsonl"), Model(), {"mlflow_run_id": tracker.run_id})
+        listener = RoundLog(settings, tracker, ProgressWriter(tmp_path / "p.jsonl"), Model(),
+                            {"mlflow_run_id": tracker.run_id})
     finally:
         fed.shared_schema = orig
     strategy = make_strategy("fedavg", schema=fed_schema, min_nodes=1)
@@ -203,6 +205,11 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     assert h("eval_accuracy") == {0: 0.3} and h("siteA/eval_accuracy") == {0: 0.3}
     assert h("sites_answered") == {1: 1.0, 2: 1.0} and h("sites_missing") == {1: 0.0, 2: 1.0}
     assert h("siteB/answered") == {2: 0.0} and h("bytes_sent")[2] == 100 and h("round_seconds")[1] == 1.5
+    zero, first, second = read_all(tmp_path / "p.jsonl")  # what nearl-server shows of the same rounds
+    assert isinstance(zero, EvalEvent) and zero.step == 0 and zero.sites == {"siteA": {"eval_accuracy": 0.3}}
+    assert isinstance(second, RoundEvent) and (second.round, second.rounds, second.missing) == (2, 2, ["siteB"])
+    assert first.eval_step == 0 and first.eval == {"eval_accuracy": 0.3, "eval_loss": 1.2}
+    assert second.checkpoint == str(tmp_path / "ck" / "round-0002")
     run = tracker.client.get_run(tracker.run_id)
     assert run.data.tags["round_0002_missing"] == "siteB"
     tracker.set_tags({f"payload_sha256/round_0003/site{i}": f"h{i}" for i in range(150)})  # two batch requests

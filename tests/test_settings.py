@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import tomllib
 
 import pytest
 
 from nearl_core.errors import ConfigError
-import re
-
 from server.options import (DOCS_BEGIN, DOCS_END, dest_of, docs_table, flag_of, nearl_keys, pyproject_table,
                             settings_from_args)
 from server.settings import (SERVER, SIMULATION, SIMULATION_DEFAULTS, STRATEGY_NAMES, FederationSettings, default,
                              run_config_key, setting_fields)
+from server.events import ErrorEvent, read_all
 from tests.fed_helpers import ROOT
 
 INTERNAL = {"config", "resume", "progress_file", "site_registry"}  # set by the commands themselves
@@ -136,5 +134,5 @@ def test_the_server_app_refuses_an_unknown_key_before_any_round(tmp_path):
     progress = tmp_path / "progress.jsonl"
     with pytest.raises(ConfigError, match="'stratgy' is not a NEARL federation key; did you mean 'strategy'"):
         run_federation(FakeGrid([1, 2]), {**pyproject_config(), "stratgy": "krum", "progress-file": str(progress)})
-    (event,) = [json.loads(line) for line in progress.read_text().splitlines()]
-    assert event["event"] == "error" and "did you mean 'strategy'" in event["message"]  # what nearl-server prints
+    (event,) = read_all(progress)
+    assert isinstance(event, ErrorEvent) and "did you mean 'strategy'" in event.message  # what nearl-server prints

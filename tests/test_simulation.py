@@ -9,6 +9,7 @@ import mlflow
 import pytest
 
 from nearl_core.demo_data import generate_demo_data
+from server.events import RoundEvent, read_all, select
 from simulation.run import main
 
 pytestmark = pytest.mark.slow
@@ -65,9 +66,8 @@ def test_fifty_virtual_sites_complete(tmp_path, monkeypatch):
     code = main(["--sites", "50", "--rounds", "1", "--local-epochs", "1", "--alpha", "iid",
                  "--data", str(tmp_path / "pool"), "--out", str(out)])
     assert code == 0
-    events = [json.loads(line) for line in (out / "flower" / "progress.jsonl").read_text().splitlines()]
-    rounds = [e for e in events if e["event"] == "round"]
-    assert len(rounds) == 1 and len(rounds[0]["answered"]) == 50
+    rounds = select(read_all(out / "flower" / "progress.jsonl"), RoundEvent)
+    assert len(rounds) == 1 and len(rounds[0].answered) == 50
     rows = _read_csv(out / "results.csv")
     assert len([r for r in rows if r["arm"] == "federated"]) == 51  # 50 sites + mean
 
@@ -89,10 +89,9 @@ def test_dp_simulation_on_the_timm_bert_layout_accounts_per_site_and_stops_at_a_
                  "iid", "--data", str(tmp_path / "pool"), "--out", str(out), "--dp-epsilon", "2",
                  "--site-max-epsilon", "site2=1.8"])
     assert code == 0
-    rounds = [json.loads(line) for line in (out / "flower" / "progress.jsonl").read_text().splitlines()]
-    rounds = [e for e in rounds if e["event"] == "round"]
-    assert [r["answered"] for r in rounds] == [["site1", "site2"], ["site1"]]  # the federation went on without it
-    assert list(rounds[1]["declined"]) == ["site2"] and not rounds[1]["rejected"]
+    rounds = select(read_all(out / "flower" / "progress.jsonl"), RoundEvent)
+    assert [r.answered for r in rounds] == [["site1", "site2"], ["site1"]]  # the federation went on without it
+    assert list(rounds[1].declined) == ["site2"] and not rounds[1].rejected
 
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])[0]
