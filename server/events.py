@@ -73,6 +73,9 @@ class StartEvent(_Event):
     trainable_parameters: int
     backbone: str  # the frozen backbone's fingerprint
     resumed: bool
+    settings: dict[str, Any]  # the federation settings as the ServerApp read them (run-config keys)
+    config: dict[str, Any]  # the resolved NEARL config: what every instruction carries to the sites
+    config_sha256: str  # nearl_core.config.config_sha256 of it, as recorded in MLflow
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -196,7 +196,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
             min_nodes=settings.min_nodes, run_id=tracker.run_id if tracker else None, mlflow_uri=uri,
             payload_bytes=payload, trainable_parameters=parameter_count(schema), backbone=fingerprint,
-            resumed=ckpt is not None))
+            resumed=ckpt is not None, settings=settings.to_run_config(), config=cfg.to_dict(),
+            config_sha256=config_sha256(cfg)))
         strategy = make_strategy(
             settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
             listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,

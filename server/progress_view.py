@@ -27,7 +27,8 @@ def format_event(e: Event) -> str:
         what = "resuming at" if e.resumed else "starting"
         return (f"{what} round {e.start_round}/{e.rounds}: strategy {e.strategy}, at least "
                 f"{e.min_nodes} sites, {e.trainable_parameters:,} adapter parameters "
-                f"({e.payload_bytes / 1e6:.2f} MB per site per round), MLflow run {e.run_id}")
+                f"({e.payload_bytes / 1e6:.2f} MB per site per round), config sha256 {e.config_sha256[:12]}, "
+                f"MLflow run {e.run_id}")
     if isinstance(e, RoundEvent):
         return format_round(e)
     if isinstance(e, EvalEvent):

@@ -19,7 +19,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 START = StartEvent(time=1.0, rounds=5, start_round=1, strategy="fedavg", min_nodes=2, run_id="abc",
                    mlflow_uri="sqlite:////tmp/mlflow.db", payload_bytes=1234, trainable_parameters=308,
-                   backbone="f00d", resumed=False)
+                   backbone="f00d", resumed=False, settings={"strategy": "fedavg", "local-epochs": 2},
+                   config={"train": {"lr": 0.003}}, config_sha256="c0ffee")
 EVAL = EvalEvent(time=2.0, step=0, metrics={"eval_accuracy": 0.5, "eval_loss": 1.25},
                  sites={"site1": {"eval_accuracy": 0.25}, "site2": {"eval_accuracy": 0.75}})
 ROUND = RoundEvent(time=3.0, round=1, rounds=5, answered=["site1"], missing=["site2"], rejected={"site3": "nan"},
@@ -52,7 +53,8 @@ def test_the_file_keeps_the_field_names_and_order_other_tools_read(tmp_path):
         "checkpoint"]
     assert second == '{"event": "error", "time": 5.0, "message": "NotEnoughSites: 1 of 2 sites"}'
     assert list(START.to_dict()) == ["event", "time", "rounds", "start_round", "strategy", "min_nodes", "run_id",
-                                     "mlflow_uri", "payload_bytes", "trainable_parameters", "backbone", "resumed"]
+                                     "mlflow_uri", "payload_bytes", "trainable_parameters", "backbone", "resumed",
+                                     "settings", "config", "config_sha256"]
     assert list(EVAL.to_dict()) == ["event", "time", "step", "metrics", "sites"]
     assert list(DONE.to_dict()) == ["event", "time", "round", "adapters", "run_id", "model_version"]
 
