@@ -137,3 +137,13 @@ def test_the_server_app_refuses_an_unknown_key_before_any_round(tmp_path):
         run_federation(FakeGrid([1, 2]), {**pyproject_config(), "stratgy": "krum", "progress-file": str(progress)})
     (event,) = read_all(progress)
     assert isinstance(event, ErrorEvent) and "did you mean 'strategy'" in event.message  # what nearl-server prints
+
+
+def test_the_readme_config_table_names_every_key_of_every_section():
+    from nearl_core.config import NearlConfig
+
+    text = (ROOT / "README.md").read_text()
+    rows = {line.split("|")[1].strip(" `"): line for line in text.splitlines() if line.startswith("| `")}
+    missing = [f"{section}.{key}" for section, keys in NearlConfig().to_dict().items() for key in keys
+               if section not in rows or f"`{key}`" not in rows[section]]
+    assert missing == []
