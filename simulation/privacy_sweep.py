@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
             if simulation.main(argv_arm) != 0:
                 return 1
         rows.append((label, arm_result(out)))
-    lines = ["| arm | max site epsilon (delta 1e-5) | accuracy | balanced accuracy | macro F1 | AUROC |",
+    lines = ["| arm | max site epsilon (delta min(1e-5, 1/(10 N))) | accuracy | balanced accuracy | macro F1 | AUROC |",
              "|---|---|---|---|---|---|"]
     for label, r in rows:
         eps = "-" if r["epsilon"] != r["epsilon"] else f"{r['epsilon']:.2f}"
