@@ -147,3 +147,20 @@ def test_the_readme_config_table_names_every_key_of_every_section():
     missing = [f"{section}.{key}" for section, keys in NearlConfig().to_dict().items() for key in keys
                if section not in rows or f"`{key}`" not in rows[section]]
     assert missing == []
+
+
+@pytest.mark.parametrize("words, line", [
+    (["--set", "train.nonsense=1"], "nearl-server: error: unknown config key 'train.nonsense'; keys look like "
+                                    "'train.lr' or 'adapter.rank'"),
+    (["--set", "train.lr=fast"], "nearl-server: error: overrides: train.lr: expected a float, got 'fast'"),
+    (["--set", "strategy=fedsgd"], "nearl-server: error: run config: strategy must be one of fedavg, fedprox, "
+                                   "fedavgm, fedadam, fedyogi, fedmedian, fedtrimmedavg, krum"),
+    (["--set", "rounds=3"], "nearl-server: error: --set rounds: not a NEARL config key (section.key) nor a "
+                            "federation setting; settings: "),
+])
+def test_nearl_server_refuses_a_bad_key_or_value_in_one_line_before_any_process(words, line, capsys, tmp_path):
+    from server.cli import main
+
+    assert main(["--insecure", "--checkpoint-dir", str(tmp_path / "ck"), *words]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(line) and err.count("\n") == 1, err
