@@ -21,6 +21,15 @@ def with_site_classes(cfg: NearlConfig, data: Path, log=print) -> NearlConfig:
     return cfg.with_classes(classes)
 
 
+def classes_of_data(cfg: NearlConfig, found: tuple[str, ...], where: Path | str, log=print) -> NearlConfig:
+    """The classes when no config names them: the default config's list (its order, which the demo's
+    federation uses) when the data holds exactly those classes, else the data's own, sorted and printed."""
+    if set(found) == set(cfg.task.classes):
+        return cfg
+    log(f"classes from {where} (sorted folder names): {', '.join(found)}")
+    return cfg.with_classes(tuple(found))
+
+
 def load_site(cfg: NearlConfig, data: Path, log=print) -> SiteData:
     site = scan_site(data, cfg.task.classes, verify=True)
     missing = site.missing_classes("train")

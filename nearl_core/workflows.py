@@ -19,14 +19,14 @@ import torch
 
 from nearl_core.adapter_io import check_compatible, read_adapters, save_adapters, set_adapter_state
 from nearl_core.config import NearlConfig, from_dict, load_config
-from nearl_core.data import load_image, scan_site
+from nearl_core.data import infer_classes, load_image, scan_site
 from nearl_core.demo_data import generate_demo_data
 from nearl_core.errors import AdapterFileError, ConfigError, ModelOutputError, NearlError
 from nearl_core.metrics import METRIC_NAMES
 from nearl_core.model import FrozenCLIP, build_model
 from nearl_core.params import format_report, parameter_report
 from nearl_core import flags, privacy
-from nearl_core.site_check import load_site, with_site_classes
+from nearl_core.site_check import classes_of_data, load_site, with_site_classes
 from nearl_core.train import evaluate, fit, make_loader, seed_everything, select_device
 
 format_params = format_report
@@ -35,11 +35,13 @@ format_params = format_report
 def config_from_args(args: Any, *, reads_site: bool = True) -> NearlConfig:
     """--config, then --set, then the dedicated flags (nearl_core/flags.py: the same on every command).
 
-    For a command that ``reads_site``, no ``--config`` and no ``--set task.classes`` leave the
-    class list empty, so that it comes from the site's folders (``with_site_classes``).
+    For a command that ``reads_site``, no ``--config`` and no ``--set task.classes`` mean
+    "the classes of the site's folders" (:func:`classes_of_data`).
     """
     cfg = load_config(flags.config_name(args), flags.config_overrides(args))
-    return cfg.with_classes(()) if reads_site and flags.classes_from_data(args) else cfg
+    if reads_site and flags.classes_from_data(args):
+        cfg = classes_of_data(cfg, infer_classes(args.data), Path(args.data) / "train")
+    return cfg
 
 
 def demo_data(out: Path, sites: int, *, seed: int = 0, train_per_site: int = 96, overwrite: bool = False) -> list[Path]:

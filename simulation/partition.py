@@ -27,6 +27,12 @@ class Pool:
     classes: tuple[str, ...]
 
 
+def in_order(pool: Pool, classes: tuple[str, ...]) -> Pool:
+    """The same images with their labels numbered in ``classes``' order (the same set of names)."""
+    index = {name: i for i, name in enumerate(classes)}
+    return Pool(pool.paths, tuple(index[pool.classes[label]] for label in pool.labels), tuple(classes))
+
+
 def pool_images(root: str | Path, classes: tuple[str, ...] | None = None, cache: Path | None = None) -> Pool:
     """Pool a demo-data root (site folders), a site / ImageFolder root, or a MedMNIST ``.npz``."""
     root = Path(root)

@@ -36,6 +36,7 @@ from nearl_core import flags  # noqa: E402
 from nearl_core.config import NearlConfig, load_config, write_config  # noqa: E402
 from nearl_core.data import scan_site  # noqa: E402
 from nearl_core.demo_data import generate_demo_data  # noqa: E402
+from nearl_core.site_check import classes_of_data  # noqa: E402
 from nearl_core.errors import NearlError  # noqa: E402
 from nearl_protocol.processes import FlowerError  # noqa: E402
 from server import options  # noqa: E402
@@ -44,7 +45,8 @@ from server.tracking import resolve_tracking_uri  # noqa: E402
 from nearl_protocol import keys  # noqa: E402
 from server.events import Event, RoundEvent  # noqa: E402
 from simulation import compare, methods  # noqa: E402
-from simulation.partition import format_summary, partition, pool_images, summary_table, write_virtual_sites  # noqa: E402
+from simulation.partition import (format_summary, in_order, partition, pool_images, summary_table,  # noqa: E402
+                                  write_virtual_sites)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,10 +107,12 @@ def run(args: argparse.Namespace) -> dict:
         raise NearlError("--methods needs at least one method, e.g. --methods nearl,coop")
     cfg = config_of(args)
 
-    pool = pool_images(args.data or demo_pool(args.sites, args.seed), cfg.task.classes or None)
-    if not cfg.task.classes:
-        print(f"classes from the data (sorted): {', '.join(pool.classes)}")
-    cfg = cfg if cfg.task.classes else cfg.with_classes(pool.classes)
+    from_data = flags.classes_from_data(args)
+    pool = pool_images(args.data or demo_pool(args.sites, args.seed), None if from_data else cfg.task.classes or None)
+    if from_data or not cfg.task.classes:
+        cfg = classes_of_data(cfg, pool.classes, "the data")
+        configs = {m: c.with_classes(cfg.task.classes) for m, c in configs.items()}
+        pool = in_order(pool, cfg.task.classes)
     parts = partition(pool, args.sites, args.alpha, args.seed)
     site_roots = write_virtual_sites(pool, parts, out / "sites", args.seed)
     rows = summary_table(pool, parts)
@@ -121,7 +125,6 @@ def run(args: argparse.Namespace) -> dict:
         print(f"simulation wall time {time.perf_counter() - start:.1f}s (federation {seconds:.1f}s)")
         return summary
 
-    configs = {m: c if c.task.classes else c.with_classes(pool.classes) for m, c in configs.items()}
     per_method = {}
     for method, method_cfg in configs.items():
         print(f"\n=== method {method} ===")
@@ -135,9 +138,8 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def config_of(args: argparse.Namespace, extra: dict | None = None) -> NearlConfig:
-    """The run's NEARL config: --config, the overrides of the flags, then ``extra``; classes as the data says."""
-    cfg = load_config(flags.config_name(args), {**args.nearl_sets, **(extra or {})})
-    return cfg.with_classes(()) if flags.classes_from_data(args) else cfg
+    """The run's NEARL config: --config, the overrides of the flags, then ``extra`` (the classes: see run)."""
+    return load_config(flags.config_name(args), {**args.nearl_sets, **(extra or {})})
 
 
 def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], root: Path) -> dict:

@@ -78,6 +78,12 @@ def test_without_a_config_the_classes_come_from_the_folders(capsys, demo_root, t
     assert code == 0 and "no training images of mri" in out
 
 
+def test_data_holding_the_default_configs_classes_keeps_their_order(capsys, demo_root):
+    """The demo's order (normal, nodule, opacity), which its federation uses, not the sorted one."""
+    code, out, _ = run(capsys, "check-data", "--data", str(demo_root / "site1"))
+    assert code == 0 and "classes normal, nodule, opacity" in out and "classes from" not in out
+
+
 @pytest.mark.slow
 def test_nearl_train_on_own_classes_without_a_config(capsys, demo_root, tmp_path):
     site = _modality_site(tmp_path / "site", demo_root)

@@ -17,7 +17,8 @@ def nearl_train(words: list[str], tmp: Path):
     from nearl_core.cli import build_parser
     from nearl_core.workflows import config_from_args
 
-    return config_from_args(build_parser().parse_args(["train", "--data", str(tmp), "--out", str(tmp), *words]))
+    args = build_parser().parse_args(["train", "--data", str(tmp), "--out", str(tmp), "--config", "demo", *words])
+    return config_from_args(args)
 
 
 def nearl_server(words: list[str], tmp: Path):
