@@ -14,13 +14,17 @@ ckpt="${NEARL_CHECKPOINT_DIR:-/var/lib/nearl/checkpoints}"
 compgen -G "$keys/*.pub" >/dev/null \
   || die "NEARL_AUTH_KEYS=$keys holds no site public key (*.pub); collect them from the sites (deploy/make-site-key.sh)"
 
-args=(--rounds "${NEARL_ROUNDS:-3}" --config "${NEARL_CONFIG:-demo}" --strategy "${NEARL_STRATEGY:-fedavg}"
-      --min-sites "${NEARL_MIN_SITES:-2}" --local-epochs "${NEARL_LOCAL_EPOCHS:-1}"
-      --wait-timeout "${NEARL_WAIT_TIMEOUT:-600}" --round-timeout "${NEARL_ROUND_TIMEOUT:-3600}"
-      --host "${NEARL_HOST:-0.0.0.0}" --port "${NEARL_PORT:-9092}"
+args=(--host "${NEARL_HOST:-0.0.0.0}" --port "${NEARL_PORT:-9092}"
       --certs "$certs" --auth-keys "$keys"
       --mlflow-uri "${NEARL_MLFLOW_URI:-http://mlflow:5000}" --experiment "${NEARL_EXPERIMENT:-nearl-federated}"
       --checkpoint-dir "$ckpt")
+# The federation's settings: a flag only for a variable that is set, so nearl-server's one definition
+# of each default decides the rest.
+for pair in NEARL_ROUNDS:--rounds NEARL_CONFIG:--config NEARL_STRATEGY:--strategy NEARL_MIN_SITES:--min-sites \
+            NEARL_LOCAL_EPOCHS:--local-epochs NEARL_WAIT_TIMEOUT:--wait-timeout NEARL_ROUND_TIMEOUT:--round-timeout; do
+  var="${pair%%:*}"
+  if [[ -n "${!var:-}" ]]; then args+=("${pair#*:}" "${!var}"); fi
+done
 read -ra overrides <<< "${NEARL_SET:-}"
 for item in "${overrides[@]}"; do args+=(--set "$item"); done
 case "${NEARL_RESUME:-auto}" in
