@@ -6,6 +6,9 @@ time, run id, round, coordinator address, message type, each outgoing tensor's n
 shape and dtype (the split of the one flat array the adapters travel as), the sha256 of
 the payload bytes (the server logs the same hash for what it received), bytes sent, the scalar metrics sent, epsilon before and after, and
 whether the site declined (privacy budget) or refused (e.g. another backbone) and why.
+The operator's decisions on runs (``nearl-client approve`` / ``refuse``, the console's
+buttons) are lines too, marked by their ``decision`` key, with the sha256 of the config
+they were about (:mod:`client.approvals`).
 ``nearl-client audit --state-dir DIR`` summarises the file per run.
 """
 
@@ -99,6 +102,8 @@ def summarise(lines: Iterable[dict[str, Any]]) -> list[dict[str, Any]]:
     runs: dict[int, dict[str, Any]] = defaultdict(lambda: {"rounds": set(), "messages": 0, "bytes_sent": 0,
                                                             "max_epsilon": None, "declined": 0, "refusals": []})
     for line in lines:
+        if line.get("decision"):  # an operator's decision, not a message answered
+            continue
         run = runs[line.get("run_id")]
         run["messages"] += 1
         run["bytes_sent"] += int(line.get("bytes_sent") or 0)

@@ -25,6 +25,7 @@ class SiteBinding:
     state_dir: Path | None = None  # site-local state: the DP ledger and the audit trail
     max_epsilon: float | None = None  # the site's own DP ceiling (nearl-client --max-epsilon)
     coordinator: str = ""  # the address the node connects to, recorded in the audit trail
+    max_reply_bytes: int | None = None  # the site policy's ceiling on one reply (nearl-client --policy)
 
     def privacy_dir(self) -> Path:
         return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
@@ -43,7 +44,9 @@ def site_binding(node_config: Mapping[str, Any]) -> SiteBinding:
         raise ConfigError(f"site {site}: node config has no data-path; start the node with nearl-client --data DIR")
     text = {k: str(node_config.get(k, "")).strip() or None for k in ("device", "pretrained", "state-dir")}
     max_eps = node_config.get("max-epsilon")
+    max_reply = node_config.get("max-reply-bytes")
     return SiteBinding(site, Path(data), text["device"], text["pretrained"],
                        Path(text["state-dir"]) if text["state-dir"] else None,
                        float(max_eps) if max_eps not in (None, "") else None,
-                       str(node_config.get("coordinator", "")))
+                       str(node_config.get("coordinator", "")),
+                       int(max_reply) if max_reply not in (None, "") else None)

@@ -2,15 +2,17 @@
 
     nearl-client --site siteA --data /path/to/site [--server host:port] [--certs DIR | --insecure]
                  [--auth-key KEY] [--config X] [--port P] [--device auto|cpu|cuda]
-                 [--connect-timeout S] [--cold | --accept-fab SHA256 ...]
+                 [--connect-timeout S] [--cold | --accept-fab SHA256 ...] [--policy FILE]
 
 By default the site is *warm*: the SuperNode runs with process isolation and one
 long-lived site worker (:mod:`client.worker`, supervised by :mod:`client.supervisor`)
 answers every message with this installation's own NEARL code, refusing app bundles
 other than its own (``--accept-fab SHA256`` adds one); the backbone stays built between
 messages.  ``--cold`` keeps Flower's stock execution: a new process per message, running
-the code in the coordinator's app bundle.  ``nearl-client health --state-dir DIR`` is the
-warm site's health check.
+the code in the coordinator's app bundle.  ``--policy FILE`` says what this site agrees to
+(:mod:`client.policy`); the warm worker holds every message to it.  The operator's
+commands (``audit``, ``health``, ``approvals``, ``approve``, ``refuse``, ``console``) live in
+:mod:`client.site_cli`.
 
 First the site folder is checked exactly like ``nearl check-data`` (layout, class
 folders, every image decodes); a folder that fails never joins.  Then the coordinator
@@ -25,7 +27,6 @@ anything else.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -36,6 +37,7 @@ from nearl_core import flags
 from nearl_core.errors import NearlError
 
 PROG = "nearl-client"
+SUBCOMMANDS = ("audit", "health", "approvals", "approve", "refuse", "console")  # client/site_cli.py
 DEFAULT_CONNECT_TIMEOUT = 180.0  # seconds: long enough for a coordinator restart, short enough to notice
 
 
@@ -77,16 +79,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--accept-fab", action="append", default=[], metavar="SHA256",
                    help="also accept runs of this app bundle hash (default: only the bundle built from this "
                         "installation); repeatable")
+    p.add_argument("--policy", type=Path, default=None, metavar="FILE",
+                   help="this site's policy (YAML, deploy/site-policy.example.yaml): the methods, rounds, epochs, "
+                        "DP, secure aggregation and reply size it agrees to, and whether a person approves each run")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["audit"]:
-        return audit_main(argv[1:])
-    if argv[:1] == ["health"]:
-        return health_main(argv[1:])
+    if argv[:1] and argv[0] in SUBCOMMANDS:
+        from client import site_cli
+
+        return site_cli.main(argv)
     args = build_parser().parse_args(argv)
     try:
         cmd, env = prepare(args)
@@ -132,7 +137,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         cfg = cfg.with_classes(())  # the folders' classes now; the coordinator's config names them per run
     elif not cfg.task.classes:
         raise NearlError(f"config {args.config}: names no task.classes; use the federation's config file")
-    check_data(data, cfg)  # same checks as `nearl check-data`; raises DataError for a bad folder
+    site_data = check_data(data, cfg)  # same checks as `nearl check-data`; raises DataError for a bad folder
     certs = None
     if not args.insecure:
         certs = flower.Certs((args.certs or Path("deploy/secrets/certs")).expanduser().resolve())
@@ -162,6 +167,13 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         if args.max_epsilon <= 0:
             raise NearlError(f"--max-epsilon {args.max_epsilon}: give a positive budget, e.g. --max-epsilon 3")
         node_config["max-epsilon"] = float(args.max_epsilon)
+    args.policy_dict = site_policy(args, certs)
+    if args.policy_dict and args.policy_dict.get("max-reply-bytes"):
+        node_config["max-reply-bytes"] = int(args.policy_dict["max-reply-bytes"])
+    from client.site_state import site_facts, write_site_facts
+
+    write_site_facts(state_dir, site_facts(args.site, data, site_data, max_epsilon=args.max_epsilon,
+                                           policy=args.policy_dict, coordinator=args.server))
     for digest in args.accept_fab:
         if not valid_hash(digest):
             raise NearlError(f"--accept-fab {digest!r}: give the app bundle's sha256 as 64 lowercase hex digits")
@@ -173,6 +185,26 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr", threads)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env
+
+
+def site_policy(args: argparse.Namespace, certs) -> dict | None:
+    """``--policy FILE`` read and checked at start (its CA pin against ``--certs``); None without it.
+
+    The warm site worker enforces it; under ``--cold`` the coordinator's own code would answer the
+    messages, so a policy there would be a promise nobody keeps: refused.
+    """
+    if args.policy is None:
+        return None
+    from client.policy import check_ca, load_policy
+
+    policy = load_policy(args.policy.expanduser())
+    if args.cold:
+        raise NearlError("--policy needs the warm site worker, which enforces it; under --cold the coordinator's "
+                         "app bundle answers every message: drop --cold")
+    check_ca(policy, certs.ca if certs is not None else None)
+    print(f"{PROG}: site policy {args.policy}: approval {policy.approval}"
+          f"{', methods ' + ', '.join(policy.methods) if policy.methods else ''}", flush=True)
+    return policy.to_dict()
 
 
 def thread_env(threads: int | None) -> dict[str, str]:
@@ -225,7 +257,7 @@ def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[s
             if args.pretrained else None, "data": str(args.data.expanduser().resolve()),
             "state_dir": str(args.state_dir_resolved), "coordinator": args.server, "supernode_cmd": supernode_cmd,
             "poll_seconds": float(env.get("NEARL_WORKER_POLL_SECONDS", "0.2")),
-            "app_dir": str(flower.APP_DIR), "own_fab": own}
+            "app_dir": str(flower.APP_DIR), "own_fab": own, "policy": getattr(args, "policy_dict", None)}
     spec_file = runtime / f"spec-{pid}.json"
     write_private_json(spec_file, spec)
     return [sys.executable, "-m", "client.supervisor", str(spec_file)]
@@ -242,55 +274,6 @@ def backbone_fingerprint_of(cfg) -> str:
 
     backbone = build_backbone(cfg.model)
     return backbone_fingerprint(backbone.clip, backbone.name, backbone.source)
-
-
-def audit_main(argv: list[str]) -> int:
-    """``nearl-client audit --state-dir DIR [--json]``: what this site sent, per run."""
-    import json
-
-    from client import audit
-
-    p = argparse.ArgumentParser(prog=f"{PROG} audit", description="Summarise a site's audit trail per run.")
-    p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (holds audit.jsonl)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    args = p.parse_args(argv)
-    try:
-        runs = audit.summarise(audit.read_lines(args.state_dir.expanduser() / "audit.jsonl"))
-    except (OSError, ValueError) as err:
-        print(f"{PROG} audit: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(runs, indent=2) if args.json else audit.format_summary(runs))
-    return 0
-
-
-def health_main(argv: list[str]) -> int:
-    """``nearl-client health --state-dir DIR``: exit 0 when the warm site's supervisor and worker are alive."""
-    p = argparse.ArgumentParser(prog=f"{PROG} health", description="Health check of a warm site (container probe).")
-    p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (as given to nearl-client)")
-    p.add_argument("--max-age", type=float, default=15.0, help="seconds the supervisor's status may be old")
-    args = p.parse_args(argv)
-    from client.worker import pid_alive
-
-    path = args.state_dir.expanduser() / "runtime" / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        print(f"unhealthy: no status at {path} ({type(err).__name__})")
-        return 1
-    age = time.time() - float(status.get("time", 0))
-    problems = []
-    if age > args.max_age:
-        problems.append(f"status {age:.0f}s old")
-    for what in ("supervisor_pid", "supernode_pid", "worker_pid"):
-        pid = status.get(what)
-        if not pid or not pid_alive(int(pid)):
-            problems.append(f"{what.removesuffix('_pid')} not running")
-    if problems:
-        print(f"unhealthy: {', '.join(problems)}")
-        return 1
-    print(f"healthy: site {status.get('site')} worker pid {status['worker_pid']} "
-          f"({status.get('worker_restarts', 0)} restarts)")
-    return 0
 
 
 def split_server(server: str) -> tuple[str, int]:

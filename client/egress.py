@@ -137,3 +137,12 @@ def check_masked_reply(content: RecordDict, length: int) -> None:
         raise EgressError(f"'{keys.NUM_EXAMPLES}' must travel masked in a secure round; refusing to send")
     _check_metrics(content[keys.METRICS])
     _check_site(content[keys.SITE])
+
+
+def check_reply_size(content: RecordDict, limit: int | None) -> None:
+    """The site policy's ``max-reply-bytes``: the reply as built, counted as the coordinator counts it."""
+    from nearl_protocol.secagg import content_bytes
+
+    if limit is not None and (size := content_bytes(content)) > limit:
+        raise EgressError(f"{keys.SITE_POLICY}: the reply holds {size:,} bytes, this site sends at most "
+                          f"{limit:,} (max-reply-bytes); refusing to send")

@@ -33,7 +33,7 @@ from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key
 
 from client import audit
 from client.binding import SiteBinding, site_binding
-from client.egress import check_masked_reply, check_secagg_reply, pack_outgoing
+from client.egress import check_masked_reply, check_reply_size, check_secagg_reply, pack_outgoing
 from nearl_core.errors import NearlError
 from nearl_protocol import keys
 from nearl_protocol import secagg as sa
@@ -169,6 +169,7 @@ def stage_reply(msg: Message, context: Context, log=print, *, binding: SiteBindi
         reply = Message(RecordDict({keys.SECAGG: ConfigRecord(out),
                                     keys.SITE: ConfigRecord({keys.SITE_NAME: binding.site})}), reply_to=msg)
         check_secagg_reply(reply.content, stage)
+        check_reply_size(reply.content, binding.max_reply_bytes)
     except (NearlError, ValueError, KeyError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         log(f"[{binding.site}] round {server_round or '?'} secure aggregation {stage} refused: {reason}", flush=True)

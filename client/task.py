@@ -28,7 +28,7 @@ from flwr.app import Context, Message
 from client import audit, personal
 from client.budget import private_round, round_budget
 from client.binding import SiteBinding, site_binding
-from client.egress import EgressError, check_reply, pack_outgoing
+from client.egress import EgressError, check_reply, check_reply_size, pack_outgoing
 from nearl_core.adapter_io import set_shared_state, shared_schema, shared_state
 from nearl_core.backbone import Backbone, build_backbone
 from nearl_core.config import ModelConfig, NearlConfig, from_dict
@@ -271,6 +271,7 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print, reply_with=No
         site_log = lambda line: log(f"[{binding.site}] round {server_round} {line}", flush=True)  # noqa: E731
         outcome = handler(msg, instruction, binding, site_log)
         reply = (reply_with or _reply)(msg, binding, outcome)  # reply_with: a secure round's masked reply
+        check_reply_size(reply.content, binding.max_reply_bytes)
     except (NearlError, ValueError) as err:
         reason = str(err).splitlines()[0] if str(err) else type(err).__name__
         log(f"[{binding.site}] round {server_round} refused: {reason}", flush=True)

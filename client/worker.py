@@ -31,6 +31,8 @@ from typing import Any
 
 from client import flower_internals as fi
 from client.fab_check import FabPolicy, installation_stamp
+from client.gate import PolicyGate
+from client.site_state import write_worker_state
 
 PROG = "nearl-worker"
 EXIT_UPGRADED = 75  # the installed NEARL code changed: the supervisor starts a worker on the new code
@@ -93,6 +95,7 @@ class Worker:
         self.app_dir = Path(spec["app_dir"]) if spec.get("app_dir") else None
         self.stamp = installation_stamp(self.app_dir) if self.app_dir else None
         self.checked = time.monotonic()
+        self.gate = PolicyGate.from_spec(spec)  # the site's policy (nearl-client --policy), None without one
 
     def prewarm(self) -> None:
         """Build the backbone and index the site before the first message (both are cached)."""
@@ -117,6 +120,14 @@ class Worker:
         threads = torch.get_num_threads()
         log(f"site {self.site}: backbone and site index ready in {time.perf_counter() - t0:.1f}s; "
             f"{threads} CPU thread{'s' if threads != 1 else ''} (nearl-client --threads)")
+        self.note_state(warm=True, ready_seconds=round(time.perf_counter() - t0, 1))
+
+    def note_state(self, **fields: Any) -> None:
+        """What the site's console shows of this worker (``runtime/worker.json``); never fails a message."""
+        try:
+            write_worker_state(self.task_file.parent, site=self.site, served=self.served, **fields)
+        except OSError as err:
+            log(f"cannot write the worker's state file ({err})")
 
     def run(self) -> None:
         client = fi.executor_client(self.address, self.secret)
@@ -164,6 +175,9 @@ class Worker:
             self._phase("replied")
             fi.finish_task(client, context, ok=ok, details=details)
             self.served += 1
+            self.note_state(last={"time": time.time(), "run_id": run_id, "round": _server_round(msg),
+                                  "message_type": msg.metadata.message_type,
+                                  "answer": reply.error.reason if reply.has_error() else "replied"})
         except Exception as err:  # noqa: BLE001 - a failed task must not end the worker
             log(f"task {task_id} of run {run_id} failed: {type(err).__name__}: {err}")
             try:
@@ -203,6 +217,10 @@ class Worker:
             if problem is not None:
                 log(f"[{self.site}] run {msg.metadata.run_id} refused: {problem} "
                     f"(app {task.fab_id or '-'} {task.fab_version or ''})")
+            elif self.gate is not None and (problem := self.gate.problem(msg)) is not None:  # before any data
+                log(f"[{self.site}] run {msg.metadata.run_id} round {_server_round(msg) or '?'} {kind} refused: "
+                    f"{problem}")
+            if problem is not None:
                 reply = refusal(msg, problem, site=self.site)
                 audit.append(binding.audit_file(), audit.audit_line(
                     msg, reply, site=binding.site, coordinator=binding.coordinator,
@@ -221,7 +239,13 @@ def _server_round(msg: Any) -> int | None:
 
     try:
         return read_instruction(msg).server_round
-    except Exception:  # noqa: BLE001 - a foreign app's message: refused anyway
+    except Exception:  # noqa: BLE001 - a secure-aggregation stage, or a foreign app's message (refused anyway)
+        pass
+    try:
+        from nearl_protocol import keys
+
+        return int(msg.content.config_records[keys.SECAGG][keys.SERVER_ROUND])
+    except Exception:  # noqa: BLE001
         return None
 
 

@@ -111,6 +111,10 @@ MLFLOW_SECAGG_DROPPED = "secagg_dropped"
 
 # -- error reasons a site sends instead of a reply ------------------------------------------------
 BACKBONE_MISMATCH = "backbone mismatch"
+SITE_POLICY = "site policy"  # the site's own policy refuses what the coordinator asks (client/policy.py)
+WAITING_FOR_APPROVAL = "waiting for approval"  # the site's operator has not approved this run's config yet
+REFUSED_BY_SITE = "refused by the site's operator"  # the operator refused the run (nearl-client refuse)
+SITE_SAYS = (SITE_POLICY, WAITING_FOR_APPROVAL, REFUSED_BY_SITE)  # reasons that are the site's own say, not a fault
 
 
 def wire_metric(prefix: str, name: str) -> str:

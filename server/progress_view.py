@@ -62,8 +62,8 @@ def format_round(e: RoundEvent) -> str:
         line += f"  missing: {', '.join(e.missing)}"
     for site, reason in e.declined.items():
         line += f"\n    {site} {reason}"
-    for site, reason in e.rejected.items():
-        line += f"\n    rejected {site}: {reason}"
+    for site, reason in e.rejected.items():  # a site's own say (its policy, its approval) is not a fault
+        line += f"\n    {site}: {reason}" if reason.startswith(keys.SITE_SAYS) else f"\n    rejected {site}: {reason}"
     if e.not_applied:
         line += f"\n    update not applied: {e.not_applied}"
     elif not e.aggregated:
