@@ -11,7 +11,8 @@ then the site worker (:mod:`client.worker`) once the Runtime API is up, and watc
 * SIGTERM/SIGINT -> both are stopped; the exit code is the SuperNode's.
 
 It imports no torch: it stays small while the worker holds the model.  Every second it
-writes ``status.json`` next to the spec (pids, restarts), read by ``nearl-client health``.
+writes ``status.json`` next to the spec (pids, restarts, whether the coordinator's port
+answers), read by ``nearl-client health`` and the site's console.
 """
 
 from __future__ import annotations
@@ -61,6 +62,7 @@ class Supervisor:
         self.stop_asked = 0.0
         self.forwarded = False
         self.crash_delay = 0.0
+        self.reachable: bool | None = None  # the coordinator's port answered at the last look
 
     # -- processes -------------------------------------------------------------------------------------
     def start_supernode(self) -> None:
@@ -77,7 +79,8 @@ class Supervisor:
         status = {"time": time.time(), "supervisor_pid": os.getpid(), "site": self.spec["site"],
                   "supernode_pid": self.supernode.pid if self.supernode else None,
                   "worker_pid": self.worker.pid if self.worker and self.worker.poll() is None else None,
-                  "worker_restarts": self.restarts}
+                  "worker_restarts": self.restarts, "coordinator": self.spec.get("coordinator"),
+                  "coordinator_reachable": self.reachable}
         tmp = self.runtime_dir / f".{STATUS_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.runtime_dir / STATUS_FILE)
@@ -146,11 +149,28 @@ class Supervisor:
             log(f"could not answer the dead worker's message ({type(err).__name__}: {err}); "
                 "the SuperNode fails it when its task heartbeat expires")
 
+    def watch_coordinator(self, interval: float = 5.0) -> None:
+        """Look at the coordinator's port now and then (a thread: a slow DNS answer must not stall the loop);
+        the console shows whether this site can reach it."""
+        import threading
+
+        address = self.spec.get("coordinator")
+        if not address:
+            return
+
+        def loop() -> None:
+            while not self.stopping:
+                self.reachable = port_open(address)
+                time.sleep(interval)
+
+        threading.Thread(target=loop, name="nearl-coordinator-watch", daemon=True).start()
+
     # -- main loop -------------------------------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         self.start_supernode()
+        self.watch_coordinator()
         address = self.spec["runtime_address"]
         while not self.stopping and self.supernode.poll() is None and not port_open(address):
             time.sleep(0.2)

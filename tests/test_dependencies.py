@@ -170,7 +170,7 @@ def test_every_declared_dependency_is_imported() -> None:
 def test_a_missing_declaration_is_reported_with_its_file_and_fix() -> None:
     runtime, _ = declared()
     problems = undeclared(scan(CODE), runtime - {"starlette"}, "[project].dependencies")
-    assert problems == ["server/proxy.py imports starlette (distribution starlette), which pyproject.toml does not "
-                        "declare: add starlette to [project].dependencies in pyproject.toml"]
+    assert problems == ["client/console/app.py, server/proxy.py import starlette (distribution starlette), which "
+                        "pyproject.toml does not declare: add starlette to [project].dependencies in pyproject.toml"]
     extra = unimported(runtime | {"left-over"}, scan(CODE), UNIMPORTED_RUNTIME, "[project].dependencies", "UNIMPORTED_RUNTIME")
     assert len(extra) == 1 and extra[0].startswith("pyproject.toml declares left-over in [project].dependencies")
