@@ -118,7 +118,11 @@ def approvals_main(argv: list[str]) -> int:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     args = p.parse_args(argv)
     book = RunBook(args.state_dir.expanduser())
-    runs = book.runs() if args.all else book.pending()
+    try:
+        runs = book.runs() if args.all else book.pending()
+    except NearlError as err:
+        print(f"{PROG} approvals: error: {err}", file=sys.stderr)
+        return 2
     if args.json:
         print(json.dumps(runs, indent=2))
     elif not runs:

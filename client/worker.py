@@ -177,7 +177,8 @@ class Worker:
             self.served += 1
             self.note_state(last={"time": time.time(), "run_id": run_id, "round": _server_round(msg),
                                   "message_type": msg.metadata.message_type,
-                                  "answer": reply.error.reason if reply.has_error() else "replied"})
+                                  "answer": reply.error.reason.removeprefix(f"{self.site}: ")
+                                  if reply.has_error() else "replied"})
         except Exception as err:  # noqa: BLE001 - a failed task must not end the worker
             log(f"task {task_id} of run {run_id} failed: {type(err).__name__}: {err}")
             try:

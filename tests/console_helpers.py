@@ -35,9 +35,9 @@ def write_state(state: Path, *, run_id: int = 77) -> Path:
                                                        "message_type": "train", "answer": "replied"}})
     write(state / "site.json", {"site": "siteA", "data": "/data/siteA", "checked": now - 60,
                                 "classes": ["normal", "nodule", "opacity"], "images": 72,
-                                "counts": {"train": {"normal": 16, "nodule": 16, "opacity": 16},
-                                           "val": {"normal": 4, "nodule": 4, "opacity": 4},
-                                           "test": {"normal": 4, "nodule": 4, "opacity": 0}},
+                                "counts": {"test": {"normal": 4, "nodule": 4, "opacity": 0},  # as site.json
+                                           "train": {"normal": 16, "nodule": 16, "opacity": 16},  # sorts them
+                                           "val": {"normal": 4, "nodule": 4, "opacity": 4}},
                                 "check": "OK: every image decodes", "notes": ["no test images of opacity"],
                                 "max_epsilon": 4.0, "policy": {"approval": "manual", "methods": ["nearl"]},
                                 "coordinator": "fl.example.org:9092"})

@@ -57,6 +57,7 @@ def test_the_page_shows_every_part_of_the_sites_state(state):
     css = client(state).get("/static/console.css")
     assert css.status_code == 200 and css.headers["content-type"].startswith("text/css")
     assert not re.search(r"(src|href)=\"https?://", text), "the page loads nothing from outside"
+    assert text.index("<th>train</th>") < text.index("<th>val</th>") < text.index("<th>test</th>")
 
 
 def test_markup_in_what_the_coordinator_controls_is_shown_as_text(state):

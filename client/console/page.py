@@ -21,6 +21,7 @@ from client.console.readers import SiteView
 REFRESH_SECONDS = 10
 VERDICT_COLUMNS = ("model", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "examples")
 VERDICT_SCALARS = ("epsilon_spent", "bytes_sent", "bytes_received", "compute_seconds")
+SPLIT_ORDER = ("train", "val", "test")
 
 
 def h(value: Any) -> str:
@@ -160,7 +161,8 @@ def ledger_section(v: SiteView) -> str:
     ceiling = v.ceiling
     note = (f"<p>ceiling: epsilon {_num(ceiling, 2)} (this site's own --max-epsilon)</p>" if ceiling is not None
             else "<p>No ceiling of this site's own (nearl-client --max-epsilon); the federation config's applies.</p>")
-    return section("Privacy ledger", "ledger", ledger_svg(v.epsilon_by_run, ceiling) + facts + note)
+    chart = ledger_svg(v.epsilon_by_run, ceiling) if v.epsilon_by_run else ""
+    return section("Privacy ledger", "ledger", chart + facts + note)
 
 
 def data_section(v: SiteView) -> str:
@@ -168,7 +170,7 @@ def data_section(v: SiteView) -> str:
     counts: Mapping[str, Mapping[str, int]] = site.get("counts") or {}
     if not counts:
         return section("This site's data", "data", "<p>No data summary yet (written when nearl-client starts).</p>")
-    splits = list(counts)
+    splits = sorted(counts, key=lambda x: (SPLIT_ORDER.index(x) if x in SPLIT_ORDER else len(SPLIT_ORDER), x))
     classes = list(site.get("classes") or next(iter(counts.values()), {}).keys())
     rows = [[h(c), *(_num(int(counts[s].get(c, 0))) for s in splits),
              _num(sum(int(counts[s].get(c, 0)) for s in splits))] for c in classes]
