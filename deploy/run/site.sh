@@ -23,6 +23,7 @@ args=(--site "$NEARL_SITE" --data "${NEARL_DATA:-/data}" --server "$NEARL_SERVER
 [[ -n "${NEARL_THREADS:-}" ]] && args+=(--threads "$NEARL_THREADS")
 for fab in ${NEARL_ACCEPT_FAB:-}; do args+=(--accept-fab "$fab"); done
 [[ "${NEARL_COLD:-}" == 1 ]] && args+=(--cold)
+[[ -n "${NEARL_POLICY:-}" ]] && args+=(--policy "$NEARL_POLICY")
 export NEARL_CLIENT_HOME="${NEARL_CLIENT_HOME:-/var/lib/nearl/site}"
 echo "site.sh: nearl-client ${args[*]} $* (state in $NEARL_CLIENT_HOME)"
 exec nearl-client "${args[@]}" "$@"
