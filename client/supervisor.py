@@ -149,9 +149,9 @@ class Supervisor:
             log(f"could not answer the dead worker's message ({type(err).__name__}: {err}); "
                 "the SuperNode fails it when its task heartbeat expires")
 
-    def watch_coordinator(self, interval: float = 5.0) -> None:
+    def watch_coordinator(self, interval: float = 30.0) -> None:
         """Look at the coordinator's port now and then (a thread: a slow DNS answer must not stall the loop);
-        the console shows whether this site can reach it."""
+        the console shows whether this site can reach it.  Seldom: each look is a TCP connection there."""
         import threading
 
         address = self.spec.get("coordinator")

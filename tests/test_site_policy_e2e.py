@@ -11,7 +11,6 @@ say so.  With ``NEARL_DOCS_SCREENSHOTS=1`` the browser's screenshots replace doc
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import time
@@ -129,6 +128,7 @@ def test_a_run_waits_for_the_sites_approval_then_trains_after_the_console_approv
     assert [x["round"] for x in sent] == list(range(trained[0], 4)) and all(x["payload_sha256"] for x in sent)
     assert RunBook(state).get(rid)["status"] == "approved"
     assert all(x["epsilon_after"] > 0 for x in sent) and (state / "privacy.json").is_file()  # DP-SGD, as required
+    print("coordinator:", *[x for x in out.splitlines() if x.startswith(("round ", "    site2"))], sep="\n  ")
     print("site2:", *[x for x in procs.text("site2").splitlines() if "refused" in x or "sent " in x], sep="\n  ")
     if not browser:
         pytest.skip(f"{NO_BROWSER}: the federation and the approval passed; the page in a browser was not checked")
