@@ -30,7 +30,12 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, PlainTextResponse, RedirectResponse, Response
 from starlette.routing import Route
 
+from client import audit
+from client.approvals import approve, refuse
+from client.console.page import h, render
+from client.console.readers import read_view
 from client.console.style import CSS
+from nearl_core.errors import NearlError
 
 COOKIE = "nearl_console_token"
 LOOPBACK_NAMES = ("127.0.0.1", "localhost", "[::1]", "::1")
@@ -125,8 +130,6 @@ def _back(settings: ConsoleSettings, **params: str) -> str:
 
 
 def _message(status: int, text: str, settings: ConsoleSettings) -> HTMLResponse:
-    from client.console.page import h
-
     return HTMLResponse(f"<!doctype html><meta charset=utf-8><title>{status}</title><p>{h(text)}</p>"
                         f'<p><a href="{h(_back(settings))}">back to the console</a></p>', status_code=status)
 
@@ -135,10 +138,6 @@ def create_app(settings: ConsoleSettings) -> Any:
     """The console for one state dir, guarded."""
 
     async def page(request: Request) -> Response:
-        from client import audit
-        from client.console.page import render
-        from client.console.readers import read_view
-
         view = read_view(settings.state_dir)
         done, run = request.query_params.get("done"), request.query_params.get("run")
         flash = {"approved": f"run {run} approved: its next round trains",
@@ -153,9 +152,6 @@ def create_app(settings: ConsoleSettings) -> Any:
         return Response(CSS, media_type="text/css")
 
     async def decide(request: Request) -> Response:
-        from client.approvals import approve, refuse
-        from nearl_core.errors import NearlError
-
         body = await request.body()
         if len(body) > MAX_BODY:
             return _message(413, "the form is too large", settings)
