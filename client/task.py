@@ -263,6 +263,7 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print, reply_with=No
     with its one-line reason; either way the audit trail records what left and why.
     """
     server_round = "?"
+    started = time.perf_counter()
     try:
         instruction = read_instruction(msg)
         server_round = instruction.server_round
@@ -278,7 +279,8 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print, reply_with=No
     line = audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
                             server_round=server_round if isinstance(server_round, int) else None,
                             eps_before=outcome.eps_before, eps_after=outcome.eps_after,
-                            schema=None if reply_with else _sent_schema(outcome))
+                            schema=None if reply_with else _sent_schema(outcome),
+                            seconds=time.perf_counter() - started)
     audit.append(binding.audit_file(), line)
     if not reply.has_error() and reply.content.array_records:
         sent = sum(a.numpy().nbytes for a in reply.content[keys.ARRAYS].values())
