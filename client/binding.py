@@ -25,6 +25,7 @@ class SiteBinding:
     state_dir: Path | None = None  # site-local state: the DP ledger and the audit trail
     max_epsilon: float | None = None  # the site's own DP ceiling (nearl-client --max-epsilon)
     coordinator: str = ""  # the address the node connects to, recorded in the audit trail
+    local_baseline: bool = True  # train the site verdict's local-only model (nearl-client --no-local-baseline)
 
     def privacy_dir(self) -> Path:
         return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
@@ -46,4 +47,5 @@ def site_binding(node_config: Mapping[str, Any]) -> SiteBinding:
     return SiteBinding(site, Path(data), text["device"], text["pretrained"],
                        Path(text["state-dir"]) if text["state-dir"] else None,
                        float(max_eps) if max_eps not in (None, "") else None,
-                       str(node_config.get("coordinator", "")))
+                       str(node_config.get("coordinator", "")),
+                       str(node_config.get("local-baseline", True)).strip().lower() not in ("false", "0", "no"))

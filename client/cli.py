@@ -78,6 +78,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="also accept runs of this app bundle hash (default: only the bundle built from this "
                         "installation); repeatable")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
+    p.add_argument("--no-local-baseline", dest="local_baseline", action="store_false",
+                   help="the site's verdict after each run (<state-dir>/reports/) leaves out the local-only model "
+                        "it would otherwise train once per data and config (docs/site-verdict.md)")
     return p
 
 
@@ -156,6 +159,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                    "coordinator": args.server}
     if args.device:
         node_config["device"] = args.device
+    if not args.local_baseline:
+        node_config["local-baseline"] = False
     if args.pretrained:
         node_config["pretrained"] = str(Path(args.pretrained).expanduser().resolve())
     if args.max_epsilon is not None:

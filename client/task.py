@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-from client import audit, personal
+from client import audit, personal, site_report
 from client.budget import private_round, round_budget
 from client.binding import SiteBinding, site_binding
 from client.egress import EgressError, check_reply, pack_outgoing
@@ -311,8 +311,14 @@ def train_reply(msg: Message, context: Context, log=print, *, binding: SiteBindi
 
 
 def evaluate_reply(msg: Message, context: Context, log=print, *, binding: SiteBinding | None = None) -> Message:
-    """The ClientApp's evaluate handler: metrics of the global adapters on the site's val/test splits."""
-    return answer(msg, binding or site_binding(context.node_config), _evaluate, log)
+    """The ClientApp's evaluate handler: metrics of the global adapters on the site's val/test splits.
+
+    The run's last one also leaves the site's verdict job, run after this reply has gone (client/site_report.py).
+    """
+    binding = binding or site_binding(context.node_config)
+    reply = answer(msg, binding, _evaluate, log)
+    site_report.note_final_evaluate(msg, binding, reply)
+    return reply
 
 
 __all__ = ["train_reply", "evaluate_reply", "site_binding", "SiteBinding", "config_from_message", "EgressError"]
