@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
         return audit_main(argv[1:])
     if argv[:1] == ["health"]:
         return health_main(argv[1:])
+    if argv[:1] == ["verify"]:
+        from client.verify import main as verify_main
+
+        return verify_main(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cmd, env = prepare(args)

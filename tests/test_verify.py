@@ -1,0 +1,53 @@
+"""``nearl-client verify`` (client/verify.py) against a record held in memory: each attributed round
+matched, the first unsent one named, the summary; bad input in one line with exit 2.  The real
+record of a real federation: tests/test_site_verdict_e2e.py."""
+
+from __future__ import annotations
+
+import json
+
+from client import verify
+from nearl_protocol import keys
+
+
+def _record(hashes: dict[int, str], **tags) -> verify.Record:
+    return verify.Record("nearl-adapters version 3", "run-1",
+                         {**{keys.payload_tag(r, "site1"): h for r, h in hashes.items()},
+                          keys.payload_tag(1, "site2"): "other", **tags}, {"rounds": "3", "strategy": "fedavg"})
+
+
+LINES = [{"run_id": 9, "round": 1, "site": "site1", "payload_sha256": "aa", "refused": None, "epsilon_after": None},
+         {"run_id": 9, "round": 2, "site": "site1", "payload_sha256": "bb", "refused": None, "epsilon_after": None},
+         {"run_id": 9, "round": 3, "site": "site1", "payload_sha256": "cc", "refused": None, "epsilon_after": None},
+         {"run_id": 9, "round": 3, "site": "site1", "payload_sha256": None, "refused": None}]  # an evaluate reply
+
+
+def test_verify_matches_each_attributed_round_and_names_the_first_it_never_sent(tmp_path):
+    sent = verify.sent_updates(LINES)
+    honest = _record({1: "aa", 2: "bb"}, **{keys.round_tag(2, "not_applied"): "too far"})
+    assert honest.attributed("site1") == {1: "aa", 2: "bb"} and verify.first_unsent(honest.attributed("site1"), sent) is None
+    text = verify.summary(honest, "site1", tmp_path / "audit.jsonl", honest.attributed("site1"), sent, None)
+    assert "OK: every update the coordinator attributes to site1 is one this site sent" in text
+    assert "contributed    1 of 3 rounds: 1" in text and "not applied    2" in text and "sent, unused   3" in text
+    assert "not differentially private" in text and len(text.splitlines()) <= 12
+    forged = _record({1: "aa", 2: "aa"})
+    assert verify.first_unsent(forged.attributed("site1"), sent) == 2
+    line = verify.mismatch(forged, "site1", 2, forged.attributed("site1"), sent)
+    assert "MISMATCH: round 2:" in line and "never sent in round 2 (it sent that update in round 1)" in line
+
+
+def test_verify_refuses_bad_input_in_one_line_with_exit_2(tmp_path, capsys):
+    state = tmp_path / "state"
+    assert verify.main(["--state-dir", str(state), "--model-version", "1", "--mlflow-uri", "sqlite:///x.db"]) == 2
+    assert "no audit trail at" in capsys.readouterr().err
+    state.mkdir()
+    (state / "audit.jsonl").write_text(json.dumps(LINES[0]) + "\n")
+    assert verify.main(["--state-dir", str(state), "--model-version", "1",
+                        "--mlflow-uri", f"sqlite:///{tmp_path / 'none.db'}"]) == 2
+    assert "no such MLflow database" in capsys.readouterr().err and not (tmp_path / "none.db").exists()
+    folder = tmp_path / "adapters"
+    folder.mkdir()
+    (folder / "adapters.json").write_text(json.dumps({"method": "nearl"}))
+    assert verify.main(["--state-dir", str(state), "--adapters", str(folder / "adapters.safetensors")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "records no federation run (mlflow_run_id)" in err
