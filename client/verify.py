@@ -119,17 +119,27 @@ def record_of_adapters(path: Path, uri: str | None) -> Record:
     return Record(f"adapters {folder}", run_id, tags, version_tags)
 
 
-def sent_updates(lines: Iterable[Mapping[str, Any]]) -> dict[int, dict[str, int]]:
-    """round -> {sha256 of a payload the site sent in that round: the Flower run it belonged to}."""
-    out: dict[int, dict[str, int]] = {}
+Sent = dict[int, dict[str, set[int]]]  # round -> {sha256 of a payload sent in it: the Flower runs that sent it}
+
+
+def sent_updates(lines: Iterable[Mapping[str, Any]]) -> Sent:
+    """What the site's audit trail says it sent, by round.  A rerun with the same config and seeds sends
+    bit-identical updates, so one hash may belong to several runs."""
+    out: Sent = {}
     for line in lines:
         digest, r = line.get("payload_sha256"), line.get("round")
         if digest and isinstance(r, int) and not line.get("refused"):
-            out.setdefault(r, {})[digest] = line.get("run_id")
+            out.setdefault(r, {}).setdefault(digest, set()).add(line.get("run_id"))
     return out
 
 
-def first_unsent(attributed: Mapping[int, str], sent: Mapping[int, Mapping[str, int]]) -> int | None:
+def matching_runs(attributed: Mapping[int, str], sent: Sent) -> set[int]:
+    """The site's Flower runs that sent every attributed update (else any that sent one of them)."""
+    sets = [sent[r][d] for r, d in attributed.items() if d in sent.get(r, {})]
+    return set.intersection(*sets) if sets and set.intersection(*sets) else set().union(*sets)
+
+
+def first_unsent(attributed: Mapping[int, str], sent: Sent) -> int | None:
     """The first round whose attributed hash the site never sent in that round; None when every one matches."""
     return next((r for r, digest in attributed.items() if digest not in sent.get(r, {})), None)
 
@@ -168,13 +178,13 @@ def site_epsilon(state_dir: Path, lines: list[Mapping[str, Any]], runs: set[int]
     return max(values) if values else None
 
 
-def summary(record: Record, site: str, audit_path: Path, attributed: dict[int, str],
-            sent: dict[int, dict[str, int]], epsilon: float | None) -> str:
+def summary(record: Record, site: str, audit_path: Path, attributed: dict[int, str], sent: Sent,
+            epsilon: float | None) -> str:
     """The one-screen report of a verified model."""
-    runs = {sent[r][d] for r, d in attributed.items()}
+    runs = matching_runs(attributed, sent)
     skipped = record.not_applied(attributed)
     contributed = [r for r in attributed if r not in skipped]
-    unused = sorted(r for r, hashes in sent.items() if r not in attributed and set(hashes.values()) & runs)
+    unused = sorted(r for r, hashes in sent.items() if r not in attributed and set().union(*hashes.values()) & runs)
     rounds = record.version_tags.get("rounds") or str(max(attributed, default=0))
     strategy = record.version_tags.get("strategy")
     theirs = record.version_tags.get(f"epsilon/{site}")
@@ -194,7 +204,7 @@ def summary(record: Record, site: str, audit_path: Path, attributed: dict[int, s
     ])
 
 
-def mismatch(record: Record, site: str, r: int, attributed: dict[int, str], sent: dict[int, dict[str, int]]) -> str:
+def mismatch(record: Record, site: str, r: int, attributed: dict[int, str], sent: Sent) -> str:
     digest = attributed[r]
     elsewhere = sorted(x for x, hashes in sent.items() if digest in hashes)
     where = f" (it sent that update in round {_ranges(elsewhere)})" if elsewhere else ""
@@ -235,6 +245,6 @@ def main(argv: list[str] | None = None) -> int:
     if bad is not None:
         print(mismatch(record, site, bad, attributed, sent))
         return 1
-    runs = {sent[r][d] for r, d in attributed.items()}
+    runs = matching_runs(attributed, sent)
     print(summary(record, site, audit_path, attributed, sent, site_epsilon(args.state_dir.expanduser(), lines, runs)))
     return 0

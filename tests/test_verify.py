@@ -19,7 +19,10 @@ def _record(hashes: dict[int, str], **tags) -> verify.Record:
 LINES = [{"run_id": 9, "round": 1, "site": "site1", "payload_sha256": "aa", "refused": None, "epsilon_after": None},
          {"run_id": 9, "round": 2, "site": "site1", "payload_sha256": "bb", "refused": None, "epsilon_after": None},
          {"run_id": 9, "round": 3, "site": "site1", "payload_sha256": "cc", "refused": None, "epsilon_after": None},
-         {"run_id": 9, "round": 3, "site": "site1", "payload_sha256": None, "refused": None}]  # an evaluate reply
+         {"run_id": 9, "round": 3, "site": "site1", "payload_sha256": None, "refused": None},  # an evaluate reply
+         # a rerun with the same config and seeds: its first update is bit-identical to run 9's
+         {"run_id": 10, "round": 1, "site": "site1", "payload_sha256": "aa", "refused": None, "epsilon_after": None},
+         {"run_id": 10, "round": 2, "site": "site1", "payload_sha256": "dd", "refused": None, "epsilon_after": None}]
 
 
 def test_verify_matches_each_attributed_round_and_names_the_first_it_never_sent(tmp_path):
@@ -30,6 +33,7 @@ def test_verify_matches_each_attributed_round_and_names_the_first_it_never_sent(
     assert "OK: every update the coordinator attributes to site1 is one this site sent" in text
     assert "contributed    1 of 3 rounds: 1" in text and "not applied    2" in text and "sent, unused   3" in text
     assert "not differentially private" in text and len(text.splitlines()) <= 12
+    assert "(Flower run 9)" in text  # the run that sent both updates, not the rerun that sent the first one too
     forged = _record({1: "aa", 2: "aa"})
     assert verify.first_unsent(forged.attributed("site1"), sent) == 2
     line = verify.mismatch(forged, "site1", 2, forged.attributed("site1"), sent)
