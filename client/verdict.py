@@ -173,14 +173,15 @@ def _delta(a: Row | None, b: Row | None, metric: str) -> str | None:
 
 
 def comparison(verdict: Verdict) -> list[str]:
-    """One line per baseline: how much the federation's model gained over it (balanced accuracy)."""
-    best = verdict.row("personalized") or verdict.row("federated")
+    """One line per model of the federation: its balanced accuracy against each baseline's."""
     out = []
-    for other in ("local-only", "zero-shot"):
-        diff = _delta(best, verdict.row(other), "balanced_accuracy")
-        if diff is not None:
-            out.append(f"- {best.model} vs {other}: balanced accuracy {diff}")
-    examples = best.examples if best else 0
+    for model in ("federated", "personalized"):
+        ours = verdict.row(model)
+        gains = [f"{diff} vs {other}" for other in ("local-only", "zero-shot")
+                 if (diff := _delta(ours, verdict.row(other), "balanced_accuracy")) is not None]
+        if gains:
+            out.append(f"- {model}: balanced accuracy {', '.join(gains)}")
+    examples = max((r.examples for r in verdict.rows), default=0)
     if out and examples:
         out.append(f"- {examples} {verdict.split} images: one image moves accuracy by {1 / examples:.3f}, so a "
                    "difference of an image or two is noise")

@@ -48,8 +48,8 @@ def test_the_table_orders_the_models_and_marks_a_missing_metric():
 def test_the_markdown_states_the_gains_the_costs_and_that_nothing_left():
     text = render_markdown(verdict())
     assert text.startswith("# Site verdict: site1, run 42\n")
-    assert "- federated vs local-only: balanced accuracy +0.150" in text
-    assert "- federated vs zero-shot: balanced accuracy +0.267" in text
+    assert "- federated: balanced accuracy +0.150 vs local-only, +0.267 vs zero-shot\n" in text
+    assert "- personalized:" not in text  # this run did not personalize
     assert "one image moves accuracy by 0.125" in text
     assert "no differential privacy in this run" in text and "sent 2.50 MB, received 1.2 kB" in text
     assert "reused from an earlier run" in text and "nothing of this report was sent to the coordinator" in text
