@@ -187,3 +187,25 @@ def test_no_local_baseline_reaches_the_site_through_its_node_config():
     assert site_binding(node).local_baseline is True
     assert site_binding({**node, "local-baseline": False}).local_baseline is False
     assert site_binding({**node, "local-baseline": "false"}).local_baseline is False
+
+
+def test_under_dp_the_local_model_has_its_own_ledger_within_the_runs_epsilon_or_is_skipped(small_root, tmp_path):
+    from client.local_baseline import local_only
+    from client.task import cached_site
+    from nearl_core.config import load_config
+    from nearl_core.privacy import PrivacyState
+    from torch import device
+
+    cpu = device("cpu")
+    cfg = load_config("demo", {"privacy.enabled": True, "privacy.target-epsilon": 4.0, "train.device": "cpu"})
+    site = cached_site(small_root / "site1", cfg.task.classes)
+    state = tmp_path / "state"
+    base = local_only(cfg, site, cpu, state_dir=state, key="k", epochs=1, max_epsilon=None, log=QUIET)
+    assert base.status == "trained" and 0 < base.epsilon <= 4.0 + 1e-6
+    assert PrivacyState.load(base.folder).epsilon == pytest.approx(base.epsilon)  # its own ledger, in its cache
+    assert PrivacyState.load(state) is None  # the site's ledger (the federation's steps) is not touched
+    strict = load_config("demo", {"privacy.enabled": True, "privacy.noise-multiplier": 0.5, "train.device": "cpu"})
+    lines: list[str] = []
+    none = local_only(strict, site, cpu, state_dir=state, key="k2", epochs=2, max_epsilon=0.01, log=lines.append)
+    assert none.status == "skipped" and none.model is None and "0.01" in none.reason, none.reason
+    assert not (state / "local-baseline" / "k2").exists() and not (state / "local-baseline" / ".k2.training").exists()

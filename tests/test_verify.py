@@ -55,3 +55,12 @@ def test_verify_refuses_bad_input_in_one_line_with_exit_2(tmp_path, capsys):
     assert verify.main(["--state-dir", str(state), "--adapters", str(folder / "adapters.safetensors")]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "records no federation run (mlflow_run_id)" in err
+
+
+def test_epsilon_spent_is_the_sites_verdict_value_else_its_audit_trails_largest(tmp_path):
+    lines = [{"run_id": 9, "epsilon_after": 0.8}, {"run_id": 9, "epsilon_after": 1.1}, {"run_id": 10, "epsilon_after": 5.0}]
+    assert verify.site_epsilon(tmp_path, lines, {9}) == 1.1  # no verdict: the training rounds' ledger values
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "9.json").write_text(json.dumps({"epsilon_spent": 1.4}))  # after the fine-tuning too
+    assert verify.site_epsilon(tmp_path, lines, {9}) == 1.4
+    assert verify.site_epsilon(tmp_path, [{"run_id": 9, "epsilon_after": None}], {8}) is None
