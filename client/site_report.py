@@ -153,16 +153,18 @@ def run_deferred(jobs: list[ReportJob], log: Log) -> None:
 
 
 # -- a cold site: a detached process -----------------------------------------------------------------------
-def job_file(job: ReportJob) -> Path:
+def write_job(job: ReportJob) -> Path:
+    """``<state-dir>/reports/.<run>.job.json``: the job for a process of its own."""
     folder = job.site_binding().privacy_dir() / REPORTS_DIR
     folder.mkdir(parents=True, exist_ok=True)
-    return folder / f".{job.run_id}.job.json"
+    path = folder / f".{job.run_id}.job.json"
+    path.write_text(json.dumps(dataclasses.asdict(job)))
+    return path
 
 
 def spawn(job: ReportJob) -> None:
     """Write the job next to the reports and start ``python -m client.site_report`` on it, detached."""
-    path = job_file(job)
-    path.write_text(json.dumps(dataclasses.asdict(job)))
+    path = write_job(job)
     root = str(Path(__file__).resolve().parents[1])  # the code that answered (a cold site: the app bundle's)
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     with open(path.with_name(f".{job.run_id}.job.log"), "ab") as out:

@@ -174,7 +174,8 @@ def site_epsilon(state_dir: Path, lines: list[Mapping[str, Any]], runs: set[int]
             value = json.loads(report.read_text()).get("epsilon_spent")
             if value is not None:
                 return float(value)
-    values = [float(x["epsilon_after"]) for x in lines if x.get("run_id") in runs and x.get("epsilon_after") is not None]
+    values = [float(x["epsilon_after"]) for x in lines
+              if x.get("run_id") in runs and x.get("epsilon_after") is not None]
     return max(values) if values else None
 
 

@@ -161,15 +161,18 @@ def test_the_last_evaluate_leaves_a_job_whose_verdict_reuses_the_local_model_it_
     assert any("local-only baseline: reused" in x for x in lines)
 
 
-def test_no_runner_no_job_and_no_local_baseline_skips_it(small_root, tmp_path):
+def test_a_cold_sites_job_file_without_local_baseline_gives_the_other_rows(small_root, tmp_path):
+    """What a cold site's detached process does (client/app.py: site_report.spawn), in this process."""
     from nearl_core.config import load_config
 
     cfg = load_config("demo", {"federation.finetune-epochs": 0})
     jobs: list = []
     _final_evaluate(small_root, tmp_path / "state", cfg, jobs)
     (job,) = jobs
-    job.binding["local_baseline"] = False
-    out = json.loads(site_report.run_job(job, QUIET).read_text())
+    job.binding["local_baseline"] = False  # nearl-client --no-local-baseline
+    path = site_report.write_job(job)
+    assert site_report.main([str(path)]) == 0 and not path.exists()
+    out = json.loads((tmp_path / "state" / "reports" / f"{job.run_id}.json").read_text())
     assert [r["model"] for r in out["rows"]] == ["zero-shot", "federated"]
     assert out["local_baseline"]["status"] == "skipped"
     assert not (tmp_path / "state" / "local-baseline").exists()
