@@ -5,15 +5,19 @@ split first (when the server asks; it saves a process start per round), train lo
 for the configured epochs, reply with the adapter tensors and scalar metrics.
 ``evaluate``: val/test metrics of the global adapters.  Both replies pass the egress
 check (:mod:`client.egress`).  The work itself lives in :mod:`client.task`.
+This is the cold site's app (a process per message): the site's verdict after a run's last
+evaluate is written by a detached process (:func:`client.site_report.spawn`).
 """
 
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 
+from client import site_report
 from client.secagg import stage_reply
 from client.task import evaluate_reply, train_reply
 
 app = ClientApp()
+site_report.use_runner(site_report.spawn)
 
 
 @app.train()

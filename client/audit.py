@@ -4,11 +4,14 @@ One JSON line per message the site answers, appended, flushed and fsynced *befor
 reply is handed to Flower, so a reply that left is always on record.  A line holds the
 time, run id, round, coordinator address, message type, each outgoing tensor's name,
 shape and dtype (the split of the one flat array the adapters travel as), the sha256 of
-the payload bytes (the server logs the same hash for what it received), bytes sent, the scalar metrics sent, epsilon before and after, and
+the payload bytes (the server logs the same hash for what it received), bytes sent and received, the
+seconds the site spent answering, the scalar metrics sent, epsilon before and after, and
 whether the site declined (privacy budget) or refused (e.g. another backbone) and why.
 The operator's decisions on runs (``nearl-client approve`` / ``refuse``, the console's
 buttons) are lines too, marked by their ``decision`` key, with the sha256 of the config
 they were about (:mod:`client.approvals`).
+The site's verdict (:mod:`client.verdict`) totals a run's bytes and seconds from these lines,
+and ``nearl-client verify`` (:mod:`client.verify`) matches the hashes against the coordinator's record.
 ``nearl-client audit --state-dir DIR`` summarises the file per run.
 """
 
@@ -31,15 +34,18 @@ from nearl_protocol.schema import Schema
 
 
 def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, server_round: int | None,
-               eps_before: float | None, eps_after: float | None, schema: Schema | None = None) -> dict[str, Any]:
+               eps_before: float | None, eps_after: float | None, schema: Schema | None = None,
+               seconds: float | None = None) -> dict[str, Any]:
     """What the audit trail records for one answered message (``server_round`` None: unreadable instruction).
 
     ``schema``: the layout the reply's flat adapter array was packed with (checked by the
     egress gate); the line lists its tensors.  Without it the line lists the record's arrays.
+    ``seconds``: how long the site worked on the message (None: not measured).
     """
     line: dict[str, Any] = {"time": time.time(), "run_id": int(msg.metadata.run_id), "round": server_round,
                             "site": site, "coordinator": coordinator, "message_type": msg.metadata.message_type,
-                            "arrays": [], "payload_sha256": None, "bytes_sent": 0, "metrics": {},
+                            "arrays": [], "payload_sha256": None, "bytes_sent": 0,
+                            "bytes_received": _received(msg), "seconds": seconds, "metrics": {},
                             "epsilon_before": eps_before, "epsilon_after": eps_after,
                             "declined": None, "refused": None}
     if reply.has_error():
@@ -56,6 +62,27 @@ def audit_line(msg: Message, reply: Message, *, site: str, coordinator: str, ser
                             f"would reach {metrics.get(keys.DP_EPSILON_NEXT, math.nan):.3f} > "
                             f"{metrics.get(keys.DP_MAX_EPSILON, math.nan):g}")
     return line
+
+
+def _received(msg: Message) -> int:
+    """The instruction's size as the site received it (0 for a message without content).
+
+    Flower's own count refuses a config record holding an empty string; such a record is
+    then counted by the length of its values' text (the adapters dominate either way).
+    """
+    if not msg.has_content():
+        return 0
+    try:
+        return record_bytes(msg.content)
+    except ValueError:
+        return sum(_record_size(rec) for rec in msg.content.values())
+
+
+def _record_size(rec: Any) -> int:
+    try:
+        return int(rec.count_bytes())
+    except ValueError:
+        return sum(len(str(k)) + len(str(v)) for k, v in rec.items())
 
 
 def _listed(arrays: Mapping[str, Any], schema: Schema | None) -> list[list[Any]]:

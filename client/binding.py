@@ -26,6 +26,7 @@ class SiteBinding:
     max_epsilon: float | None = None  # the site's own DP ceiling (nearl-client --max-epsilon)
     coordinator: str = ""  # the address the node connects to, recorded in the audit trail
     max_reply_bytes: int | None = None  # the site policy's ceiling on one reply (nearl-client --policy)
+    local_baseline: bool = True  # train the site verdict's local-only model (nearl-client --no-local-baseline)
 
     def privacy_dir(self) -> Path:
         return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
@@ -49,4 +50,5 @@ def site_binding(node_config: Mapping[str, Any]) -> SiteBinding:
                        Path(text["state-dir"]) if text["state-dir"] else None,
                        float(max_eps) if max_eps not in (None, "") else None,
                        str(node_config.get("coordinator", "")),
-                       int(max_reply) if max_reply not in (None, "") else None)
+                       int(max_reply) if max_reply not in (None, "") else None,
+                       str(node_config.get("local-baseline", True)).strip().lower() not in ("false", "0", "no"))

@@ -83,11 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
                    help="this site's policy (YAML, deploy/site-policy.example.yaml): the methods, rounds, epochs, "
                         "DP, secure aggregation and reply size it agrees to, and whether a person approves each run")
     p.add_argument("--check-only", action="store_true", help="validate the site folder and exit")
+    p.add_argument("--no-local-baseline", dest="local_baseline", action="store_false",
+                   help="the site's verdict after each run (<state-dir>/reports/) leaves out the local-only model "
+                        "it would otherwise train once per data and config (docs/site-verdict.md)")
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["verify"]:
+        from client.verify import main as verify_main
+
+        return verify_main(argv[1:])
     if argv[:1] and argv[0] in SUBCOMMANDS:
         from client import site_cli
 
@@ -161,6 +168,8 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
                    "coordinator": args.server}
     if args.device:
         node_config["device"] = args.device
+    if not args.local_baseline:
+        node_config["local-baseline"] = False
     if args.pretrained:
         node_config["pretrained"] = str(Path(args.pretrained).expanduser().resolve())
     if args.max_epsilon is not None:

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from flwr.app import Context, Message
 
-from client import audit, personal
+from client import audit, personal, site_report
 from client.budget import private_round, round_budget
 from client.binding import SiteBinding, site_binding
 from client.egress import EgressError, check_reply, check_reply_size, pack_outgoing
@@ -263,6 +263,7 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print, reply_with=No
     with its one-line reason; either way the audit trail records what left and why.
     """
     server_round = "?"
+    started = time.perf_counter()
     try:
         instruction = read_instruction(msg)
         server_round = instruction.server_round
@@ -279,7 +280,8 @@ def answer(msg: Message, binding: SiteBinding, handler, log=print, reply_with=No
     line = audit.audit_line(msg, reply, site=binding.site, coordinator=binding.coordinator,
                             server_round=server_round if isinstance(server_round, int) else None,
                             eps_before=outcome.eps_before, eps_after=outcome.eps_after,
-                            schema=None if reply_with else _sent_schema(outcome))
+                            schema=None if reply_with else _sent_schema(outcome),
+                            seconds=time.perf_counter() - started)
     audit.append(binding.audit_file(), line)
     if not reply.has_error() and reply.content.array_records:
         sent = sum(a.numpy().nbytes for a in reply.content[keys.ARRAYS].values())
@@ -310,8 +312,14 @@ def train_reply(msg: Message, context: Context, log=print, *, binding: SiteBindi
 
 
 def evaluate_reply(msg: Message, context: Context, log=print, *, binding: SiteBinding | None = None) -> Message:
-    """The ClientApp's evaluate handler: metrics of the global adapters on the site's val/test splits."""
-    return answer(msg, binding or site_binding(context.node_config), _evaluate, log)
+    """The ClientApp's evaluate handler: metrics of the global adapters on the site's val/test splits.
+
+    The run's last one also leaves the site's verdict job, run after this reply has gone (client/site_report.py).
+    """
+    binding = binding or site_binding(context.node_config)
+    reply = answer(msg, binding, _evaluate, log)
+    site_report.note_final_evaluate(msg, binding, reply)
+    return reply
 
 
 __all__ = ["train_reply", "evaluate_reply", "site_binding", "SiteBinding", "config_from_message", "EgressError"]

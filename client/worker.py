@@ -9,7 +9,9 @@ and answers with the site's *installed* handlers (:func:`client.task.train_reply
 :func:`client.task.evaluate_reply`); code inside the bundle never runs.  Module-level
 caches survive between messages: the frozen backbone, the site index, the DP ledger's
 files on disk.  Heartbeats keep each task alive while it runs, as Flower's own
-``flwr-clientapp`` does.
+``flwr-clientapp`` does.  After the reply to a run's last evaluate message has been pushed
+and its task closed, the worker writes the site's verdict on that run
+(:mod:`client.site_report`): its local-only training never delays a reply.
 
 While a task runs, its token and the message header sit in a 0600 file so that the
 supervisor (:mod:`client.supervisor`) can answer the message with an error reply if
@@ -96,6 +98,7 @@ class Worker:
         self.stamp = installation_stamp(self.app_dir) if self.app_dir else None
         self.checked = time.monotonic()
         self.gate = PolicyGate.from_spec(spec)  # the site's policy (nearl-client --policy), None without one
+        self.deferred: list[Any] = []  # site verdict jobs (client.site_report), run after their reply left
 
     def prewarm(self) -> None:
         """Build the backbone and index the site before the first message (both are cached)."""
@@ -147,6 +150,14 @@ class Worker:
                 time.sleep(self.poll)
                 continue
             self.serve(*task)
+            self.run_deferred()
+
+    def run_deferred(self) -> None:
+        """The site verdicts of runs that just ended: their replies are already with the coordinator."""
+        if self.deferred:
+            from client.site_report import run_deferred
+
+            run_deferred(self.deferred, lambda line: log(f"[{self.site}] {line}"))
 
     def exit_if_upgraded(self) -> None:
         """Between messages: when the site has upgraded its installed NEARL, exit so that new code answers."""
@@ -258,6 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = json.loads(args.spec.read_text())
     watch_pids(args.watch_pid)
     worker = Worker(spec)
+    from client import site_report
+
+    site_report.use_runner(worker.deferred.append)
     log(f"site {spec['site']}: warm worker on the SuperNode's Runtime API {spec['runtime_address']}; runs only "
         f"this site's installed NEARL code; accepts app bundle(s) "
         f"{', '.join(h[:12] for h in sorted(spec['accepted_fabs'])) or 'none'}")

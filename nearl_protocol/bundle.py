@@ -43,10 +43,16 @@ def bundle_files(app_dir: str | Path) -> dict[str, Path]:
 
 
 def stage(app_dir: str | Path, dest: Path) -> Path:
-    """A fresh copy of :func:`bundle_files` of ``app_dir`` in ``dest`` (replaced): the directory to ``flwr run``."""
+    """A fresh copy of :func:`bundle_files` of ``app_dir`` in ``dest`` (replaced): the directory to ``flwr run``.
+
+    A checkout's ``.git`` is left out: the app's ``fab-include`` names nothing under it, and a
+    long-lived clone holds thousands of object files that would be copied at every start.
+    """
     if dest.exists():
         shutil.rmtree(dest)
     for rel, path in bundle_files(app_dir).items():
+        if rel.startswith(".git/"):
+            continue
         target = dest / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(path, target)

@@ -109,6 +109,29 @@ MLFLOW_SECAGG_CLIPPED = "secagg_clipped"
 MLFLOW_SECAGG_ERROR_BOUND = "secagg_error_bound"
 MLFLOW_SECAGG_DROPPED = "secagg_dropped"
 
+# -- MLflow provenance of a registered model (the coordinator writes it, ``nearl-client verify`` reads it) --
+MLFLOW_REGISTERED_MODEL = "nearl-adapters"  # every federation's final adapters are a version of it
+PAYLOAD_TAG_PREFIX = "payload_sha256/"  # run tag payload_sha256/round_NNNN/<site>: the update aggregated
+
+
+def payload_tag(server_round: int, site: str) -> str:
+    """The run tag holding the sha256 of the update ``site`` sent in ``server_round`` (as its audit trail has it)."""
+    return f"{PAYLOAD_TAG_PREFIX}round_{server_round:04d}/{site}"
+
+
+def read_payload_tag(tag: str) -> tuple[int, str] | None:
+    """(round, site) of a :func:`payload_tag`; None for any other tag."""
+    rest = tag.removeprefix(PAYLOAD_TAG_PREFIX)
+    head, _, site = rest.partition("/")
+    if rest == tag or not head.startswith("round_") or not head[6:].isdigit() or not site:
+        return None
+    return int(head[6:]), site
+
+
+def round_tag(server_round: int, what: str) -> str:
+    """A round's run tag such as ``round_0003_not_applied`` (why its aggregate was not applied)."""
+    return f"round_{server_round:04d}_{what}"
+
 # -- error reasons a site sends instead of a reply ------------------------------------------------
 BACKBONE_MISMATCH = "backbone mismatch"
 SITE_POLICY = "site policy"  # the site's own policy refuses what the coordinator asks (client/policy.py)

@@ -37,7 +37,7 @@ from server.strategy import NearlStrategyMixin, RoundReport, make_strategy
 from server.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger("nearl.federation")
-REGISTERED_MODEL = "nearl-adapters"
+REGISTERED_MODEL = keys.MLFLOW_REGISTERED_MODEL
 
 
 def arrays_to_numpy(arrays: ArrayRecord, schema) -> dict[str, np.ndarray]:
@@ -92,13 +92,13 @@ class RoundLog:
             if report.round == self.settings_first_round:
                 self.tracker.log_params({"num_sites": report.sampled})
             if report.payload_sha256:  # what each site sent, as its own audit trail records it
-                self.tracker.set_tags({f"payload_sha256/round_{report.round:04d}/{site}": digest
+                self.tracker.set_tags({keys.payload_tag(report.round, site): digest
                                        for site, digest in report.payload_sha256.items()})
             if report.declined:
                 self.tracker.set_tags({f"round_{report.round:04d}_declined":
                                        "; ".join(f"{s}: {r}" for s, r in report.declined.items())})
             if report.not_applied:
-                self.tracker.set_tags({f"round_{report.round:04d}_not_applied": report.not_applied})
+                self.tracker.set_tags({keys.round_tag(report.round, "not_applied"): report.not_applied})
             if report.missing or report.rejected:
                 self.tracker.set_tags({f"round_{report.round:04d}_missing": ",".join(report.missing) or "-",
                                        f"round_{report.round:04d}_rejected":
