@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from flwr.app import Array, ArrayRecord
+from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
 from nearl_core.adapter_io import package_version, save_adapters, set_shared_state, shared_schema, shared_state
@@ -29,96 +29,17 @@ from nearl_protocol.messages import instruction_config
 from nearl_protocol.schema import parameter_count, payload_bytes
 from server.central_dp import NearlServerSideDP
 from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
-from server.events import DoneEvent, ErrorEvent, EvalEvent, ProgressWriter, RoundEvent, StartEvent
+from server.events import DoneEvent, ErrorEvent, ProgressWriter, StartEvent
 from server.quick_grid import QuickPollGrid
-from server.screening import DUPLICATE, load_registry
+from server.round_log import RoundLog, arrays_to_numpy, numpy_to_arrays
+from server.screening import load_registry
+from server.selection import Selection
 from server.settings import FederationSettings
-from server.strategy import NearlStrategyMixin, RoundReport, make_strategy
+from server.strategy import make_strategy
 from server.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger("nearl.federation")
 REGISTERED_MODEL = "nearl-adapters"
-
-
-def arrays_to_numpy(arrays: ArrayRecord, schema) -> dict[str, np.ndarray]:
-    return {k: arrays[k].numpy().astype(schema[k][1], copy=False) for k in schema}
-
-
-def numpy_to_arrays(values: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({k: Array(np.asarray(v, order="C")) for k, v in values.items()})
-
-
-class RoundLog:
-    """Listener of :class:`NearlStrategyMixin`: MLflow, checkpoints and progress after each round."""
-
-    def __init__(self, settings: FederationSettings, tracker: Tracker | None, progress: ProgressWriter,
-                 model: NearlCLIP, ckpt_meta: dict[str, Any]):
-        self.settings, self.tracker, self.progress, self.model = settings, tracker, progress, model
-        self.ckpt_meta = ckpt_meta
-        self.schema = shared_schema(model)
-        self.last_eval: tuple[int, dict[str, float]] | None = None
-        self.final_arrays: ArrayRecord | None = None
-        self.seen_sites: set[str] = set()
-        self.final_epsilon: dict[str, float] = {}  # site -> the last epsilon it reported (DP)
-        self.contributors: set[str] = set()  # sites whose update was aggregated at least once
-
-    def evaluated(self, step: int, metrics: dict[str, float], per_site: dict[str, dict[str, float]]) -> None:
-        flat = dict(metrics)
-        for site, values in per_site.items():
-            flat.update({f"{site}/{k}": v for k, v in values.items()})
-        if self.tracker is not None:
-            self.tracker.log_metrics(flat, step=step)
-        self.last_eval = (step, metrics)
-        self.progress.emit(EvalEvent(step=step, metrics=metrics, sites=per_site))
-
-    def round_finished(self, report: RoundReport, strategy: NearlStrategyMixin) -> None:
-        self.seen_sites.update(report.answered)
-        self.seen_sites.update(report.missing)
-        flat: dict[str, float] = dict(report.train_metrics)
-        flat.update({keys.MLFLOW_ROUND_SECONDS: report.seconds, keys.MLFLOW_BYTES_SENT: report.bytes_sent,
-                     keys.MLFLOW_BYTES_RECEIVED: report.bytes_received,
-                     keys.MLFLOW_SITES_ANSWERED: len(report.answered), keys.MLFLOW_SITES_MISSING: len(report.missing),
-                     keys.MLFLOW_SITES_REJECTED: len(report.rejected), keys.MLFLOW_SITES_DECLINED: len(report.declined),
-                     keys.MLFLOW_SITES_DUPLICATE: sum(DUPLICATE in why for why in report.rejected.values())})
-        for site, values in report.per_site.items():
-            flat.update({f"{site}/{k}": v for k, v in values.items()})
-            if keys.MLFLOW_EPSILON in values:
-                self.final_epsilon[site] = values[keys.MLFLOW_EPSILON]
-        self.contributors.update(report.payload_sha256)
-        for site in sorted(self.seen_sites):
-            flat[f"{site}/{keys.MLFLOW_ANSWERED}"] = 1.0 if site in report.answered else 0.0
-        if self.tracker is not None:
-            self.tracker.log_metrics(flat, step=report.round)
-            if report.round == self.settings_first_round:
-                self.tracker.log_params({"num_sites": report.sampled})
-            if report.payload_sha256:  # what each site sent, as its own audit trail records it
-                self.tracker.set_tags({f"payload_sha256/round_{report.round:04d}/{site}": digest
-                                       for site, digest in report.payload_sha256.items()})
-            if report.declined:
-                self.tracker.set_tags({f"round_{report.round:04d}_declined":
-                                       "; ".join(f"{s}: {r}" for s, r in report.declined.items())})
-            if report.not_applied:
-                self.tracker.set_tags({f"round_{report.round:04d}_not_applied": report.not_applied})
-            if report.missing or report.rejected:
-                self.tracker.set_tags({f"round_{report.round:04d}_missing": ",".join(report.missing) or "-",
-                                       f"round_{report.round:04d}_rejected":
-                                           "; ".join(f"{s}: {r}" for s, r in report.rejected.items()) or "-"})
-        self.final_arrays = report.arrays
-        ckpt_path = None
-        root = self.settings.checkpoint_path()
-        if root is not None:
-            ckpt = Checkpoint(round=report.round, arrays=arrays_to_numpy(report.arrays, self.schema),
-                              strategy_state=strategy.strategy_state(), meta=self.ckpt_meta)
-            ckpt_path = str(save_checkpoint(root, ckpt, keep=self.settings.keep_checkpoints))
-        eval_step, eval_metrics = self.last_eval if self.last_eval else (None, {})
-        self.progress.emit(RoundEvent(
-            round=report.round, rounds=self.settings.num_rounds, answered=report.answered,
-            missing=report.missing, rejected=report.rejected, declined=report.declined, sampled=report.sampled,
-            aggregated=report.aggregated, not_applied=report.not_applied, payload_sha256=report.payload_sha256,
-            seconds=report.seconds, bytes_sent=report.bytes_sent, bytes_received=report.bytes_received,
-            train=report.train_metrics, eval_step=eval_step, eval=eval_metrics, checkpoint=ckpt_path))
-
-    settings_first_round = 1
 
 
 def privacy_params(cfg, settings: FederationSettings) -> dict[str, Any]:
@@ -141,6 +62,20 @@ def provenance(fingerprint: str, settings: FederationSettings, listener: RoundLo
             "sites": ",".join(sorted(listener.contributors)) or "-"}
     tags.update({f"epsilon/{site}": f"{eps:.6g}" for site, eps in sorted(listener.final_epsilon.items())})
     return tags
+
+
+def resumed_selection(ckpt: Checkpoint | None, settings: FederationSettings, schema) -> dict[str, Any]:
+    """The best-so-far a checkpoint kept (``selection`` and ``best`` of :class:`RoundLog`); none for a new run."""
+    if ckpt is None:
+        return {}
+    kept = ckpt.meta.get("selection") or {}
+    if kept.get("by") not in (None, settings.select_by):
+        raise CheckpointError(f"{ckpt.path} selects rounds by {kept['by']}, not {settings.select_by}; resume with "
+                              f"--select-by {kept['by']}")
+    if ckpt.best is None:
+        return {"selection": Selection(settings.select_by)}
+    check_schema(ckpt.best, schema, f"{ckpt.path} (best adapters)")
+    return {"selection": Selection.from_state(kept, settings.select_by), "best": numpy_to_arrays(ckpt.best)}
 
 
 def build_server_model(settings: FederationSettings) -> NearlCLIP:
@@ -189,8 +124,8 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         ckpt_meta = {"mlflow_run_id": tracker.run_id if tracker else None, "mlflow_uri": uri,
                      "strategy": settings.strategy, "num_rounds": settings.num_rounds, "config": cfg.to_dict(),
                      "schema": {k: [list(s), d] for k, (s, d) in schema.items()}}
-        listener = RoundLog(settings, tracker, progress, model, ckpt_meta)
-        listener.settings_first_round = start_round + 1
+        listener = RoundLog(settings, tracker, progress, schema, ckpt_meta, initial=initial, start_round=start_round,
+                            **resumed_selection(ckpt, settings, schema))
         remaining = settings.num_rounds - start_round
         progress.emit(StartEvent(
             rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
