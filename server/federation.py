@@ -1,37 +1,40 @@
-"""The ServerApp's work: build the initial adapters, run the strategy, log, checkpoint, resume.
+"""The ServerApp's work: build the initial adapters, run the rounds, keep the best, log, checkpoint, resume.
 
 :func:`run_federation` is what ``server.app``'s ``@app.main()`` calls.  Per round the
-:class:`RoundLog` listener logs the round to MLflow, writes a checkpoint and appends a
-JSON line to the progress file (:mod:`server.events`) that ``nearl-server`` streams to the terminal.
+:class:`server.round_log.RoundLog` listener logs the round to MLflow, ranks its federated
+validation, writes a checkpoint and appends a JSON line to the progress file
+(:mod:`server.events`) that ``nearl-server`` streams to the terminal.  :mod:`server.loop`
+runs the rounds (stopping early with ``patience``) and the evaluations after them;
+:mod:`server.outputs` writes what the run leaves: the selected round's adapters as the
+final ones, the last round's beside them.
 """
 
 from __future__ import annotations
 
 import logging
-import os
 import time
 import traceback
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 from flwr.app import ArrayRecord
 from flwr.serverapp import Grid
 
-from nearl_core.adapter_io import package_version, save_adapters, set_shared_state, shared_schema, shared_state
-from nearl_core.config import config_sha256
+from nearl_core.adapter_io import shared_schema, shared_state
+from nearl_core.config import NearlConfig, config_sha256
 from nearl_core.errors import NearlError
 from nearl_core.fingerprint import model_fingerprint
 from nearl_core.model import NearlCLIP, build_model
 from nearl_core.transport import wire_schema
-from nearl_protocol import keys
 from nearl_protocol.messages import instruction_config
-from nearl_protocol.schema import parameter_count, payload_bytes
+from nearl_protocol.schema import Schema, parameter_count, payload_bytes
 from server.central_dp import NearlServerSideDP
-from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest, save_checkpoint
-from server.events import DoneEvent, ErrorEvent, ProgressWriter, StartEvent
+from server.checkpoint import Checkpoint, CheckpointError, check_schema, complete_rounds, load_latest
+from server.events import ErrorEvent, ProgressWriter, StartEvent
+from server.loop import Kept, finish, run_rounds
+from server.outputs import save_outputs
 from server.quick_grid import QuickPollGrid
-from server.round_log import RoundLog, arrays_to_numpy, numpy_to_arrays
+from server.round_log import RoundLog, numpy_to_arrays
 from server.screening import load_registry
 from server.selection import Selection
 from server.settings import FederationSettings
@@ -39,7 +42,6 @@ from server.strategy import make_strategy
 from server.tracking import Tracker, resolve_tracking_uri
 
 log = logging.getLogger("nearl.federation")
-REGISTERED_MODEL = "nearl-adapters"
 
 
 def privacy_params(cfg, settings: FederationSettings) -> dict[str, Any]:
@@ -53,15 +55,6 @@ def privacy_params(cfg, settings: FederationSettings) -> dict[str, Any]:
     if settings.central_dp:
         out.update(server_dp="server-side fixed clipping (client-level)", server_dp_delta=settings.server_dp_delta)
     return out or {"dp": "off"}
-
-
-def provenance(fingerprint: str, settings: FederationSettings, listener: RoundLog) -> dict[str, str]:
-    """Tags of a registered ``nearl-adapters`` version: where the model came from and what it cost."""
-    tags = {"backbone_fingerprint": fingerprint, "code_version": package_version(),
-            "rounds": str(settings.num_rounds), "strategy": settings.strategy,
-            "sites": ",".join(sorted(listener.contributors)) or "-"}
-    tags.update({f"epsilon/{site}": f"{eps:.6g}" for site, eps in sorted(listener.final_epsilon.items())})
-    return tags
 
 
 def resumed_selection(ckpt: Checkpoint | None, settings: FederationSettings, schema) -> dict[str, Any]:
@@ -83,6 +76,74 @@ def build_server_model(settings: FederationSettings) -> NearlCLIP:
     return build_model(cfg, cfg.task.classes)
 
 
+def starting_point(settings: FederationSettings, model: NearlCLIP, schema: Schema
+                   ) -> tuple[Checkpoint | None, ArrayRecord]:
+    """The checkpoint a resumed run continues (None for a new run) and the global adapters it starts from."""
+    root = settings.checkpoint_path()
+    if not settings.resume:
+        if root is not None and complete_rounds(root):
+            raise CheckpointError(f"{root} already holds checkpoints of an earlier run; resume it or choose "
+                                  "another checkpoint directory")
+        return None, ArrayRecord({k: v.contiguous() for k, v in shared_state(model).items()})
+    if root is None:
+        raise CheckpointError("resume needs a checkpoint directory")
+    ckpt = load_latest(root)
+    check_schema(ckpt.arrays, schema, str(ckpt.path))
+    if ckpt.meta.get("strategy") not in (None, settings.strategy):
+        raise CheckpointError(f"{ckpt.path} was written by strategy {ckpt.meta.get('strategy')}, "
+                              f"not {settings.strategy}; resume with the same strategy")
+    return ckpt, numpy_to_arrays(ckpt.arrays)
+
+
+def open_tracker(settings: FederationSettings, model: NearlCLIP, schema: Schema, fingerprint: str,
+                 ckpt: Checkpoint | None, workdir: str | Path | None) -> tuple[Tracker | None, str]:
+    """The run's MLflow run (the checkpoint's, when resuming) with its params; None without a tracking URI."""
+    cfg = model.cfg
+    uri = resolve_tracking_uri((ckpt.meta.get("mlflow_uri") if ckpt else None) or settings.mlflow_uri, workdir)
+    if not uri:
+        return None, uri
+    tracker = Tracker(uri, settings.mlflow_experiment, run_id=ckpt.mlflow_run_id if ckpt else None,
+                      run_name=f"federation-{time.strftime('%Y%m%d-%H%M%S')}",
+                      tags={"nearl.strategy": settings.strategy, "nearl.backbone": cfg.model.name})
+    tracker.log_params({**cfg.flat(), **settings.params(), "config.sha256": config_sha256(cfg),
+                        "backbone": cfg.model.name, "backbone_source": model.backbone_source,
+                        "backbone_fingerprint": fingerprint, "strategy": settings.strategy,
+                        "trainable_parameters": parameter_count(schema), **privacy_params(cfg, settings)})
+    return tracker, uri
+
+
+def federate(grid: Grid, settings: FederationSettings, cfg: NearlConfig, fingerprint: str, listener: RoundLog,
+             ckpt: Checkpoint | None, initial: ArrayRecord) -> Kept:
+    """The remaining rounds (stopping early with patience), the last round's validation and the final evaluation
+    of the selected adapters; a resumed run with nothing left to run keeps what its checkpoint holds."""
+    start_round = ckpt.round if ckpt else 0
+    resumed_stop = listener.selection.stop_reason(settings.patience) if ckpt else ""
+    if start_round >= settings.num_rounds or resumed_stop:
+        return Kept.held(listener, resumed_stop)
+    strategy = make_strategy(
+        settings.strategy, schema=listener.schema, min_nodes=settings.min_nodes,
+        fraction_train=settings.fraction_train, listener=listener, round_offset=start_round,
+        total_rounds=settings.num_rounds, evaluate_in_train=settings.evaluate_in_train,
+        wait_timeout=settings.wait_timeout, options=settings.strategy_options(), client_lr=cfg.train.lr,
+        transport=settings.transport_dtype, registry=load_registry(settings.site_registry),
+        secure=settings.secagg_settings())
+    if ckpt is not None:
+        strategy.load_strategy_state(ckpt.strategy_state)
+    runner: Any = strategy
+    if settings.central_dp:
+        runner = NearlServerSideDP(strategy, noise_multiplier=settings.server_dp_noise,
+                                   clipping_norm=settings.server_dp_clip, delta=settings.server_dp_delta,
+                                   releases_so_far=start_round)
+    config = instruction_config(nearl_config=cfg.to_dict(), transport=settings.transport_dtype, backbone=fingerprint,
+                                local_epochs=settings.local_epochs, total_rounds=settings.num_rounds)
+    quick = QuickPollGrid(grid, on_arrival=strategy.replies_arrived)  # screened while the round waits
+    run = run_rounds(runner, quick, initial=initial, start_round=start_round,
+                     rounds=settings.num_rounds - start_round, timeout=settings.round_timeout, train_config=config,
+                     evaluate_config=config, stop_reason=lambda: listener.selection.stop_reason(settings.patience))
+    return finish(strategy, quick, listener, run, evaluate_config=config, timeout=settings.round_timeout,
+                  validated=not settings.evaluate_in_train)
+
+
 def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path | None = None) -> dict[str, Any]:
     """Run (or resume) a federation; returns a summary. Raises on failure after recording it."""
     progress = ProgressWriter(str(run_config.get("progress-file") or "") or None)  # so that a bad key is reported too
@@ -93,83 +154,23 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
         cfg = model.cfg
         schema = shared_schema(model)  # without the groups federation.local keeps at the sites
         fingerprint = model_fingerprint(model)
-        start_round, ckpt = 0, None
-        root = settings.checkpoint_path()
-        if settings.resume:
-            if root is None:
-                raise CheckpointError("resume needs a checkpoint directory")
-            ckpt = load_latest(root)
-            check_schema(ckpt.arrays, schema, str(ckpt.path))
-            if ckpt.meta.get("strategy") not in (None, settings.strategy):
-                raise CheckpointError(f"{ckpt.path} was written by strategy {ckpt.meta.get('strategy')}, "
-                                      f"not {settings.strategy}; resume with the same strategy")
-            start_round = ckpt.round
-            initial = numpy_to_arrays(ckpt.arrays)
-        else:
-            if root is not None and complete_rounds(root):
-                raise CheckpointError(f"{root} already holds checkpoints of an earlier run; resume it or choose "
-                                      "another checkpoint directory")
-            initial = ArrayRecord({k: v.contiguous() for k, v in shared_state(model).items()})
-        uri = resolve_tracking_uri((ckpt.meta.get("mlflow_uri") if ckpt else None) or settings.mlflow_uri, workdir)
-        if uri:
-            tracker = Tracker(uri, settings.mlflow_experiment, run_id=ckpt.mlflow_run_id if ckpt else None,
-                              run_name=f"federation-{time.strftime('%Y%m%d-%H%M%S')}",
-                              tags={"nearl.strategy": settings.strategy, "nearl.backbone": cfg.model.name})
-            tracker.log_params({**cfg.flat(), **settings.params(), "config.sha256": config_sha256(cfg),
-                                "backbone": cfg.model.name,
-                                "backbone_source": model.backbone_source, "backbone_fingerprint": fingerprint,
-                                "strategy": settings.strategy, "trainable_parameters": parameter_count(schema),
-                                **privacy_params(cfg, settings)})
-        payload = payload_bytes(wire_schema(schema, settings.transport_dtype))
+        ckpt, initial = starting_point(settings, model, schema)
+        start_round = ckpt.round if ckpt else 0
+        tracker, uri = open_tracker(settings, model, schema, fingerprint, ckpt, workdir)
         ckpt_meta = {"mlflow_run_id": tracker.run_id if tracker else None, "mlflow_uri": uri,
                      "strategy": settings.strategy, "num_rounds": settings.num_rounds, "config": cfg.to_dict(),
                      "schema": {k: [list(s), d] for k, (s, d) in schema.items()}}
         listener = RoundLog(settings, tracker, progress, schema, ckpt_meta, initial=initial, start_round=start_round,
                             **resumed_selection(ckpt, settings, schema))
-        remaining = settings.num_rounds - start_round
         progress.emit(StartEvent(
             rounds=settings.num_rounds, start_round=start_round + 1, strategy=settings.strategy,
             min_nodes=settings.min_nodes, run_id=tracker.run_id if tracker else None, mlflow_uri=uri,
-            payload_bytes=payload, trainable_parameters=parameter_count(schema), backbone=fingerprint,
-            resumed=ckpt is not None, settings=settings.to_run_config(), config=cfg.to_dict(),
-            config_sha256=config_sha256(cfg)))
-        strategy = make_strategy(
-            settings.strategy, schema=schema, min_nodes=settings.min_nodes, fraction_train=settings.fraction_train,
-            listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
-            evaluate_in_train=settings.evaluate_in_train, wait_timeout=settings.wait_timeout,
-            options=settings.strategy_options(), client_lr=cfg.train.lr, transport=settings.transport_dtype,
-            registry=load_registry(settings.site_registry), secure=settings.secagg_settings())
-        if ckpt is not None:
-            strategy.load_strategy_state(ckpt.strategy_state)
-        runner = strategy
-        if settings.central_dp:
-            runner = NearlServerSideDP(strategy, noise_multiplier=settings.server_dp_noise,
-                                       clipping_norm=settings.server_dp_clip, delta=settings.server_dp_delta,
-                                       releases_so_far=start_round)
-        final = initial
-        if remaining > 0:
-            common = dict(nearl_config=cfg.to_dict(), transport=settings.transport_dtype, backbone=fingerprint)
-            train_config = instruction_config(**common, local_epochs=settings.local_epochs,
-                                              total_rounds=settings.num_rounds)
-            eval_config = instruction_config(**common, local_epochs=settings.local_epochs,
-                                             total_rounds=settings.num_rounds)  # the last one personalizes
-            quick = QuickPollGrid(grid, on_arrival=strategy.replies_arrived)  # screened while the round waits
-            result = runner.start(grid=quick, initial_arrays=initial, num_rounds=remaining,
-                                  timeout=settings.round_timeout, train_config=train_config,
-                                  evaluate_config=eval_config)
-            final = listener.final_arrays or (result.arrays if len(result.arrays) else initial)
-        set_shared_state(model, {k: np.array(v) for k, v in arrays_to_numpy(final, schema).items()})
-        out_dir = (root / "final") if root is not None else Path(workdir or os.getcwd()) / "final_adapters"
-        save_adapters(model, out_dir, {"federation_rounds": settings.num_rounds, "strategy": settings.strategy,
-                                       "mlflow_run_id": tracker.run_id if tracker else None}, overwrite=True)
-        version = None
-        if tracker is not None:
-            version = tracker.log_adapters(out_dir, "final_adapters", registered_name=REGISTERED_MODEL,
-                                           version_tags=provenance(fingerprint, settings, listener))
-            tracker.end("FINISHED")
-        progress.emit(DoneEvent(round=settings.num_rounds, adapters=str(out_dir.resolve()),
-                                run_id=tracker.run_id if tracker else None, model_version=version))
-        return {"adapters": out_dir, "run_id": tracker.run_id if tracker else None, "rounds": settings.num_rounds}
+            payload_bytes=payload_bytes(wire_schema(schema, settings.transport_dtype)),
+            trainable_parameters=parameter_count(schema), backbone=fingerprint, resumed=ckpt is not None,
+            settings=settings.to_run_config(), config=cfg.to_dict(), config_sha256=config_sha256(cfg)))
+        kept = federate(grid, settings, cfg, fingerprint, listener, ckpt, initial)
+        return save_outputs(model, schema, kept, settings=settings, listener=listener, tracker=tracker,
+                            progress=progress, fingerprint=fingerprint, workdir=workdir)
     except BaseException as err:
         message = str(err).splitlines()[0] if str(err) else type(err).__name__
         if not isinstance(err, NearlError) and type(err).__name__ != "NotEnoughSites":
