@@ -40,7 +40,7 @@ def test_default_run_with_compare_writes_every_arm_and_repeats_bit_for_bit(tmp_p
     generate_demo_data(tmp_path / "pool", 2, train_per_site=40, val_per_site=10, test_per_site=10)
     rows, metrics = _compare_run(tmp_path, "run")
     out = tmp_path / "run"
-    assert list(rows[0]) == ["arm", "site", "accuracy", "balanced_accuracy", "macro_f1", "auroc"]
+    assert list(rows[0]) == ["arm", "site", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "round"]
     arms = {r["arm"] for r in rows}
     assert arms == {"zero-shot", "federated", "centralized", "local-only", "personalized"}
     for arm in arms:
