@@ -2,7 +2,8 @@
 
 :func:`make_strategy` picks a class from ``flwr.serverapp.strategy`` (FedAvg by default)
 and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` and
-``aggregate_*``; Flower's own ``Strategy.start()`` runs the rounds.  The mixin
+``aggregate_*``; :func:`server.loop.run_rounds` (Flower's ``Strategy.start()`` loop with
+early stopping) runs the rounds.  The mixin
 
 * waits (bounded by ``wait_timeout``) until ``min_nodes`` sites are connected instead of
   Flower's unbounded wait, and fails the run with a clear message otherwise;
@@ -24,7 +25,7 @@ and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` 
 * counts bytes and wall time per round, records which sites answered and which did not;
 * hands a :class:`RoundReport` to a listener after every round (MLflow + checkpoint).
 
-Round numbers: ``start()`` counts 1..num_rounds; ``round_offset`` maps them onto the
+Round numbers: the loop counts 1..num_rounds; ``round_offset`` maps them onto the
 global round after a resume, so FedAdam's bias correction and every log see the
 global round.  With ``evaluate_in_train`` the sites evaluate the incoming global
 adapters at the start of each train message; those metrics describe the global model
