@@ -104,8 +104,8 @@ def keep_optimizer(optimizer: torch.optim.Optimizer | None, binding: SiteBinding
 
 
 def wants_personal_model(model: NearlCLIP, instruction: Instruction) -> bool:
-    """Personalization is configured and this is the federation's last evaluation."""
-    return is_personalized(model) and instruction.server_round >= instruction.total_rounds
+    """Personalization is configured and this is the final evaluation: the adapters the federation keeps."""
+    return is_personalized(model) and instruction.final_evaluation
 
 
 def write_personal_model(model: NearlCLIP, binding: SiteBinding, instruction: Instruction, *,

@@ -73,7 +73,7 @@ def note_final_evaluate(msg, binding: SiteBinding, reply) -> ReportJob | None:
     if _runner is None or reply.has_error():
         return None
     instruction = read_instruction(msg)
-    if instruction.server_round < instruction.total_rounds:
+    if not instruction.final_evaluation:  # the run's end: the kept adapters on the test split (early stop too)
         return None
     metrics = metrics_of(reply.content)
     job = ReportJob(run_id=int(msg.metadata.run_id), ended=time.time(), split=reply_split(metrics),

@@ -210,7 +210,12 @@ def worker_metrics(builds_before: int) -> dict[str, float]:
 
 
 def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log: Callable[[str], None]) -> Outcome:
-    """Val (and test, when the site has one) metrics of the global adapters in the message."""
+    """Val metrics of the global adapters in the message (the federation's validation); in the final
+    evaluation, of the adapters the federation keeps, also test (when the site has one) and personalization.
+
+    The test split is read once per federation, for the kept adapters only: choosing a round
+    by its test metrics would make them an optimistic estimate.
+    """
     cfg = site_config(instruction, binding)
     device = select_device(cfg.train.device)
     site = cached_site(binding.data, cfg.task.classes)
@@ -220,7 +225,7 @@ def _evaluate(msg: Message, instruction: Instruction, binding: SiteBinding, log:
     val = _prefixed(evaluate(model, _loader(site, "val", model, cfg, device), device, amp=cfg.train.amp),
                     keys.EVAL_PREFIX)
     metrics: dict[str, float] = {keys.NUM_EXAMPLES: int(val.pop(keys.EVAL_EXAMPLES)), **val}
-    if "test" in site.splits:
+    if instruction.final_evaluation and "test" in site.splits:
         metrics.update(_prefixed(evaluate(model, _loader(site, "test", model, cfg, device), device,
                                           amp=cfg.train.amp), keys.TEST_PREFIX))
     log(f"evaluated the global adapters: val accuracy {metrics.get('eval-accuracy', math.nan):.3f}")

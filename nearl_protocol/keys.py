@@ -23,6 +23,8 @@ LOCAL_EPOCHS = "local-epochs"
 TOTAL_ROUNDS = "total-rounds"
 TRANSPORT = "transport-dtype"
 EVALUATE_FIRST = "evaluate-first"
+FINAL_EVALUATION = "final-evaluation"  # an evaluate message of the adapters the federation keeps: test split,
+# then personalization; any other evaluate message is federated validation (val split only)
 PROXIMAL_MU = "proximal-mu"  # set by Flower's FedProx
 BACKBONE = "backbone-fingerprint"  # the coordinator's frozen backbone; a site with another one refuses
 ADAPTER_LAYOUT = "adapter-layout"  # digest of the flat adapters' layout (names, shapes, dtype, order)

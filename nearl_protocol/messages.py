@@ -45,6 +45,7 @@ class Instruction:
     backbone: str = ""  # the coordinator's backbone fingerprint ("" = not checked)
     node_refused: str = ""  # why the coordinator refuses this node's replies ("" = it does not)
     adapter_layout: str = ""  # digest of the layout the coordinator packed the adapters with ("" = not stated)
+    final_evaluation: bool = False  # evaluate: the federation's kept adapters (test split, personalization)
 
 
 def instruction_config(*, nearl_config: Mapping[str, Any], transport: str, backbone: str,
@@ -68,12 +69,15 @@ def read_instruction(msg: Message) -> Instruction:
         nearl_config = json.loads(raw)
     except json.JSONDecodeError as err:
         raise ProtocolError(f"the server's NEARL config is not JSON ({err})") from None
+    server_round, total_rounds = int(config.get(keys.SERVER_ROUND, 0)), int(config.get(keys.TOTAL_ROUNDS, 1))
     return Instruction(
-        nearl_config=nearl_config, server_round=int(config.get(keys.SERVER_ROUND, 0)),
-        local_epochs=int(config.get(keys.LOCAL_EPOCHS, 1)), total_rounds=int(config.get(keys.TOTAL_ROUNDS, 1)),
+        nearl_config=nearl_config, server_round=server_round,
+        local_epochs=int(config.get(keys.LOCAL_EPOCHS, 1)), total_rounds=total_rounds,
         transport=str(config.get(keys.TRANSPORT, "float32")), evaluate_first=bool(config.get(keys.EVALUATE_FIRST, False)),
         proximal_mu=float(config.get(keys.PROXIMAL_MU, 0.0)), backbone=str(config.get(keys.BACKBONE, "")),
-        node_refused=str(config.get(keys.NODE_REFUSED, "")), adapter_layout=str(config.get(keys.ADAPTER_LAYOUT, "")))
+        node_refused=str(config.get(keys.NODE_REFUSED, "")), adapter_layout=str(config.get(keys.ADAPTER_LAYOUT, "")),
+        # a coordinator that does not say (an older one) meant its last round's evaluation
+        final_evaluation=bool(config.get(keys.FINAL_EVALUATION, server_round >= total_rounds)))
 
 
 def adapter_record(flat: np.ndarray) -> ArrayRecord:

@@ -1,6 +1,7 @@
 """NEARL ServerApp: builds the zero-initialised adapters (round 0 = zero-shot CLIP), picks the
-strategy from the run config and runs the rounds with Flower's ``Strategy.start()``; see
-:mod:`server.federation` for logging, checkpoints and resume."""
+strategy from the run config and runs the rounds with :mod:`server.loop` (Flower's
+``Strategy.start()`` loop, with early stopping); see :mod:`server.federation` for logging,
+checkpoints, resume and which round's adapters the federation keeps."""
 
 import logging
 

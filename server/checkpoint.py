@@ -4,7 +4,14 @@ Layout of a checkpoint directory::
 
     DIR/round-0003/adapters.safetensors   global adapter tensors after round 3
     DIR/round-0003/strategy.safetensors   the strategy's arrays (e.g. FedAdam moments), may be empty
-    DIR/round-0003/state.json             round, MLflow run id and URI, strategy name, config, schema
+    DIR/round-0003/best.safetensors       the global adapters of the best round so far by federated
+                                          validation (server.selection), once one is known
+    DIR/round-0003/state.json             round, MLflow run id and URI, strategy name, config, schema,
+                                          the selection (which round is best, by what, how long ago)
+
+Each round carries its own copy of the best adapters, so the newest complete round alone
+is enough to resume with the best-so-far (a damaged newest round falls back to the one
+before, best adapters included).
 
 A round is written into a hidden temporary directory first (files fsync'ed), and only
 then renamed to ``round-NNNN``: a rename within one file system is atomic, so a crash
@@ -33,6 +40,7 @@ ROUND_DIR = re.compile(r"^round-(\d{4,})$")
 STATE_FILE = "state.json"
 ADAPTERS_FILE = "adapters.safetensors"
 STRATEGY_FILE = "strategy.safetensors"
+BEST_FILE = "best.safetensors"
 FORMAT = "nearl-checkpoint/1"
 
 
@@ -47,6 +55,7 @@ class Checkpoint:
     strategy_state: dict[str, dict[str, np.ndarray]] = field(default_factory=dict)
     meta: dict[str, Any] = field(default_factory=dict)
     path: Path | None = None
+    best: dict[str, np.ndarray] | None = None  # the best round's global adapters (meta["selection"] says which)
 
     @property
     def mlflow_run_id(self) -> str | None:
@@ -68,6 +77,8 @@ def save_checkpoint(root: str | Path, ckpt: Checkpoint, *, keep: int = 3) -> Pat
         flat_state = {f"{attr}/{k}": np.asarray(v, order="C")
                       for attr, values in ckpt.strategy_state.items() for k, v in values.items()}
         save_file(flat_state, str(tmp / STRATEGY_FILE))
+        if ckpt.best is not None:
+            save_file({k: np.asarray(v, order="C") for k, v in ckpt.best.items()}, str(tmp / BEST_FILE))
         meta = {"format": FORMAT, **ckpt.meta, "round": ckpt.round,
                 "strategy_attrs": sorted(ckpt.strategy_state)}
         (tmp / STATE_FILE).write_text(json.dumps(meta, indent=2, default=str))
@@ -106,6 +117,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
         meta = json.loads((path / STATE_FILE).read_text())
         arrays = load_file(str(path / ADAPTERS_FILE))
         flat = load_file(str(path / STRATEGY_FILE))
+        best = load_file(str(path / BEST_FILE)) if (path / BEST_FILE).is_file() else None
     except (OSError, json.JSONDecodeError, Exception) as err:  # safetensors raises its own error type
         raise CheckpointError(f"{path}: unreadable checkpoint ({str(err).splitlines()[0]})") from None
     if meta.get("format") != FORMAT:
@@ -114,7 +126,7 @@ def load_checkpoint(path: str | Path) -> Checkpoint:
     for key, value in flat.items():
         attr, _, name = key.partition("/")
         state.setdefault(attr, {})[name] = value
-    return Checkpoint(round=int(meta["round"]), arrays=arrays, strategy_state=state, meta=meta, path=path)
+    return Checkpoint(round=int(meta["round"]), arrays=arrays, strategy_state=state, meta=meta, path=path, best=best)
 
 
 def load_latest(root: str | Path) -> Checkpoint:

@@ -122,13 +122,23 @@ class RoundEvent(_Event):
 
 @dataclass(frozen=True, kw_only=True)
 class DoneEvent(_Event):
-    """The last round is done and the final adapters are saved (and registered when tracked)."""
+    """The run is over: the kept adapters (the round selected by federated validation) are saved and tested at
+    the sites (and registered when tracked), the last round's adapters beside them."""
 
     kind: ClassVar[str] = "done"
-    round: int
-    adapters: str  # folder of the final adapters
+    round: int  # the last round run (before the planned last one when the run stopped early)
+    adapters: str  # folder of the final adapters: the selected round's
     run_id: str | None
     model_version: str | None  # of the registered model ``nearl-adapters``
+    selected_round: int  # whose global adapters the federation keeps
+    select_by: str  # the validation metric that selected it (server.selection.SELECT_BY)
+    selected_value: float | None  # its value for that round; None when no round had a finite one
+    last_adapters: str  # folder of the last round's adapters
+    stopped: str  # why the run stopped before its planned rounds ('' = it ran them all)
+    test: Metrics  # the selected adapters on the sites' test splits (and personalized), example-weighted
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "test", clean_metrics(self.test))
 
 
 @dataclass(frozen=True, kw_only=True)

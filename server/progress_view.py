@@ -11,6 +11,7 @@ from typing import Any
 
 from nearl_protocol import keys
 from server.events import DoneEvent, ErrorEvent, EvalEvent, Event, RoundEvent, StartEvent, select
+from server.selection import label
 
 
 def _fmt(v: Any, digits: int = 3) -> str:
@@ -36,7 +37,7 @@ def format_event(e: Event) -> str:
         return "" if e.step > 0 else (f"zero-shot (round 0) eval acc {_fmt(m.get(keys.MLFLOW_EVAL_ACCURACY))} "
                                       f"bal_acc {_fmt(m.get(keys.MLFLOW_EVAL_BALANCED_ACCURACY))}")
     if isinstance(e, DoneEvent):
-        return f"done: final adapters in {e.adapters} (MLflow run {e.run_id})"
+        return format_done(e)
     if isinstance(e, ErrorEvent):
         return f"ServerApp error: {e.message}"
     raise TypeError(f"not a progress event: {e!r}")
@@ -71,13 +72,37 @@ def format_round(e: RoundEvent) -> str:
     return line
 
 
+def format_done(e: DoneEvent) -> str:
+    """Why the run ended early (if it did) and where the kept and the last adapters are."""
+    version = f", model version {e.model_version}" if e.model_version else ""
+    line = (f"done: final adapters in {e.adapters} (round {e.selected_round}); the last round's ({e.round}) in "
+            f"{e.last_adapters}; MLflow run {e.run_id}{version}")
+    return f"stopped early after round {e.round}: {e.stopped}\n{line}" if e.stopped else line
+
+
+def format_selected(e: DoneEvent) -> str:
+    """``selected round N (balanced accuracy X)``, then how the kept adapters did on the sites' test splits."""
+    line = f"selected round {e.selected_round} ({label(e.select_by)} {_fmt(e.selected_value)})"
+    test = [(name, e.test.get(key)) for name, key in (("accuracy", keys.MLFLOW_TEST_PREFIX + "accuracy"),
+            ("balanced accuracy", keys.MLFLOW_TEST_PREFIX + "balanced_accuracy")) if e.test.get(key) is not None]
+    if test:
+        line += "; on the sites' test splits: " + ", ".join(f"{name} {_fmt(v)}" for name, v in test)
+    return line
+
+
 def format_summary(events: list[Event]) -> str:
-    """The first and the last evaluation side by side ('' without any)."""
+    """The validation of round 0, of the selected round and of the last round side by side, then the selected
+    round's line ('' without any evaluation or done event)."""
     evals = {e.step: e for e in select(events, EvalEvent)}
-    if not evals:
-        return ""
-    first, last = evals[min(evals)], evals[max(evals)]
-    lines = [f"{'metric':<26}{'round ' + str(first.step):>12}{'round ' + str(last.step):>12}", "-" * 50]
-    for k in SUMMARY:
-        lines.append(f"{k:<26}{_fmt(first.metrics.get(k)):>12}{_fmt(last.metrics.get(k)):>12}")
+    done = select(events, DoneEvent)
+    lines = []
+    if evals:
+        steps = sorted({min(evals), max(evals), *(d.selected_round for d in done[-1:] if d.selected_round in evals)})
+        chosen = done[-1].selected_round if done else None
+        heads = [f"round {s}" + (" (sel.)" if s == chosen else "") for s in steps]
+        lines += [f"{'validation metric':<26}" + "".join(f"{h:>16}" for h in heads), "-" * (26 + 16 * len(steps))]
+        for k in SUMMARY:
+            lines.append(f"{k:<26}" + "".join(f"{_fmt(evals[s].metrics.get(k)):>16}" for s in steps))
+    if done:
+        lines.append(format_selected(done[-1]))
     return "\n".join(lines)

@@ -1,7 +1,7 @@
 """The coordinator's Grid with a short reply poll.
 
 Flower's deployment Grid (``flwr.superlink.grid.http_grid``) sleeps 3 s between two pulls
-in ``send_and_receive``, which ``Strategy.start`` uses for every round: a round whose sites
+in ``send_and_receive``, which the round loop uses for every round: a round whose sites
 answer in 0.5 s still costs 3 s.  :class:`QuickPollGrid` wraps any Grid and implements
 ``send_and_receive`` with the Grid's public ``push_messages``/``pull_messages`` at a short
 interval; everything else is the wrapped Grid's.  Replies are the same messages, so what

@@ -25,6 +25,7 @@ from typing import Any, Mapping
 from nearl_core.config import NearlConfig, load_config
 from nearl_core.errors import ConfigError
 from nearl_core.transport import TRANSPORT_DTYPES
+from server.selection import SELECT_BY
 
 SECTIONS = tuple(f.name for f in fields(NearlConfig))
 ROUNDS_KEY = "num-server-rounds"  # Flower's name for the number of rounds
@@ -72,6 +73,10 @@ class FederationSettings:
     evaluate_in_train: bool = _opt(True, "sites evaluate the incoming global adapters inside the train message "
                                    "(--no-eval-in-train: a separate evaluate message every round, slower)",
                                    flag="--eval-in-train")
+    select_by: str = _opt("balanced-accuracy", "the sites' validation metric (example-weighted) that picks the round "
+                          "whose global adapters the federation keeps; loss: lower is better",
+                          choices=tuple(SELECT_BY))
+    patience: int = _opt(0, "stop when the select-by metric has not improved for this many rounds (0 = off)")
     proximal_mu: float = _opt(0.01, "FedProx proximal term mu")
     server_lr: float = _opt(0.01, "FedAdam/FedYogi server learning rate (eta)")
     server_momentum: float = _opt(0.9, "FedAvgM server momentum")
@@ -142,7 +147,8 @@ class FederationSettings:
         except (TypeError, ValueError) as err:
             raise ConfigError(f"run config: {err}") from None
         s = FederationSettings(**{**values, "strategy": values["strategy"].lower(),
-                                  "transport_dtype": values["transport_dtype"].lower()}, overrides=self.overrides)
+                                  "transport_dtype": values["transport_dtype"].lower(),
+                                  "select_by": values["select_by"].lower()}, overrides=self.overrides)
         s._check()
         return s
 
@@ -156,6 +162,8 @@ class FederationSettings:
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
             (self.round_timeout > 0 and self.wait_timeout > 0, "round-timeout and wait-timeout must be > 0"),
             (self.local_epochs >= 1, "local-epochs must be >= 1"),
+            (self.select_by in SELECT_BY, f"select-by must be one of {', '.join(SELECT_BY)}"),
+            (self.patience >= 0, "patience must be >= 0 (0 = no early stopping)"),
             (0 <= self.trim_beta < 0.5, "trim-beta must be in [0, 0.5)"),
             (0 <= self.server_momentum < 1, "server-momentum must be in [0, 1)"),
             (self.max_abs_value > 0, "max-abs-value must be > 0"),

@@ -2,7 +2,8 @@
 
 :func:`make_strategy` picks a class from ``flwr.serverapp.strategy`` (FedAvg by default)
 and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` and
-``aggregate_*``; Flower's own ``Strategy.start()`` runs the rounds.  The mixin
+``aggregate_*``; :func:`server.loop.run_rounds` (Flower's ``Strategy.start()`` loop with
+early stopping) runs the rounds.  The mixin
 
 * waits (bounded by ``wait_timeout``) until ``min_nodes`` sites are connected instead of
   Flower's unbounded wait, and fails the run with a clear message otherwise;
@@ -24,12 +25,15 @@ and subclasses it with :class:`NearlStrategyMixin`, which hooks ``configure_*`` 
 * counts bytes and wall time per round, records which sites answered and which did not;
 * hands a :class:`RoundReport` to a listener after every round (MLflow + checkpoint).
 
-Round numbers: ``start()`` counts 1..num_rounds; ``round_offset`` maps them onto the
+Round numbers: the loop counts 1..num_rounds; ``round_offset`` maps them onto the
 global round after a resume, so FedAdam's bias correction and every log see the
 global round.  With ``evaluate_in_train`` the sites evaluate the incoming global
 adapters at the start of each train message; those metrics describe the global model
-after the *previous* round and are reported at that step (step 0 = zero-shot).  The
-evaluate phase then only runs after the last round, for the final adapters.
+after the *previous* round and are reported at that step (step 0 = zero-shot), and a
+round has no evaluate phase.  Otherwise each round's evaluate message validates the
+round's adapters.  The rounds themselves and the evaluations after the last one (the
+last round's validation, the final evaluation of the kept adapters) are driven by
+:mod:`server.loop`.
 """
 
 from __future__ import annotations
@@ -266,9 +270,17 @@ class NearlStrategyMixin(ReplyScreening):
     # -- evaluate --------------------------------------------------------------------------------
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        r = self.global_round(server_round)
-        if self.evaluate_in_train and r < self.total_rounds:
+        """Flower's evaluate phase of a round: the round's federated validation, unless the next round's
+        train message carries it (``evaluate_in_train``).  The evaluations after the last round are
+        :func:`server.loop.evaluate_at_sites`'."""
+        if self.evaluate_in_train:
             return []
+        config[keys.FINAL_EVALUATION] = False
+        return self.evaluation_messages(self.global_round(server_round), arrays, config, grid)
+
+    def evaluation_messages(self, r: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid) -> list[Message]:
+        """Evaluate instructions of ``arrays`` (global round ``r``) to every sampled site; ``config`` says
+        whether this is the final evaluation (:data:`keys.FINAL_EVALUATION`)."""
         self._wait_for_sites(grid)
         config[keys.ADAPTER_LAYOUT] = self.wire_layout.digest
         messages = self._to_wire(list(super().configure_evaluate(r, arrays, config, grid)))  # type: ignore[misc]
@@ -280,21 +292,23 @@ class NearlStrategyMixin(ReplyScreening):
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         r = self.global_round(server_round)
-        replies = in_site_order(replies)
-        result = None
-        if replies:
-            accepted, sites, rejected = self.screen_replies(replies, train=False)
-            if self._round is not None:
-                self._round.bytes_received += sum(s.nbytes for s in sites)
-            per_site = {s.site: {(keys.MLFLOW_EVAL_EXAMPLES if k == keys.MLFLOW_TRAIN_EXAMPLES else k): v
-                                 for k, v in s.metrics.items()} for s in sites}
-            rows = list(per_site.values())
-            agg = aggregate_metrics(rows)
-            if self.listener is not None and rows:
-                self.listener.evaluated(r, agg, per_site)
-            result = MetricRecord({k: v for k, v in agg.items() if math.isfinite(v)}) if rows else None
+        agg, per_site = self.evaluation_results(replies)
+        if self.listener is not None and per_site:
+            self.listener.evaluated(r, agg, per_site)
         self._finish_round()
-        return result
+        return MetricRecord({k: v for k, v in agg.items() if math.isfinite(v)}) if per_site else None
+
+    def evaluation_results(self, replies: Iterable[Message]) -> tuple[dict[str, float], dict[str, dict[str, float]]]:
+        """Screened evaluate replies: the example-weighted means over sites, and each site's metrics."""
+        replies = in_site_order(replies)
+        if not replies:
+            return {}, {}
+        _, sites, _ = self.screen_replies(replies, train=False)
+        if self._round is not None:
+            self._round.bytes_received += sum(s.nbytes for s in sites)
+        per_site = {s.site: {(keys.MLFLOW_EVAL_EXAMPLES if k == keys.MLFLOW_TRAIN_EXAMPLES else k): v
+                             for k, v in s.metrics.items()} for s in sites}
+        return aggregate_metrics(list(per_site.values())), per_site
 
     def _finish_round(self) -> None:
         report = self._round

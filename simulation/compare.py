@@ -1,6 +1,7 @@
 """The non-federated arms researchers compare a federation against, on the same splits.
 
 zero-shot    the frozen CLIP with zero-initialised adapters (= round 0 of the federation)
+federated    the global adapters the federation kept: the round its federated validation selected
 centralized  one model trained on the pooled training data of every site
 local-only   each site trains its own adapters on its own training data only
 personalized each site's own adapters at the end of a personalized federation (federation.local /
@@ -101,17 +102,22 @@ def personalized(cfg: NearlConfig, backbone: Backbone, sites: dict[str, SiteData
     return out
 
 
-def result_rows(results: dict[str, PerSite]) -> list[dict]:
-    """One row per (arm, site) plus the unweighted mean over sites (every hospital counts once)."""
+def result_rows(results: dict[str, PerSite], rounds: dict[str, int] | None = None) -> list[dict]:
+    """One row per (arm, site) plus the unweighted mean over sites (every hospital counts once).
+
+    ``rounds``: the federation round whose global adapters an arm is (or starts from), per arm;
+    the column ``round`` is empty for an arm that is no federation round.
+    """
     rows = []
     for arm in ARMS:
         if arm not in results:
             continue
         per_site = results[arm]
+        which = {"round": (rounds or {}).get(arm, "")}
         for site, metrics in per_site.items():
-            rows.append({"arm": arm, "site": site, **{k: metrics[k] for k in METRIC_NAMES}})
+            rows.append({"arm": arm, "site": site, **{k: metrics[k] for k in METRIC_NAMES}, **which})
         means = {k: _nanmean([m[k] for m in per_site.values()]) for k in METRIC_NAMES}
-        rows.append({"arm": arm, "site": "mean", **means})
+        rows.append({"arm": arm, "site": "mean", **means, **which})
     return rows
 
 
@@ -120,16 +126,18 @@ def _nanmean(values: list[float]) -> float:
     return sum(kept) / len(kept) if kept else math.nan
 
 
-def write_results(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
-    """results.csv (columns arm,site,accuracy,balanced_accuracy,macro_f1,auroc) and results.md."""
+def write_results(rows: list[dict], out: Path, title: str, notes: list[str] | None = None) -> tuple[Path, Path]:
+    """results.csv (columns arm,site,accuracy,balanced_accuracy,macro_f1,auroc,round) and results.md (the title,
+    ``notes``, the means, the sites)."""
     out.mkdir(parents=True, exist_ok=True)
-    columns = ["arm", "site", *METRIC_NAMES]
+    columns = ["arm", "site", *METRIC_NAMES, "round"]
     with open(out / "results.csv", "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=columns)
         writer.writeheader()
         writer.writerows({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in columns} for r in rows)
     fmt = lambda v: "n/a" if isinstance(v, float) and math.isnan(v) else (f"{v:.3f}" if isinstance(v, float) else v)
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines = [f"# {title}", "", *(f"{n}\n" for n in notes or ()), "| " + " | ".join(columns) + " |",
+             "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(fmt(r[c])) for c in columns) + " |" for r in rows if r["site"] == "mean"]
     lines += ["", "Per site:", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     lines += ["| " + " | ".join(str(fmt(r[c])) for c in columns) + " |" for r in rows if r["site"] != "mean"]
@@ -137,8 +145,9 @@ def write_results(rows: list[dict], out: Path, title: str) -> tuple[Path, Path]:
     return out / "results.csv", out / "results.md"
 
 
-def plot_curves(rounds: list[dict], reference: dict[str, float], out: Path) -> Path:
-    """Federated validation accuracy per round (per site, weighted mean) against the arms' test levels."""
+def plot_curves(rounds: list[dict], reference: dict[str, float], out: Path, selected: int | None = None) -> Path:
+    """Federated validation accuracy per round (per site, weighted mean) against the arms' test levels;
+    a dotted vertical line marks the ``selected`` round (the federated arm)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -152,6 +161,8 @@ def plot_curves(rounds: list[dict], reference: dict[str, float], out: Path) -> P
     ax.plot(xs, [r["mean"] for r in rounds], color="black", lw=2.2, marker="o", label="federated (weighted mean)")
     styles = {"centralized": ("tab:green", "--"), "local-only": ("tab:red", ":"), "zero-shot": ("grey", "-."),
               "personalized": ("tab:purple", "-")}
+    if selected is not None:
+        ax.axvline(selected, color="black", ls=":", lw=1.2, label=f"selected round {selected}")
     for arm, level in reference.items():
         color, ls = styles.get(arm, ("tab:blue", "--"))
         ax.axhline(level, color=color, ls=ls, lw=1.5, label=f"{arm} (mean)")

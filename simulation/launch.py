@@ -56,6 +56,7 @@ class SimulationResult:
     run_id: str | None = None  # MLflow run id
     status: str = ""
     seconds: float = 0.0
+    done: DoneEvent | None = None  # which round the federation kept, why it stopped, the kept adapters' tests
 
     def rounds(self) -> list[RoundEvent]:
         return select(self.events, RoundEvent)
@@ -64,10 +65,10 @@ class SimulationResult:
         return select(self.events, EvalEvent)
 
     def add(self, event: Event) -> None:
-        """Keep an event; ``done`` says where the final adapters and the MLflow run are."""
+        """Keep an event; ``done`` says where the final adapters and the MLflow run are, and which round they are."""
         self.events.append(event)
         if isinstance(event, DoneEvent):
-            self.adapters, self.run_id = Path(event.adapters), event.run_id
+            self.adapters, self.run_id, self.done = Path(event.adapters), event.run_id, event
 
 
 def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpus_per_site: float = 1.0,

@@ -4,7 +4,8 @@
 ``adapter.method`` on the same virtual sites, seeds, rounds, local epochs and DP
 settings, each in ``<out>/<method>/``, then writes
 
-    methods.csv  method, arm, site, the four metrics, trainable_params,
+    methods.csv  method, arm, site, the four metrics, round (the federation round an arm is: the
+                 one each method's federation selected by validation), trainable_params,
                  payload_bytes_per_round, train_seconds_per_epoch (one row per method x arm x site)
     methods.md   one row per method: means over sites, parameters, bytes, time
     methods.png  federated accuracy against the bytes a site moves per round (log x)
@@ -37,7 +38,7 @@ from nearl_core.train import fit, make_loader, seed_everything, select_device
 from nearl_core.transport import wire_schema
 from nearl_protocol.schema import payload_bytes
 
-COLUMNS = ("method", "arm", "site", *METRIC_NAMES, "trainable_params", "payload_bytes_per_round",
+COLUMNS = ("method", "arm", "site", *METRIC_NAMES, "round", "trainable_params", "payload_bytes_per_round",
            "train_seconds_per_epoch")
 
 
@@ -86,7 +87,8 @@ def write_csv(rows: list[dict], out: Path) -> Path:
     with open(path, "w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(COLUMNS))
         writer.writeheader()
-        writer.writerows({k: (f"{r[k]:.4f}" if isinstance(r[k], float) else r[k]) for k in COLUMNS} for r in rows)
+        writer.writerows({k: (f"{v:.4f}" if isinstance(v, float) else v) for k in COLUMNS
+                          for v in [r.get(k, "")]} for r in rows)  # "round" is empty for an arm that has none
     return path
 
 

@@ -43,7 +43,8 @@ from server import options  # noqa: E402
 from server.settings import SIMULATION  # noqa: E402
 from server.tracking import resolve_tracking_uri  # noqa: E402
 from nearl_protocol import keys  # noqa: E402
-from server.events import Event, RoundEvent  # noqa: E402
+from server.events import DoneEvent, Event, RoundEvent  # noqa: E402
+from server.selection import label  # noqa: E402
 from simulation import compare, methods  # noqa: E402
 from simulation.partition import (format_summary, in_order, partition, pool_images, summary_table,  # noqa: E402
                                   write_virtual_sites)
@@ -159,15 +160,30 @@ def federate(args: argparse.Namespace, cfg, out: Path, site_roots: list[Path], r
         print(f"warning: some sites did not answer (answered per round: {answered}); see {out}/flower")
 
     results = run_arms(args, cfg, site_roots, sim.adapters, out / "site-state")
-    rows_out = compare.result_rows(results)
+    done = sim.done
+    kept = done.selected_round if done else None
+    rows_out = compare.result_rows(results, {"zero-shot": 0, "federated": kept, "personalized": kept}
+                                   if done else None)
     title = (f"NEARL simulation: {args.sites} sites, alpha {args.alpha}, {s.num_rounds} rounds x {s.local_epochs} "
              f"epochs, method {cfg.adapter.method}")
-    csv_path, md_path = compare.write_results(rows_out, out, title)
+    csv_path, md_path = compare.write_results(rows_out, out, title, [selection_note(done, s.num_rounds)] if done
+                                              else None)
     curves = compare.plot_curves(eval_curve(sim), {r["arm"]: r["accuracy"] for r in rows_out
-                                                   if r["site"] == "mean" and r["arm"] != "federated"}, out)
+                                                   if r["site"] == "mean" and r["arm"] != "federated"}, out, kept)
     log_to_mlflow(run_config["mlflow-uri"], sim.run_id, rows_out, [csv_path, md_path, curves, root / "partition.json"])
     print("\n" + md_path.read_text().split("\nPer site:")[0])
     return {"out": out, "results": rows_out, "simulation": sim, "mlflow_uri": run_config["mlflow-uri"]}
+
+
+def selection_note(done: DoneEvent, planned: int) -> str:
+    """results.md's line on which round the federated arm is, by which validation, and why the run ended."""
+    value = "n/a" if done.selected_value is None else f"{done.selected_value:.3f}"
+    note = (f"The federated arm is round {done.selected_round} of {done.round}: the global adapters with the best "
+            f"federated validation {label(done.select_by)} ({value}; the sites' val splits, example-weighted); "
+            f"the last round's adapters are in {done.last_adapters}.")
+    if done.stopped:
+        note += f" The run stopped early after round {done.round} of {planned}: {done.stopped}."
+    return note
 
 
 def demo_pool(sites: int, seed: int) -> Path:

@@ -28,7 +28,10 @@ ROUND = RoundEvent(time=3.0, round=1, rounds=5, answered=["site1"], missing=["si
                    payload_sha256={"site1": "ab12"}, seconds=1.5, bytes_sent=100, bytes_received=90,
                    train={"train_loss": 0.75, "epsilon_max": 1.5}, eval_step=0, eval={"eval_accuracy": 0.5},
                    checkpoint="/ck/round-0001")
-DONE = DoneEvent(time=4.0, round=5, adapters="/ck/final", run_id=None, model_version="3")
+DONE = DoneEvent(time=4.0, round=4, adapters="/ck/final", run_id=None, model_version="3", selected_round=2,
+                 select_by="balanced-accuracy", selected_value=0.5, last_adapters="/ck/last",
+                 stopped="validation balanced accuracy has not improved for 2 round(s) since round 2 (0.5); patience 2",
+                 test={"test_accuracy": 0.625, "test_balanced_accuracy": 0.6, "personal_accuracy": math.nan})
 ERROR = ErrorEvent(time=5.0, message="NotEnoughSites: 1 of 2 sites")
 EVENTS = [START, EVAL, ROUND, DONE, ERROR]
 
@@ -56,7 +59,8 @@ def test_the_file_keeps_the_field_names_and_order_other_tools_read(tmp_path):
                                      "mlflow_uri", "payload_bytes", "trainable_parameters", "backbone", "resumed",
                                      "settings", "config", "config_sha256"]
     assert list(EVAL.to_dict()) == ["event", "time", "step", "metrics", "sites"]
-    assert list(DONE.to_dict()) == ["event", "time", "round", "adapters", "run_id", "model_version"]
+    assert list(DONE.to_dict()) == ["event", "time", "round", "adapters", "run_id", "model_version", "selected_round",
+                                    "select_by", "selected_value", "last_adapters", "stopped", "test"]
 
 
 def test_metrics_that_are_not_finite_numbers_become_null():
@@ -92,7 +96,8 @@ def test_an_unknown_kind_and_a_missing_field_are_refused_by_name():
     assert str(err.value) == "unknown progress event kind 'finish'; expected one of start, eval, round, done, error"
     with pytest.raises(ValueError) as err:
         parse('{"event": "done", "time": 1.0, "round": 2, "adapters": "/a"}')
-    assert str(err.value) == "progress event 'done' lacks run_id, model_version"
+    assert str(err.value) == ("progress event 'done' lacks run_id, model_version, selected_round, select_by, "
+                              "selected_value, last_adapters, stopped, test")
     with pytest.raises(ValueError) as err:
         parse({"time": 1.0, "message": "x"})
     assert str(err.value) == "unknown progress event kind None; expected one of start, eval, round, done, error"
@@ -131,9 +136,31 @@ def test_nearl_servers_view_reads_the_typed_events():
     assert lines[1] == "zero-shot (round 0) eval acc 0.500 bal_acc n/a"
     assert lines[2].startswith("round 1/5  sites 1/4  train_loss 0.750  eps_max 1.50  eval@0 acc 0.500")
     assert lines[2].endswith("missing: site2\n    site4 declined: privacy budget\n    rejected site3: nan")
-    assert lines[3:] == ["done: final adapters in /ck/final (MLflow run None)",
-                         "ServerApp error: NotEnoughSites: 1 of 2 sites"]
-    assert format_summary(EVENTS).splitlines()[3] == f"{'eval_accuracy':<26}{'0.500':>12}{'0.500':>12}"
+    assert lines[3:] == [
+        "stopped early after round 4: validation balanced accuracy has not improved for 2 round(s) since round 2 "
+        "(0.5); patience 2\n"
+        "done: final adapters in /ck/final (round 2); the last round's (4) in /ck/last; MLflow run None, "
+        "model version 3",
+        "ServerApp error: NotEnoughSites: 1 of 2 sites"]
+    assert DONE.test["personal_accuracy"] is None  # not a finite number: null in the file
+    summary = format_summary(EVENTS).splitlines()
+    assert summary[3] == f"{'eval_accuracy':<26}{'0.500':>16}"  # one evaluation: round 0 only
+    assert summary[-1] == ("selected round 2 (balanced accuracy 0.500); on the sites' test splits: accuracy 0.625, "
+                           "balanced accuracy 0.600")
+
+
+def test_the_summary_sets_round_0_the_selected_round_and_the_last_round_side_by_side():
+    from server.progress_view import format_summary
+
+    evals = [EvalEvent(step=s, metrics={"eval_balanced_accuracy": v}, sites={}) for s, v in ((0, 0.3), (1, 0.4),
+                                                                                               (2, 0.7), (3, 0.6))]
+    summary = format_summary([*evals, replace(DONE, round=3, selected_value=0.7, test={})]).splitlines()
+    assert summary[0] == f"{'validation metric':<26}{'round 0':>16}{'round 2 (sel.)':>16}{'round 3':>16}"
+    assert summary[4] == f"{'eval_balanced_accuracy':<26}{'0.300':>16}{'0.700':>16}{'0.600':>16}"
+    assert summary[-1] == "selected round 2 (balanced accuracy 0.700)"
+    last = format_summary([*evals, replace(DONE, round=3, selected_round=3, select_by="loss", selected_value=None)])
+    assert last.splitlines()[0].endswith(f"{'round 3 (sel.)':>16}")
+    assert last.splitlines()[-1].startswith("selected round 3 (loss n/a)")
 
 
 def test_the_mlflow_names_the_server_reads_are_the_sites_wire_keys_under_mlflow_name():

@@ -170,27 +170,16 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     from flwr.app import Array, ArrayRecord
 
     from server.events import EvalEvent, ProgressWriter, RoundEvent, read_all
-    from server.federation import RoundLog
+    from server.round_log import RoundLog
     from server.strategy import make_strategy
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     tracker = Tracker(uri, "nearl-federated", run_name="t")
-
-    class Model:  # what RoundLog needs of the NEARL model
-        pass
-
     settings = FederationSettings.from_run_config({**pyproject_run_config(), "num-server-rounds": 2,
                                                    "checkpoint-dir": str(tmp_path / "ck")})
-    import server.federation as fed
-
     fed_schema = {"a": ((2, 3), "float32"), "b": ((4,), "float32")}
-    orig = fed.shared_schema
-    fed.shared_schema = lambda m: fed_schema
-    try:
-        listener = RoundLog(settings, tracker, ProgressWriter(tmp_path / "p.jsonl"), Model(),
-                            {"mlflow_run_id": tracker.run_id})
-    finally:
-        fed.shared_schema = orig
+    listener = RoundLog(settings, tracker, ProgressWriter(tmp_path / "p.jsonl"), fed_schema,
+                        {"mlflow_run_id": tracker.run_id}, initial=ArrayRecord())
     strategy = make_strategy("fedavg", schema=fed_schema, min_nodes=1)
     arrays = ArrayRecord({k: Array(v) for k, v in ARR.items()})
     listener.evaluated(0, {"eval_accuracy": 0.3, "eval_loss": 1.2}, {"siteA": {"eval_accuracy": 0.3}})
@@ -219,6 +208,77 @@ def test_round_log_writes_mlflow_metrics_and_checkpoints(tmp_path):
     assert load_latest(tmp_path / "ck").mlflow_run_id == tracker.run_id
     resumed = Tracker(uri, run_id=tracker.run_id)
     assert resumed.run_id == tracker.run_id
+
+
+def _record(values: dict[str, np.ndarray]):
+    from flwr.app import Array, ArrayRecord
+
+    return ArrayRecord({k: Array(v) for k, v in values.items()})
+
+
+def test_a_resumed_run_keeps_its_best_round_so_far(tmp_path):
+    """In-train evaluation: step r-1 arrives during round r.  Round 2 validates best (0.8); the coordinator
+    stops after round 3; the resumed listener holds round 2's adapters and ranks round 3 (0.7) against them."""
+    from server.checkpoint import BEST_FILE
+    from server.events import ProgressWriter
+    from server.federation import resumed_selection
+    from server.round_log import RoundLog, numpy_to_arrays
+    from server.strategy import make_strategy
+
+    settings = FederationSettings.from_run_config({**pyproject_run_config(), "num-server-rounds": 5,
+                                                   "checkpoint-dir": str(tmp_path / "ck"), "keep-checkpoints": 0})
+    schema = {"a": ((2, 3), "float32"), "b": ((4,), "float32")}
+    adapters = {r: {k: v + r for k, v in ARR.items()} for r in range(6)}  # the global adapters after round r
+    strategy = make_strategy("fedavg", schema=schema, min_nodes=1)
+    val = {0: 0.9, 1: 0.5, 2: 0.8, 3: 0.7, 4: 0.85}  # zero-shot's 0.9 is no candidate
+
+    def run(listener, rounds):
+        for r in rounds:
+            listener.evaluated(r - 1, {"eval_balanced_accuracy": val[r - 1]}, {})
+            listener.round_finished(RoundReport(round=r, arrays=_record(adapters[r])), strategy)
+
+    first = RoundLog(settings, None, ProgressWriter(None), schema, {}, initial=_record(adapters[0]))
+    run(first, (1, 2, 3))
+    assert first.selected()[0] == 2
+    ckpt = load_latest(tmp_path / "ck")
+    assert ckpt.round == 3 and ckpt.meta["selection"] == {"by": "balanced-accuracy", "best_round": 2,
+                                                          "best_value": 0.8, "latest": 2}
+    np.testing.assert_array_equal(ckpt.best["a"], adapters[2]["a"])
+    assert not (tmp_path / "ck" / "round-0001" / BEST_FILE).exists()  # round 1's validation came in round 2
+
+    resumed = RoundLog(settings, None, ProgressWriter(None), schema, {}, initial=numpy_to_arrays(ckpt.arrays),
+                       start_round=3, **resumed_selection(ckpt, settings, schema))
+    held, arrays = resumed.selected()
+    assert held == 2 and np.array_equal(arrays["a"].numpy(), adapters[2]["a"])
+    run(resumed, (4,))  # round 3 validates 0.7: round 2 stays
+    assert resumed.selected()[0] == 2 and resumed.selection.since_best() == 1 and resumed.selection.exhausted(1)
+    assert load_latest(tmp_path / "ck").meta["selection"]["latest"] == 3
+    run(resumed, (5,))  # round 4 validates 0.85: it wins
+    held, arrays = resumed.selected()
+    assert held == 4 and np.array_equal(arrays["b"].numpy(), adapters[4]["b"])
+
+    other = FederationSettings.from_run_config({**pyproject_run_config(), "select-by": "loss"})
+    with pytest.raises(CheckpointError, match="selects rounds by balanced-accuracy, not loss"):
+        resumed_selection(ckpt, other, schema)
+
+
+def test_a_round_validated_in_its_own_evaluate_message_is_kept_once_it_is_aggregated(tmp_path):
+    """Without in-train evaluation step r arrives before round r is reported: its adapters are taken then."""
+    from server.events import ProgressWriter
+    from server.round_log import RoundLog
+    from server.strategy import make_strategy
+
+    settings = FederationSettings.from_run_config({**pyproject_run_config(), "checkpoint-dir": "",
+                                                   "select-by": "loss"})
+    strategy = make_strategy("fedavg", schema={"a": ((2, 3), "float32")}, min_nodes=1)
+    log = RoundLog(settings, None, ProgressWriter(None), {"a": ((2, 3), "float32")}, {},
+                   initial=_record({"a": ARR["a"]}))
+    for r, loss in ((1, 0.4), (2, 0.6)):
+        log.evaluated(r, {"eval_loss": loss}, {})
+        log.round_finished(RoundReport(round=r, arrays=_record({"a": ARR["a"] * r})), strategy)
+    held, arrays = log.selected()
+    assert held == 1 and np.array_equal(arrays["a"].numpy(), ARR["a"])
+    assert log.last_round == 2 and np.array_equal(log.final_arrays["a"].numpy(), ARR["a"] * 2)
 
 
 def test_server_cli_refuses_a_reused_checkpoint_dir_and_bad_config(tmp_path, capsys):

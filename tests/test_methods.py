@@ -291,7 +291,7 @@ def test_methods_table_columns_and_rows(tmp_path):
                                     0.25)
     with open(methods.write_csv(rows, tmp_path), newline="") as fh:
         read = list(csv.DictReader(fh))
-    assert list(read[0]) == ["method", "arm", "site", "accuracy", "balanced_accuracy", "macro_f1", "auroc",
+    assert list(read[0]) == ["method", "arm", "site", "accuracy", "balanced_accuracy", "macro_f1", "auroc", "round",
                              "trainable_params", "payload_bytes_per_round", "train_seconds_per_epoch"]
     assert len(read) == 12 and {r["method"] for r in read} == {"nearl", "coop"}
     table = methods.write_markdown(rows, tmp_path, "t", ["a note"]).read_text()

@@ -153,6 +153,23 @@ def test_the_last_evaluation_writes_a_personalized_model_that_nearl_predict_load
     assert len(rows) == 2 and all(r["class"] in cfg.task.classes for r in rows)
 
 
+def test_only_the_final_evaluation_reads_the_test_split_and_personalizes(demo_root, tmp_path):
+    """The coordinator says which evaluation is final: not the last round's validation, and it may come
+    after an earlier round when patience ended the run."""
+    cfg = demo(federation__finetune_epochs=1)
+    ctx = _context(demo_root, tmp_path / "state")
+    last_round = _message(cfg, 2, kind="evaluate")
+    last_round.content["config"]["final-evaluation"] = False
+    metrics = dict(evaluate_reply(last_round, ctx, log=QUIET).content["metrics"])
+    assert metrics["num-examples"] == 12 and not any(k.startswith(("test-", "personal-")) for k in metrics)
+    assert not (tmp_path / "state" / "personalized").exists()
+    stopped_early = _message(cfg, 1, kind="evaluate")  # round 1 of 2
+    stopped_early.content["config"]["final-evaluation"] = True
+    metrics = dict(evaluate_reply(stopped_early, ctx, log=QUIET).content["metrics"])
+    assert metrics["test-examples"] == 12 and metrics["personal-examples"] == 12
+    assert read_adapters(tmp_path / "state" / "personalized")[1]["finetune_epochs"] == 1
+
+
 def test_the_dp_ledger_counts_the_fine_tuning_steps(demo_root, tmp_path):
     from nearl_core.privacy import PrivacyState, steps_for
 

@@ -134,13 +134,16 @@ def test_eval_inside_train_is_reported_for_the_previous_round():
     assert "eval_accuracy" not in rec.rounds[-1].train_metrics
 
 
-def test_evaluate_phase_only_after_last_round_when_evaluating_in_train():
+def test_a_round_has_no_evaluate_phase_when_evaluating_in_train_and_the_final_evaluation_says_so():
     strategy = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, total_rounds=3)
     arr = ArrayRecord({k: Array(v) for k, v in arrays().items()})
     assert list(strategy.configure_evaluate(1, arr, ConfigRecord(), FakeGrid([1]))) == []
-    assert len(list(strategy.configure_evaluate(3, arr, ConfigRecord(), FakeGrid([1])))) == 1
+    assert list(strategy.configure_evaluate(3, arr, ConfigRecord(), FakeGrid([1]))) == []  # the last round too
     separate = make_strategy("fedavg", schema=SCHEMA, min_nodes=1, total_rounds=3, evaluate_in_train=False)
-    assert len(list(separate.configure_evaluate(1, arr, ConfigRecord(), FakeGrid([1])))) == 1
+    (validation,) = separate.configure_evaluate(1, arr, ConfigRecord(), FakeGrid([1]))
+    assert validation.content["config"]["final-evaluation"] is False
+    (final,) = strategy.evaluation_messages(2, arr, ConfigRecord({"final-evaluation": True}), FakeGrid([1]))
+    assert final.content["config"]["final-evaluation"] is True and final.content["config"]["server-round"] == 2
 
 
 def test_waiting_for_sites_is_bounded():
