@@ -42,6 +42,18 @@ def test_flower_supernode_still_takes_the_flags_a_warm_site_starts_it_with():
     assert "process" in next(a for a in parser._actions if "--isolation" in a.option_strings).choices
 
 
+def test_the_installed_flower_still_logs_what_the_supervisor_reads_of_a_supernodes_connection():
+    missing = fi.missing_log_messages()
+    assert not missing, (f"flwr {fi.flower_version()} no longer writes {', '.join(missing)}: the site's supervisor "
+                         "cannot tell a connected SuperNode from one that retries; update SUPERNODE_LOG in "
+                         "client/flower_internals.py")
+    line = "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.13 seconds\n"
+    assert fi.supernode_event(line) == "retrying"
+    assert fi.supernode_event("INFO :      SuperNode ID: 123") == "connected"
+    assert fi.supernode_event("WARNING :   Giving up reconnection after 6.01 seconds and 6 tries.") == "gave-up"
+    assert fi.supernode_event("INFO :      Starting Flower SuperNode") is None
+
+
 def fab(publisher: str = "nearl", name: str = "nearl-federated", components: dict | None = None) -> bytes:
     comps = components or COMPONENTS
     text = (f'[project]\nname = "{name}"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
@@ -178,7 +190,7 @@ def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grac
         def poll(self):
             return None
 
-        def send_signal(self, sig):
+        def signal(self, sig):
             self.signals.append(sig)
 
     spec = tmp_path / "spec.json"
