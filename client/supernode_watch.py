@@ -9,7 +9,9 @@ only looks alive.  Three signs, each read here without touching Flower's interna
   queued for the supervisor, tagged with this SuperNode's generation so that a late line of
   a replaced SuperNode changes nothing;
 * its Runtime API's ``/health`` (loopback, the address the worker uses): a SuperNode that
-  has not answered for ``hang_seconds`` is hung (stopped, deadlocked) and is killed.
+  stops answering for ``hang_seconds`` is hung (stopped, deadlocked) and is killed; one that
+  never answers gets :data:`STARTUP_SECONDS` first (importing Flower takes seconds, more on
+  a busy machine).
 """
 
 from __future__ import annotations
@@ -26,7 +28,8 @@ from client import flower_internals as fi
 
 PROBE_EVERY = 5.0  # seconds between two /health requests to the SuperNode's Runtime API
 PROBE_TIMEOUT = 5.0
-DEFAULT_HANG_SECONDS = 60.0  # start-up included: importing Flower takes seconds on a busy machine
+DEFAULT_HANG_SECONDS = 60.0  # seconds without an answer, once it has answered, before a SuperNode counts as hung
+STARTUP_SECONDS = 120.0  # seconds a new SuperNode may take to answer for the first time
 
 
 class SuperNodeWatch:
@@ -72,13 +75,14 @@ class SuperNodeWatch:
                         self.answered = time.monotonic()
             except OSError:
                 pass
-            time.sleep(PROBE_EVERY)
+            time.sleep(PROBE_EVERY if self.answered else 1.0)  # every second until it first answers
 
     def unanswered_for(self) -> float:
         return time.monotonic() - (self.answered or self.started)
 
     def hung(self) -> bool:
-        return self.proc.poll() is None and self.unanswered_for() > self.hang_seconds
+        allowed = self.hang_seconds if self.answered else max(self.hang_seconds, STARTUP_SECONDS)
+        return self.proc.poll() is None and self.unanswered_for() > allowed
 
     def signal(self, sig: int) -> None:
         try:
