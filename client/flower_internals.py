@@ -55,6 +55,7 @@ SUPERNODE_LOG: dict[str, tuple[tuple[str, str], ...]] = {
                   ("Connection successful after ", "flwr.supercore.retry.http_retry")),
     "retrying": (("Connection attempt failed, retrying in ", "flwr.supercore.retry.http_retry"),),
     "gave-up": (("Giving up reconnection after ", "flwr.supercore.retry.http_retry"),),
+    "stopping": (("SuperNode terminated gracefully", "flwr.supernode.start_client_internal"),),
 }
 SUPERNODE_LOOP_ENDED = "the SuperNode's connection loop ended"  # client/supernode.py's own line
 
@@ -90,7 +91,7 @@ def missing_log_messages() -> list[str]:
 
 
 def supernode_event(line: str) -> str | None:
-    """``connected``, ``retrying``, ``gave-up`` or ``loop-ended`` when a SuperNode log line says so, else None."""
+    """``connected``, ``retrying``, ``gave-up``, ``stopping`` or ``loop-ended`` when a SuperNode log line says so."""
     if SUPERNODE_LOOP_ENDED in line:
         return "loop-ended"
     for event, marks in SUPERNODE_LOG.items():

@@ -41,9 +41,11 @@ class SuperNodeWatch:
         self.events = events
         self.hang_seconds = hang_seconds
         self.url = f"http://{runtime_address}/health"
+        self.opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # loopback: never via a proxy
         self.proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stderr=subprocess.PIPE)
         self.started = time.monotonic()
         self.answered: float | None = None  # when its Runtime API last answered
+        self.shutting_down = False  # it logged its graceful exit: a signal reached it
         threading.Thread(target=self._read_log, name="nearl-supernode-log", daemon=True).start()
         threading.Thread(target=self._probe, name="nearl-supernode-probe", daemon=True).start()
 
@@ -64,13 +66,15 @@ class SuperNodeWatch:
             except (OSError, ValueError):
                 pass  # our stderr is gone; keep draining so that the SuperNode never blocks on a full pipe
             event = fi.supernode_event(raw.decode("utf-8", "replace"))
-            if event is not None:
+            if event == "stopping":
+                self.shutting_down = True
+            elif event is not None:
                 self.events.put((self.generation, event))
 
     def _probe(self) -> None:
         while self.proc.poll() is None:
             try:
-                with urllib.request.urlopen(self.url, timeout=PROBE_TIMEOUT) as resp:
+                with self.opener.open(self.url, timeout=PROBE_TIMEOUT) as resp:
                     if resp.status == 200:
                         self.answered = time.monotonic()
             except OSError:

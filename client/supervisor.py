@@ -118,12 +118,14 @@ class Supervisor:
             self.stop_asked = time.monotonic()
 
     def forward_stop(self) -> None:
-        """The SuperNode still runs ``FORWARD_GRACE`` seconds after our signal: it was not told; tell it."""
+        """The SuperNode still runs ``FORWARD_GRACE`` seconds after our signal and has not logged its graceful
+        exit: it was not told; tell it."""
         if self.forwarded or time.monotonic() - self.stop_asked < FORWARD_GRACE:
             return
         self.forwarded = True
-        if self.supernode is not None and self.supernode.poll() is None:
-            self.supernode.signal(signal.SIGTERM)
+        node = self.supernode
+        if node is not None and node.poll() is None and not node.shutting_down:
+            node.signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 20.0) -> None:
         self.stopping = True

@@ -184,6 +184,8 @@ def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grac
     from client import supervisor as sv
 
     class Proc:
+        shutting_down = False
+
         def __init__(self):
             self.signals = []
 
@@ -207,6 +209,14 @@ def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grac
     sup.forward_stop()
     sup.forward_stop()
     assert sup.supernode.signals == [signal.SIGTERM]
+    # one that logged its graceful exit got the group signal and is only slow to finish: left alone
+    late = sv.Supervisor(spec)
+    late.supernode = Proc()
+    late.supernode.shutting_down = True
+    late.on_signal(signal.SIGTERM, None)
+    now[0] += sv.FORWARD_GRACE
+    late.forward_stop()
+    assert late.supernode.signals == []
 
 
 def fake_installation(root: Path) -> Path:
