@@ -46,11 +46,12 @@ def describe_limit(limit: float | None) -> str:
 
 
 def port_reason(address: str, timeout: float = 1.0) -> str:
-    """Why ``host:port`` does not take a TCP connection right now ('port open' when it does)."""
+    """Why ``host:port`` does not take a TCP connection right now; when it does, that it does (then the trouble
+    is above TCP: TLS, a proxy, the SuperLink itself; the SuperNode's log says which)."""
     host, _, port = address.rpartition(":")
     try:
         with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return "port open"
+            return "its port accepts connections"
     except OSError as err:
         return err.strerror or str(err) or type(err).__name__
     except ValueError:
