@@ -166,8 +166,9 @@ class Supervisor:
         if node.poll() is not None:
             time.sleep(0.3)  # a SIGTERM to the whole group reaches us too: let its handler run first
             if not self.stopping:
-                self.read_events()  # its last lines (e.g. the loop-ended line) before the exit is judged
-                self.replace_supernode(node.exit_reason())
+                self.read_events()  # its last lines first: a 'gave up' among them has already replaced it
+                if self.supernode is node:
+                    self.replace_supernode(node.exit_reason())
         elif node.hung():
             self.replace_supernode(f"the SuperNode (pid {node.pid}) has not answered on its Runtime API "
                                    f"({node.url}) for {node.unanswered_for():.0f}s; killed it", kill=True)

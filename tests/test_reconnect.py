@@ -214,3 +214,66 @@ def test_the_images_health_check_agrees(tmp_path, case):
     assert res.returncode == (0 if healthy else 1), res.stdout + res.stderr
     if not healthy:
         assert says in res.stderr, res.stderr
+
+
+# -- the supervisor's SuperNode handling, with a stand-in SuperNode -----------------------------------------
+class FakeNode:
+    """What the supervisor uses of client.supernode_watch.SuperNodeWatch."""
+
+    started: list["FakeNode"] = []
+
+    def __init__(self, cmd, runtime_address, events, generation, hang_seconds):
+        self.events, self.generation, self.code, self.ended = events, generation, None, []
+        self.pid, self.url, self.shutting_down = 1000 + generation, f"http://{runtime_address}/health", False
+        FakeNode.started.append(self)
+
+    def poll(self):
+        return self.code
+
+    def hung(self) -> bool:
+        return False
+
+    def end(self, timeout=20.0, *, kill=False):
+        self.ended.append(kill)
+        self.code = -9 if kill else 0
+
+    def exit_reason(self) -> str:
+        return f"the SuperNode (pid {self.pid}) exited with code {self.code}"
+
+    def say(self, event: str) -> None:
+        self.events.put((self.generation, event))
+
+
+def test_the_supervisor_replaces_a_supernode_that_exits_or_gives_up_once_each(tmp_path, monkeypatch, capsys):
+    from client import supervisor as sv
+
+    monkeypatch.setattr(sv, "SuperNodeWatch", FakeNode)
+    monkeypatch.setattr(sv.time, "sleep", lambda s: None)
+    monkeypatch.setattr(connection, "port_reason", lambda address, timeout=1.0: "Connection refused")
+    FakeNode.started = []
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({"site": "siteA", "mode": "cold", "supernode_cmd": ["x"], "coordinator": "fl:9092",
+                                "runtime_address": "127.0.0.1:1", "connect_timeout": None}))
+    sup = sv.Supervisor(spec)
+    sup.start_supernode()
+    first = FakeNode.started[0]
+    first.say("connected")
+    sup.read_events()
+    first.code = 0  # a restarted coordinator no longer knows it: Flower exits 0
+    sup.check_supernode()
+    assert sup.supernode is None and sup.link.state == DISCONNECTED
+    sup.restart_at = 0.0
+    sup.check_supernode()  # its delay is over: the next one starts
+    second = FakeNode.started[1]
+    assert sup.supernode is second and sup.link.supernode_restarts == 1
+    first.say("connected")  # a late line of the replaced SuperNode changes nothing
+    sup.read_events()
+    assert sup.link.state == DISCONNECTED
+    second.say("gave-up")
+    second.code = 76  # ... and its process ended right after
+    sup.check_supernode()
+    out = capsys.readouterr().out
+    assert out.count("starting a new SuperNode") == 2, out  # once for each SuperNode, not twice for the second
+    assert "the SuperNode (pid 1001) exited with code 0; starting a new SuperNode in 1s" in out
+    assert "the SuperNode (pid 1002) gave up reconnecting; starting a new SuperNode in 2s" in out
+    assert sup.link.failures == 2
