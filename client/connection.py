@@ -138,6 +138,13 @@ class Connection:
     def supernode_started(self) -> None:
         self.supernode_restarts += 1
 
+    def supernode_up(self) -> None:
+        """A SuperNode's Runtime API answered. Before the first connection the wait starts now: the time the
+        site took to start its own processes (seconds on a busy machine) is not time without the coordinator."""
+        if self.state == CONNECTING:
+            self.offline_since = self.clock()
+            self.schedule.reset()
+
     # -- time ----------------------------------------------------------------------------------------
     def offline_for(self) -> float:
         return 0.0 if self.offline_since is None else self.clock() - self.offline_since

@@ -46,6 +46,7 @@ class SuperNodeWatch:
         self.started = time.monotonic()
         self.answered: float | None = None  # when its Runtime API last answered
         self.shutting_down = False  # it logged its graceful exit: a signal reached it
+        self.announced = False  # the supervisor has been told that it is up
         threading.Thread(target=self._read_log, name="nearl-supernode-log", daemon=True).start()
         threading.Thread(target=self._probe, name="nearl-supernode-probe", daemon=True).start()
 

@@ -169,6 +169,9 @@ class Supervisor:
                 self.read_events()  # its last lines first: a 'gave up' among them has already replaced it
                 if self.supernode is node:
                     self.replace_supernode(node.exit_reason())
+        elif node.answered and not node.announced:
+            node.announced = True
+            self.link.supernode_up()
         elif node.hung():
             self.replace_supernode(f"the SuperNode (pid {node.pid}) has not answered on its Runtime API "
                                    f"({node.url}) for {node.unanswered_for():.0f}s; killed it", kill=True)

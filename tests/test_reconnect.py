@@ -91,10 +91,23 @@ def test_past_the_limit_the_site_gives_up_and_without_a_limit_never(clock):
     assert connection.limit_of(7.5) == 7.5
 
 
-def test_a_site_that_never_connects_gives_up_after_the_limit_counted_from_its_start(clock):
+def test_a_site_that_never_connects_gives_up_after_the_limit_counted_from_its_supernodes_start(clock):
     link = Connection("fl:9092", 10.0, clock=clock)
-    clock.now += 10
+    clock.now += 8  # the SuperNode starting (importing Flower) on a busy machine
+    link.supernode_up()
+    clock.now += 9
+    assert not link.over_limit()
+    clock.now += 1
     assert link.over_limit() and link.state == CONNECTING
+    never = Connection("fl:9092", 10.0, clock=clock)
+    clock.now += 10
+    assert never.over_limit()  # a SuperNode that never comes up does not stop the clock
+    link.on_event("connected")
+    link.on_event("retrying")
+    clock.now += 5
+    link.supernode_up()  # during an outage a new SuperNode's start counts as time without the coordinator
+    clock.now += 5
+    assert link.over_limit()
 
 
 def test_a_dead_supernode_is_replaced_after_1_2_4_up_to_30_seconds_and_the_delay_resets_once_connected(clock):
@@ -225,6 +238,7 @@ class FakeNode:
     def __init__(self, cmd, runtime_address, events, generation, hang_seconds):
         self.events, self.generation, self.code, self.ended = events, generation, None, []
         self.pid, self.url, self.shutting_down = 1000 + generation, f"http://{runtime_address}/health", False
+        self.answered, self.announced = None, False
         FakeNode.started.append(self)
 
     def poll(self):
