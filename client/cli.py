@@ -5,34 +5,38 @@
                  [--connect-timeout S] [--cold | --accept-fab SHA256 ...] [--policy FILE]
 
 By default the site is *warm*: the SuperNode runs with process isolation and one
-long-lived site worker (:mod:`client.worker`, supervised by :mod:`client.supervisor`)
-answers every message with this installation's own NEARL code, refusing app bundles
-other than its own (``--accept-fab SHA256`` adds one); the backbone stays built between
-messages.  ``--cold`` keeps Flower's stock execution: a new process per message, running
-the code in the coordinator's app bundle.  ``--policy FILE`` says what this site agrees to
-(:mod:`client.policy`); the warm worker holds every message to it.  The operator's
-commands (``audit``, ``health``, ``approvals``, ``approve``, ``refuse``, ``console``) live in
-:mod:`client.site_cli`.
+long-lived site worker (:mod:`client.worker`) answers every message with this
+installation's own NEARL code, refusing app bundles other than its own (``--accept-fab
+SHA256`` adds one); the backbone stays built between messages.  ``--cold`` keeps Flower's
+stock execution: a new process per message, running the code in the coordinator's app
+bundle.  Either way this process becomes the site's supervisor (:mod:`client.supervisor`),
+which starts and watches the SuperNode (and the worker).  ``--policy FILE`` says what this
+site agrees to (:mod:`client.policy`); the warm worker holds every message to it.  The
+operator's commands (``audit``, ``health``, ``approvals``, ``approve``, ``refuse``,
+``console``) live in :mod:`client.site_cli`; ``health`` is the site's health check
+(:mod:`client.health`).
 
 First the site folder is checked exactly like ``nearl check-data`` (layout, class
-folders, every image decodes); a folder that fails never joins.  Then the coordinator
-must answer on its port within ``--connect-timeout`` seconds, and this process becomes
-a Flower SuperNode (``exec``) with the site passed as node config; the SuperNode gives
-up after the same time when the coordinator becomes unreachable later (Flower's
-``--max-wait-time``), instead of retrying for ever.  Images stay on this machine: the
-ClientApp sends only adapter tensors and scalar metrics, and its egress check refuses
-anything else.
+folders, every image decodes); a folder that fails never joins (exit 2).  Then the
+coordinator must answer on its port, and the supervisor keeps the site's one rule about
+its connection (:mod:`client.connection`): it reconnects while it runs, but spends no
+more than ``--connect-timeout`` seconds in a row without its coordinator (at start or
+after a later outage); past that it exits with status 69 and one line, so that its
+service manager starts it again.  ``--connect-timeout 0`` reconnects for as long as the
+site runs.  Images stay on this machine: the ClientApp sends only adapter tensors and
+scalar metrics, and its egress check refuses anything else.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
-import socket
 import sys
-import time
 from pathlib import Path
+from typing import Any
 
+from client.connection import (EXIT_DISCONNECTED, CoordinatorUnreachable, describe_limit, limit_of, split_server,
+                               wait_for_coordinator)
 from nearl_core import flags
 from nearl_core.errors import NearlError
 
@@ -66,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state-dir", type=Path, default=None,
                    help="this site's state: DP ledger and audit trail (default ~/.nearl/sites/SITE/state)")
     p.add_argument("--connect-timeout", type=float, default=DEFAULT_CONNECT_TIMEOUT, metavar="S",
-                   help="seconds to wait for the coordinator, at start and after a later outage, before "
-                        f"giving up with an error (default {DEFAULT_CONNECT_TIMEOUT:g})")
+                   help="seconds in a row without the coordinator, at start or after a later outage, after which "
+                        f"the site exits with status {EXIT_DISCONNECTED} so that its service manager restarts it "
+                        f"(default {DEFAULT_CONNECT_TIMEOUT:g}; 0: keep reconnecting for as long as it runs)")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--warm", dest="cold", action="store_false",
                       help="(default) one long-lived site worker answers every message with this site's installed "
@@ -105,21 +110,24 @@ def main(argv: list[str] | None = None) -> int:
         if args.check_only:
             return 0
         wait_for_coordinator(args.server, args.connect_timeout)
+    except CoordinatorUnreachable as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return EXIT_DISCONNECTED
     except NearlError as err:
         print(f"{PROG}: error: {err}", file=sys.stderr)
         return 2
     how = ("cold: every message runs in a new process with the code the coordinator sends in its app bundle"
            if args.cold else "warm: one site worker runs this site's installed NEARL code for every message")
     print(f"{PROG}: site {args.site} joining {args.server} ({'INSECURE, no TLS' if args.insecure else 'TLS'}"
-          f"{', authenticated' if args.auth_key else ''}; {how})", flush=True)
-    if not args.cold:
-        try:
-            cmd = warm_command(args, cmd, env)
-        except NearlError as err:
-            print(f"{PROG}: error: {err}", file=sys.stderr)
-            return 2
+          f"{', authenticated' if args.auth_key else ''}; {how}; {describe_limit(limit_of(args.connect_timeout))})",
+          flush=True)
+    try:
+        cmd = supervisor_command(args, cmd, env)
+    except NearlError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
     sys.stdout.flush()
-    os.execvpe(cmd[0], cmd, env)  # this process becomes the SuperNode (cold) or the warm site's supervisor
+    os.execvpe(cmd[0], cmd, env)  # this process becomes the site's supervisor
     return 0  # pragma: no cover
 
 
@@ -134,8 +142,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     if not valid_site_name(args.site):
         raise NearlError(f"--site {args.site!r}: use 1-64 letters, digits, '_', '.' or '-' (e.g. siteA)")
     split_server(args.server)
-    if not args.connect_timeout > 0:  # also refuses nan
-        raise NearlError(f"--connect-timeout {args.connect_timeout}: give a positive number of seconds, e.g. 180")
+    if not args.connect_timeout >= 0:  # also refuses nan
+        raise NearlError(f"--connect-timeout {args.connect_timeout}: give a number of seconds, e.g. 180 "
+                         "(0: no limit)")
     threads = thread_env(args.threads)
     data = args.data.expanduser().resolve()
     overrides = {"model.pretrained": args.pretrained} if args.pretrained else {}
@@ -190,7 +199,9 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
     cmd = flower.supernode_command(superlink=args.server, port=args.port or flower.free_port(),
                                    node_config=node_config, certs=certs, auth_key=auth_key,
                                    secret_file=None if args.cold else args.runtime_dir / f"secret-{os.getpid()}")
-    cmd += ["--max-wait-time", f"{args.connect_timeout:g}"]  # later outages: Flower's own bounded retry
+    # flower-supernode's arguments, run by client.supernode: a SuperNode that ends with its connection.  No
+    # --max-wait-time: Flower retries (capped at 20 s) and the supervisor enforces --connect-timeout.
+    cmd = [sys.executable, "-m", "client.supernode", *cmd[1:]]
     env = flower.flower_env(os.environ.get("FLWR_HOME") or home / "flwr", threads)
     Path(env["FLWR_HOME"]).mkdir(parents=True, exist_ok=True)
     return cmd, env
@@ -229,19 +240,40 @@ def thread_env(threads: int | None) -> dict[str, str]:
     return {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
 
 
-def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[str, str]) -> list[str]:
-    """Write the warm site's secret and spec (0600, in a 0700 folder); return the supervisor's command.
+def supervisor_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[str, str]) -> list[str]:
+    """Write the site's spec (0600, in a 0700 folder); return the command of its supervisor.
+
+    The spec holds what the supervisor needs to run the SuperNode and keep the connection
+    rule; a warm site's adds what its worker needs (:func:`warm_spec`).
+    """
+    from client.worker import write_private_json
+
+    runtime = args.runtime_dir
+    runtime.mkdir(parents=True, exist_ok=True)
+    os.chmod(runtime, 0o700)
+    port = supernode_cmd[supernode_cmd.index("--port") + 1]
+    hang = env.get("NEARL_SUPERNODE_HANG_SECONDS")
+    spec = {"site": args.site, "mode": "cold" if args.cold else "warm", "runtime_address": f"127.0.0.1:{port}",
+            "supernode_cmd": supernode_cmd, "coordinator": args.server,
+            "connect_timeout": limit_of(args.connect_timeout), "hang_seconds": float(hang) if hang else None,
+            "state_dir": str(args.state_dir_resolved)}
+    if not args.cold:
+        spec.update(warm_spec(args, env))
+    spec_file = runtime / f"spec-{os.getpid()}.json"
+    write_private_json(spec_file, spec)
+    return [sys.executable, "-m", "client.supervisor", str(spec_file)]
+
+
+def warm_spec(args: argparse.Namespace, env: dict[str, str]) -> dict[str, Any]:
+    """Write the warm site's secret (0600); return the worker's part of the spec.
 
     The SuperNode's Runtime API listens on 127.0.0.1 only, and only a holder of the secret
     may claim its tasks.
     """
     from client.fab_check import own_fab_hash
-    from client.worker import write_private_json
     from nearl_protocol import processes as flower
 
     runtime = args.runtime_dir
-    runtime.mkdir(parents=True, exist_ok=True)
-    os.chmod(runtime, 0o700)
     pid = os.getpid()
     secret = runtime / f"secret-{pid}"
     secret.unlink(missing_ok=True)
@@ -259,17 +291,11 @@ def warm_command(args: argparse.Namespace, supernode_cmd: list[str], env: dict[s
     if not accepted:
         raise NearlError("this installation cannot build its own app bundle, so the site worker would refuse every "
                          "run: pass the coordinator's with --accept-fab SHA256, or --cold")
-    port = supernode_cmd[supernode_cmd.index("--port") + 1]
-    spec = {"site": args.site, "runtime_address": f"127.0.0.1:{port}", "secret_file": str(secret),
-            "task_file": str(runtime / f"task-{pid}.json"), "accepted_fabs": accepted,
+    return {"secret_file": str(secret), "task_file": str(runtime / f"task-{pid}.json"), "accepted_fabs": accepted,
             "config": args.config, "pretrained": str(Path(args.pretrained).expanduser().resolve())
             if args.pretrained else None, "data": str(args.data.expanduser().resolve()),
-            "state_dir": str(args.state_dir_resolved), "coordinator": args.server, "supernode_cmd": supernode_cmd,
             "poll_seconds": float(env.get("NEARL_WORKER_POLL_SECONDS", "0.2")),
             "app_dir": str(flower.APP_DIR), "own_fab": own, "policy": getattr(args, "policy_dict", None)}
-    spec_file = runtime / f"spec-{pid}.json"
-    write_private_json(spec_file, spec)
-    return [sys.executable, "-m", "client.supervisor", str(spec_file)]
 
 
 def backbone_fingerprint_of(cfg) -> str:
@@ -285,37 +311,6 @@ def backbone_fingerprint_of(cfg) -> str:
     return backbone_fingerprint(backbone.clip, backbone.name, backbone.source)
 
 
-def split_server(server: str) -> tuple[str, int]:
-    """``host:port`` (IPv6 as ``[::1]:9092``) as a (host, port) pair; NearlError otherwise."""
-    host, sep, port = server.rpartition(":")
-    if not sep or not host or not port.isdigit():
-        raise NearlError(f"--server {server!r}: expected host:port, e.g. fl.hospital.org:9092")
-    return host.removeprefix("[").removesuffix("]"), int(port)
-
-
-def wait_for_coordinator(server: str, timeout: float, *, interval: float = 1.0) -> None:
-    """Return once a TCP connection to ``server`` opens; NearlError after ``timeout`` seconds.
-
-    Flower's SuperNode, by default, retries an unreachable SuperLink for ever and logs
-    every try; a wrong address or a closed firewall port is then a process that never
-    ends.  A plain connect before the ``exec`` turns that into one line naming the
-    address.  It waits rather than trying once, so sites may start before the server.
-    """
-    host, port = split_server(server)
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            with socket.create_connection((host, port), timeout=min(10.0, max(0.1, deadline - time.monotonic()))):
-                return
-        except OSError as err:
-            reason = err.strerror or str(err) or type(err).__name__
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise NearlError(
-                f"the coordinator at {server} could not be reached within {timeout:g}s ({reason}); check --server, "
-                f"that nearl-server is running there, and that a firewall lets this machine reach port {port}"
-            )
-        time.sleep(min(interval, left))
 
 
 if __name__ == "__main__":  # pragma: no cover

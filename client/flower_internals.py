@@ -5,10 +5,13 @@ The site worker (:mod:`client.worker`) plays the part of Flower's SuperExec and 
 Runtime API, pulls each task's message, runs the site's *installed* handlers and pushes
 the reply.  Flower has no public API for that, so this module wraps the pieces of
 ``flwr==1.42.*`` it uses (the same calls ``flwr-clientapp`` and ``flower-superexec`` make).
-Nothing else in NEARL imports them.
+Nothing else in NEARL imports them.  The site's supervisor also relies on two things
+Flower does not promise: the SuperNode's entry point as a function (:mod:`client.supernode`
+runs it so that the process ends with its connection) and the log messages in which the
+SuperNode reports its connection (:data:`SUPERNODE_LOG`).
 
 :func:`check` imports every name listed in :data:`REQUIRED` and reports what is missing;
-``tests/test_flower_internals.py`` fails with that list when an upgraded Flower no
+``tests/test_warm_site.py`` fails with that list when an upgraded Flower no
 longer offers what the worker relies on (then pin back to 1.42 or port this module).
 """
 
@@ -37,11 +40,24 @@ REQUIRED: dict[str, tuple[str, ...]] = {
     "flwr.proto.runtime_pb2": ("AcquireTaskRequest", "PushTaskOutputRequest"),
     "flwr.supernode.runtime.run_clientapp": ("pull_task_input", "push_message"),
     "flwr.cli.build": ("build_fab_from_files",),
+    "flwr.supernode.cli": ("flower_supernode",),
 }
 # what the worker relies on beyond names: the SuperNode flags it is started with
 SUPERNODE_FLAGS = ("--isolation", "--superexec-auth-secret-file")
 # the Runtime API method guarded by the shared secret (as flower-superexec declares it)
 ACQUIRE_TASK_METHOD = "/flwr.proto.Runtime/AcquireTask"
+
+# What a SuperNode's log says about its connection to the SuperLink: Flower's own messages (matched as
+# substrings of its stderr lines), by the event the site's supervisor reads from them, with the module that
+# writes each (tests/test_warm_site.py checks that the installed Flower still does).
+SUPERNODE_LOG: dict[str, tuple[tuple[str, str], ...]] = {
+    "connected": (("SuperNode ID: ", "flwr.supernode.start_client_internal"),
+                  ("Connection successful after ", "flwr.supercore.retry.http_retry")),
+    "retrying": (("Connection attempt failed, retrying in ", "flwr.supercore.retry.http_retry"),),
+    "gave-up": (("Giving up reconnection after ", "flwr.supercore.retry.http_retry"),),
+    "stopping": (("SuperNode terminated gracefully", "flwr.supernode.start_client_internal"),),
+}
+SUPERNODE_LOOP_ENDED = "the SuperNode's connection loop ended"  # client/supernode.py's own line
 
 
 def check() -> list[str]:
@@ -55,6 +71,41 @@ def check() -> list[str]:
             continue
         missing += [f"{module}.{name}" for name in names if not hasattr(mod, name)]
     return missing
+
+
+def missing_log_messages() -> list[str]:
+    """The SuperNode log messages of :data:`SUPERNODE_LOG` that the installed Flower no longer writes."""
+    import inspect
+
+    missing = []
+    for marks in SUPERNODE_LOG.values():
+        for text, module in marks:
+            try:
+                source = inspect.getsource(importlib.import_module(module))
+            except (ImportError, OSError) as err:
+                missing.append(f"{module} ({err})")
+                continue
+            if text not in source:
+                missing.append(f"{text!r} in {module}")
+    return missing
+
+
+def supernode_event(line: str) -> str | None:
+    """``connected``, ``retrying``, ``gave-up``, ``stopping`` or ``loop-ended`` when a SuperNode log line says so."""
+    if SUPERNODE_LOOP_ENDED in line:
+        return "loop-ended"
+    for event, marks in SUPERNODE_LOG.items():
+        if any(text in line for text, _ in marks):
+            return event
+    return None
+
+
+def run_supernode() -> None:
+    """Flower's ``flower-supernode`` entry point, in this process (its arguments in ``sys.argv``).
+
+    It returns when the SuperNode's connection loop has ended (:mod:`client.supernode`).
+    """
+    _get("flwr.supernode.cli", "flower_supernode")()
 
 
 def flower_version() -> str:

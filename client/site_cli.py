@@ -47,36 +47,6 @@ def audit_main(argv: list[str]) -> int:
     return 0
 
 
-def health_main(argv: list[str]) -> int:
-    """``nearl-client health --state-dir DIR``: exit 0 when the warm site's supervisor and worker are alive."""
-    p = argparse.ArgumentParser(prog=f"{PROG} health", description="Health check of a warm site (container probe).")
-    _state_dir(p)
-    p.add_argument("--max-age", type=float, default=15.0, help="seconds the supervisor's status may be old")
-    args = p.parse_args(argv)
-    from client.worker import pid_alive
-
-    path = args.state_dir.expanduser() / "runtime" / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        print(f"unhealthy: no status at {path} ({type(err).__name__})")
-        return 1
-    age = time.time() - float(status.get("time", 0))
-    problems = []
-    if age > args.max_age:
-        problems.append(f"status {age:.0f}s old")
-    for what in ("supervisor_pid", "supernode_pid", "worker_pid"):
-        pid = status.get(what)
-        if not pid or not pid_alive(int(pid)):
-            problems.append(f"{what.removesuffix('_pid')} not running")
-    if problems:
-        print(f"unhealthy: {', '.join(problems)}")
-        return 1
-    print(f"healthy: site {status.get('site')} worker pid {status['worker_pid']} "
-          f"({status.get('worker_restarts', 0)} restarts)")
-    return 0
-
-
 # -- approvals ----------------------------------------------------------------------------------------------
 def _when(t: float | None) -> str:
     return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t)) if t else "-"
@@ -160,7 +130,9 @@ def main(argv: list[str]) -> int:
     if command == "audit":
         return audit_main(rest)
     if command == "health":
-        return health_main(rest)
+        from client import health
+
+        return health.main(rest)
     if command == "approvals":
         return approvals_main(rest)
     if command in ("approve", "refuse"):

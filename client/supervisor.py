@@ -1,9 +1,17 @@
-"""What ``nearl-client`` becomes on a warm site: the parent of the SuperNode and of the site worker.
+"""What ``nearl-client`` becomes: the parent of the site's SuperNode and, on a warm site, of its worker.
 
-It starts the SuperNode (process isolation, Runtime API on loopback with a shared secret),
+It starts the SuperNode (``python -m client.supernode``: Flower's, ending when its connection
+does; on a warm site with process isolation, Runtime API on loopback with a shared secret),
 then the site worker (:mod:`client.worker`) once the Runtime API is up, and watches both:
 
-* the SuperNode exits -> the worker is stopped and this process exits with the SuperNode's code;
+* the connection (:mod:`client.connection`): the SuperNode's log says when it is connected
+  and when it retries; a site without a working connection for ``--connect-timeout``
+  seconds in a row stops its worker and SuperNode and exits with ``EXIT_DISCONNECTED`` and
+  one line, so that its service manager starts it again (``--connect-timeout 0``: never);
+* the SuperNode (:mod:`client.supernode_watch`): one that exits on its own (a coordinator
+  that restarted no longer knows it; a crash; SIGKILL), gives up, or stops answering on its
+  Runtime API is replaced by a new one after 1, 2, 4 ... 30 s; the worker keeps running and
+  picks up the new SuperNode at the same address;
 * the worker dies -> the message it was running is answered with an error reply for this site
   (``<site>: the site worker died ...``), recorded in the site's log and audit trail, and a new
   worker is started (with a growing delay when it keeps dying at start-up); the next message
@@ -11,14 +19,16 @@ then the site worker (:mod:`client.worker`) once the Runtime API is up, and watc
 * SIGTERM/SIGINT -> both are stopped; the exit code is the SuperNode's.
 
 It imports no torch: it stays small while the worker holds the model.  Every second it
-writes ``status.json`` next to the spec (pids, restarts, whether the coordinator's port
-answers), read by ``nearl-client health`` and the site's console.
+writes ``status.json`` next to the spec (pids, restarts, the connection), read by
+``nearl-client health``, deploy/docker/healthcheck.py and the site's console.  A cold site
+(``--cold``) runs the same supervisor without a worker.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import queue
 import signal
 import subprocess
 import sys
@@ -26,7 +36,10 @@ import time
 from pathlib import Path
 from typing import Any
 
-from client.worker import EXIT_UPGRADED, write_private_json
+from client import worker_exits
+from client.connection import EXIT_DISCONNECTED, Connection
+from client.supernode_watch import DEFAULT_HANG_SECONDS, SuperNodeWatch
+from client.worker import EXIT_UPGRADED
 
 PROG = "nearl-client"
 STATUS_FILE = "status.json"
@@ -53,34 +66,42 @@ class Supervisor:
         self.spec_file = spec_file
         self.spec: dict[str, Any] = json.loads(spec_file.read_text())
         self.runtime_dir = spec_file.parent
-        self.task_file = Path(self.spec["task_file"])
-        self.supernode: subprocess.Popen | None = None
+        self.task_file = Path(self.spec.get("task_file") or self.runtime_dir / "task-none.json")
+        self.warm = self.spec.get("mode", "warm") == "warm"
+        self.link = Connection(self.spec.get("coordinator", "?"), self.spec.get("connect_timeout"))
+        self.events: queue.Queue = queue.Queue()
+        self.supernode: SuperNodeWatch | None = None
+        self.generation = 0
+        self.restart_at = 0.0
         self.worker: subprocess.Popen | None = None
         self.worker_started = 0.0
+        self.worker_due = 0.0
         self.restarts = 0
         self.stopping = False
         self.stop_asked = 0.0
         self.forwarded = False
         self.crash_delay = 0.0
-        self.reachable: bool | None = None  # the coordinator's port answered at the last look
 
     # -- processes -------------------------------------------------------------------------------------
     def start_supernode(self) -> None:
-        self.supernode = subprocess.Popen(self.spec["supernode_cmd"], stdin=subprocess.DEVNULL)
+        if self.generation:
+            self.link.supernode_started()
+        self.generation += 1
+        self.supernode = SuperNodeWatch(self.spec["supernode_cmd"], self.spec["runtime_address"], self.events,
+                                        self.generation, float(self.spec.get("hang_seconds") or DEFAULT_HANG_SECONDS))
 
     def start_worker(self) -> None:
-        cmd = [sys.executable, "-m", "client.worker", str(self.spec_file), "--watch-pid", str(os.getpid()),
-               "--watch-pid", str(self.supernode.pid)]
+        cmd = [sys.executable, "-m", "client.worker", str(self.spec_file), "--watch-pid", str(os.getpid())]
         self.worker = subprocess.Popen(cmd, stdin=subprocess.DEVNULL)
         self.worker_started = time.monotonic()
         self.write_status()
 
     def write_status(self) -> None:
+        supernode = self.supernode.pid if self.supernode and self.supernode.poll() is None else None
         status = {"time": time.time(), "supervisor_pid": os.getpid(), "site": self.spec["site"],
-                  "supernode_pid": self.supernode.pid if self.supernode else None,
+                  "mode": "warm" if self.warm else "cold", "supernode_pid": supernode,
                   "worker_pid": self.worker.pid if self.worker and self.worker.poll() is None else None,
-                  "worker_restarts": self.restarts, "coordinator": self.spec.get("coordinator"),
-                  "coordinator_reachable": self.reachable}
+                  "worker_restarts": self.restarts, **self.link.status()}
         tmp = self.runtime_dir / f".{STATUS_FILE}.{os.getpid()}"
         tmp.write_text(json.dumps(status))
         os.replace(tmp, self.runtime_dir / STATUS_FILE)
@@ -97,154 +118,145 @@ class Supervisor:
             self.stop_asked = time.monotonic()
 
     def forward_stop(self) -> None:
-        """The SuperNode still runs ``FORWARD_GRACE`` seconds after our signal: it was not told; tell it."""
+        """The SuperNode still runs ``FORWARD_GRACE`` seconds after our signal and has not logged its graceful
+        exit: it was not told; tell it."""
         if self.forwarded or time.monotonic() - self.stop_asked < FORWARD_GRACE:
             return
         self.forwarded = True
-        if self.supernode is not None and self.supernode.poll() is None:
-            try:
-                self.supernode.send_signal(signal.SIGTERM)
-            except ProcessLookupError:
-                pass
+        node = self.supernode
+        if node is not None and node.poll() is None and not node.shutting_down:
+            node.signal(signal.SIGTERM)
 
     def stop(self, timeout: float = 20.0) -> None:
         self.stopping = True
-        for proc in (self.worker, self.supernode):
-            if proc is None or proc.poll() is not None:
-                continue
-            proc.terminate()
+        if self.worker is not None and self.worker.poll() is None:
+            self.worker.terminate()
             try:
-                proc.wait(timeout=timeout)
+                self.worker.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout=10)
+                self.worker.kill()
+                self.worker.wait(timeout=10)
+        if self.supernode is not None:
+            self.supernode.end(timeout)
 
-    # -- a dead worker's message -----------------------------------------------------------------------
-    def answer_for_dead_worker(self, code: int | None) -> None:
-        """Answer the message the dead worker held (if any) with an error reply, and audit it."""
-        try:
-            record = json.loads(self.task_file.read_text())
-        except (OSError, ValueError):
-            return  # it held no task
-        finally:
-            self.task_file.unlink(missing_ok=True)
-        site = self.spec["site"]
-        reason = f"the site worker died while running this {record.get('message_type', '')} message (exit {code})"
-        try:
-            from client import audit
-            from client import flower_internals as fi
-            from nearl_protocol.messages import refusal
-
-            msg = fi.message_from_header(record["header"])
-            reply = None if record.get("phase") == "replied" else refusal(msg, reason, site=site)
-            fi.answer_for_dead_worker(self.spec["runtime_address"], record["token"], reply,
-                                      int(record["node_id"]), int(record["run_id"]))
-            if reply is None:
+    # -- the SuperNode and the connection --------------------------------------------------------------
+    def read_events(self) -> None:
+        """Connection events from the current SuperNode's log; lines of a replaced one change nothing."""
+        while True:
+            try:
+                generation, event = self.events.get_nowait()
+            except queue.Empty:
                 return
-            log(f"[{site}] round {record.get('round') or '?'} failed: {reason}")
-            audit.append(Path(self.spec["state_dir"]) / "audit.jsonl", audit.audit_line(
-                msg, reply, site=site, coordinator=self.spec.get("coordinator", ""),
-                server_round=_round(record.get("round")), eps_before=None, eps_after=None))
-        except Exception as err:  # noqa: BLE001 - Flower's heartbeat expiry still fails the message (~60 s)
-            log(f"could not answer the dead worker's message ({type(err).__name__}: {err}); "
-                "the SuperNode fails it when its task heartbeat expires")
+            if generation != self.generation:
+                continue
+            if event == "gave-up" and self.supernode is not None:
+                self.replace_supernode(f"the SuperNode (pid {self.supernode.pid}) gave up reconnecting")
+                continue
+            line = self.link.on_event(event)
+            if line:
+                log(line)
 
-    def watch_coordinator(self, interval: float = 30.0) -> None:
-        """Look at the coordinator's port now and then (a thread: a slow DNS answer must not stall the loop);
-        the console shows whether this site can reach it.  Seldom: each look is a TCP connection there."""
-        import threading
-
-        address = self.spec.get("coordinator")
-        if not address:
+    def check_supernode(self) -> None:
+        """Replace a SuperNode that ended on its own or hangs; start the next one when its delay is over."""
+        node = self.supernode
+        if node is None:
+            if time.monotonic() >= self.restart_at:
+                self.start_supernode()
             return
+        if node.poll() is not None:
+            time.sleep(0.3)  # a SIGTERM to the whole group reaches us too: let its handler run first
+            if not self.stopping:
+                self.read_events()  # its last lines first: a 'gave up' among them has already replaced it
+                if self.supernode is node:
+                    self.replace_supernode(node.exit_reason())
+        elif node.answered and not node.announced:
+            node.announced = True
+            self.link.supernode_up()
+        elif node.hung():
+            self.replace_supernode(f"the SuperNode (pid {node.pid}) has not answered on its Runtime API "
+                                   f"({node.url}) for {node.unanswered_for():.0f}s; killed it", kill=True)
 
-        def loop() -> None:
-            while not self.stopping:
-                self.reachable = port_open(address)
-                time.sleep(interval)
+    def replace_supernode(self, why: str, *, kill: bool = False) -> None:
+        if self.supernode is not None:
+            self.supernode.end(10.0, kill=kill)
+        self.supernode = None
+        line, delay = self.link.supernode_ended(why)
+        log(line)
+        self.restart_at = time.monotonic() + delay
 
-        threading.Thread(target=loop, name="nearl-coordinator-watch", daemon=True).start()
+    def give_up(self) -> int:
+        """No connection for --connect-timeout: stop everything and exit non-zero with one line."""
+        print(f"{PROG}: error: {self.link.give_up_line()}", file=sys.stderr, flush=True)
+        self.stop()
+        self.cleanup()
+        return EXIT_DISCONNECTED
 
     # -- main loop -------------------------------------------------------------------------------------
     def run(self) -> int:
         signal.signal(signal.SIGTERM, self.on_signal)
         signal.signal(signal.SIGINT, self.on_signal)
         self.start_supernode()
-        self.watch_coordinator()
-        address = self.spec["runtime_address"]
-        while not self.stopping and self.supernode.poll() is None and not port_open(address):
-            time.sleep(0.2)
-        if not self.stopping and self.supernode.poll() is None:
-            self.start_worker()
-        last_status = time.monotonic()
+        last_status = 0.0
         while True:
-            code = self.supernode.poll()
-            if code is not None:
-                if not self.stopping:
-                    log(f"the SuperNode exited with code {code}; stopping the site worker")
-                self.stop()
-                self.cleanup()
-                return code if code >= 0 else 128 - code
             if self.stopping:
+                code = self.supernode.poll() if self.supernode is not None else 0
+                if code is not None:
+                    self.stop()
+                    self.cleanup()
+                    return code if code >= 0 else 128 - code
                 self.forward_stop()
                 time.sleep(0.2)
                 continue
-            if self.worker is not None and self.worker.poll() is not None:
-                time.sleep(0.3)  # a SIGTERM to the whole group reaches us too: let its handler run first
-                if self.stopping or self.supernode.poll() is not None:
-                    continue
-                self.restart_worker()
+            self.read_events()
+            self.check_supernode()
+            if self.stopping:
+                continue
+            if self.link.over_limit():
+                return self.give_up()
+            self.check_worker()
+            line = self.link.status_line()
+            if line:
+                log(line)
             if time.monotonic() - last_status >= 1.0:
                 self.write_status()
                 last_status = time.monotonic()
             time.sleep(0.2)
 
-    def restart_worker(self) -> None:
-        code = self.worker.returncode
-        lived = time.monotonic() - self.worker_started
+    def check_worker(self) -> None:
+        """Start the worker when it is due and the Runtime API is up; handle its exit."""
+        if not self.warm:
+            return
+        if self.worker is not None and self.worker.poll() is not None:
+            time.sleep(0.3)  # a SIGTERM to the whole group reaches us too: let its handler run first
+            if not self.stopping:
+                self.worker_exited()
+            return
+        if self.worker is None and time.monotonic() >= self.worker_due and self.supernode is not None \
+                and self.supernode.poll() is None and port_open(self.spec["runtime_address"]):
+            self.start_worker()
+
+    def worker_exited(self) -> None:
+        """Schedule the next worker: at once after an upgrade, with a growing delay when it keeps dying early."""
+        code, pid, lived = self.worker.returncode, self.worker.pid, time.monotonic() - self.worker_started
+        self.worker = None
         if code == EXIT_UPGRADED:
             self.accept_upgraded_bundle()
-            self.start_worker()
+            self.worker_due = 0.0
             return
-        log(f"site worker pid {self.worker.pid} exited with code {code} after {lived:.0f}s; starting a new one")
-        self.answer_for_dead_worker(code)
+        log(f"site worker pid {pid} exited with code {code} after {lived:.0f}s; starting a new one")
+        worker_exits.answer_for_dead_worker(self.spec, self.task_file, code, log)
         self.crash_delay = min(30.0, max(1.0, self.crash_delay * 2)) if lived < 15 else 0.0
-        deadline = time.monotonic() + self.crash_delay
-        while time.monotonic() < deadline and not self.stopping:
-            time.sleep(0.2)
-        if not self.stopping:
-            self.restarts += 1
-            self.start_worker()
+        self.worker_due = time.monotonic() + self.crash_delay
+        self.restarts += 1
 
     def accept_upgraded_bundle(self) -> None:
-        """The site upgraded NEARL: accept the bundle of the new installation in place of the old one's."""
-        from client.fab_check import own_fab_hash
-
-        old = self.spec.get("own_fab")
-        try:
-            new = own_fab_hash(Path(self.spec["app_dir"]))
-        except Exception as err:  # noqa: BLE001 - keep what was accepted; the new worker logs the refusals
-            log(f"the installed NEARL code changed but its app bundle cannot be built ({err}); "
-                "still accepting the previous bundle(s)")
-            return
-        extra = [h for h in self.spec["accepted_fabs"] if h != old]
-        self.spec["accepted_fabs"] = sorted({*extra, *([new] if new else [])})
-        self.spec["own_fab"] = new
-        write_private_json(self.spec_file, self.spec)
-        log(f"the installed NEARL code changed: starting a worker on it; this installation's app bundle sha256 {new}")
+        worker_exits.accept_upgraded_bundle(self.spec_file, self.spec, log)
 
     def cleanup(self) -> None:
         for path in (self.task_file, Path(self.spec.get("secret_file", "")), self.spec_file,
                      self.runtime_dir / STATUS_FILE):
             if path and path.name:
                 path.unlink(missing_ok=True)
-
-
-def _round(value: Any) -> int | None:
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return None
 
 
 def main(argv: list[str] | None = None) -> int:

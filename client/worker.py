@@ -15,7 +15,10 @@ and its task closed, the worker writes the site's verdict on that run
 
 While a task runs, its token and the message header sit in a 0600 file so that the
 supervisor (:mod:`client.supervisor`) can answer the message with an error reply if
-this process dies.  The worker exits when the supervisor or its SuperNode exits.
+this process dies.  The worker exits when the supervisor exits.  It outlives its
+SuperNode: when the supervisor replaces a SuperNode (the coordinator came back, the old
+one died or hung), the new one serves the same Runtime API address and secret, and the
+worker goes on with it, its backbone still built.
 
 Flower internals used here live in :mod:`client.flower_internals`.
 """
@@ -61,13 +64,13 @@ def pid_alive(pid: int) -> bool:
 
 
 def watch_pids(pids: list[int], interval: float = 0.5) -> None:
-    """Exit this process as soon as one of ``pids`` (supervisor, SuperNode) is gone."""
+    """Exit this process as soon as one of ``pids`` (the supervisor) is gone."""
 
     def loop() -> None:
         while True:
             for pid in pids:
                 if not pid_alive(pid):
-                    log(f"process {pid} (supervisor or SuperNode) is gone; exiting")
+                    log(f"process {pid} (the supervisor) is gone; exiting")
                     os._exit(0)
             time.sleep(interval)
 
@@ -138,13 +141,15 @@ class Worker:
         while True:
             try:
                 task = fi.acquire_clientapp_task(client)
-                failing_since = None
             except Exception as err:  # the SuperNode restarting, or not up yet  # noqa: BLE001
                 if failing_since is None:
                     failing_since = time.monotonic()
                     log(f"Runtime API at {self.address} not answering ({type(err).__name__}: {err}); retrying")
                 time.sleep(max(self.poll, 1.0))
                 continue
+            if failing_since is not None:
+                log(f"Runtime API at {self.address} answering again after {time.monotonic() - failing_since:.0f}s")
+                failing_since = None
             if task is None:
                 self.exit_if_upgraded()
                 time.sleep(self.poll)

@@ -104,11 +104,11 @@ start() {
 pid_of() { local i; for i in "${!names[@]}"; do [[ "${names[$i]}" == "$1" ]] && { echo "${pids[$i]}"; return 0; }; done; return 0; }
 alive() { kill -0 "$1" 2>/dev/null && [[ "$(ps -o stat= -p "$1" 2>/dev/null)" != Z* ]]; }
 descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo "$c"; descendants "$c"; done; }
-# The pid of the flower-supernode process among $1 and its descendants (empty when none yet).
+# The pid of the SuperNode process (python -m client.supernode) among $1's descendants (empty when none yet).
 supernode_of() {
   local p
   for p in "$1" $(descendants "$1"); do
-    [[ "$(ps -o args= -p "$p" 2>/dev/null)" == *flower-supernode* ]] && { echo "$p"; return 0; }
+    [[ "$(ps -o args= -p "$p" 2>/dev/null)" == *client.supernode\ * ]] && { echo "$p"; return 0; }
   done
   return 0
 }
@@ -247,7 +247,7 @@ done
 for ((k = 1; k <= sites; k++)); do
   site="site$k"; spid="$(pid_of "$site")"; node_port="${node_ports[k]}"
   deadline=$((SECONDS + 240))
-  until node="$(supernode_of "$spid")" && [[ -n "$node" ]]; do  # nearl-client's child (warm) or itself (--cold)
+  until node="$(supernode_of "$spid")" && [[ -n "$node" ]]; do  # a child of nearl-client (its supervisor)
     alive "$spid" || fail "$site exited before its SuperNode started"
     (( SECONDS < deadline )) || fail "$site did not start its SuperNode within 240 s"
     sleep 1

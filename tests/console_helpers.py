@@ -29,7 +29,7 @@ def write_state(state: Path, *, run_id: int = 77) -> Path:
     write(state / "runtime" / "status.json", {"time": now, "site": "siteA", "supervisor_pid": os.getpid(),
                                               "supernode_pid": os.getpid(), "worker_pid": os.getpid(),
                                               "worker_restarts": 0, "coordinator": "fl.example.org:9092",
-                                              "coordinator_reachable": True})
+                                              "connection": "connected"})
     write(state / "runtime" / "worker.json", {"pid": os.getpid(), "warm": True, "time": now, "site": "siteA",
                                               "last": {"time": now - 5, "run_id": 1234, "round": 3,
                                                        "message_type": "train", "answer": "replied"}})

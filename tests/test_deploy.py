@@ -7,7 +7,10 @@ Static checks (CI runs them with the rest of the suite):
   (vendored in deploy/schema/, the check ``docker compose config`` would do), plus the
   structure a hospital relies on: each site mounts only its own data folder read-only, its
   own state volume, the CA certificate and its own key; secrets come from deploy/secrets/;
-  env files and Dockerfiles exist; images are tagged with the project version;
+  env files and Dockerfiles exist; images are tagged with the project version; every site
+  has a restart policy that starts it again after it exits (69: no coordinator);
+- deploy/systemd/nearl-client@.service: Restart=on-failure without a start limit, but not
+  for exit status 2 (a setting to fix); ``systemd-analyze verify`` when it is installed;
 - env files: the syntax that docker compose and local-stack.sh read identically, and every
   NEARL_* key is read by a run script;
 - k8s: every document has apiVersion/kind/metadata.name, PVCs exist for every claim, images
@@ -173,6 +176,71 @@ def test_compose_topology_mounts_and_secrets():
         assert "coordinator" in services["fleet-proxy"]["networks"][svc["networks"][0]]["aliases"]
         assert "/app/deploy/run/site.sh" in svc["command"]
     assert len(state_volumes) == len(SITES), "every site needs its own state volume"
+
+
+def test_every_site_comes_back_by_itself_after_it_exits():
+    """A site exits 69 when its coordinator stays away for NEARL_CONNECT_TIMEOUT seconds (client/connection.py):
+    its restart policy starts it again, in compose.yaml and with the GPU overlay; the coordinator (one run) is
+    not restarted."""
+    from client.connection import EXIT_DISCONNECTED
+
+    services, gpu = compose()["services"], load_yaml(DEPLOY / "compose.gpu.yaml")["services"]
+    for site in SITES:
+        for svc in (services[site], {**services[site], **gpu.get(site, {})}):
+            assert svc.get("restart") in ("on-failure", "unless-stopped", "always"), \
+                f"{site}: a site that exits {EXIT_DISCONNECTED} must be started again"
+    assert services["coordinator"]["restart"] == "no"
+    limit = read_env(ENV_DIR / "site.env")["NEARL_CONNECT_TIMEOUT"]
+    assert float(limit) > 0, "by default a site gives up and its restart policy starts it again"
+    assert 'args+=(--connect-timeout "$NEARL_CONNECT_TIMEOUT")' in (DEPLOY / "run" / "site.sh").read_text()
+
+
+SYSTEMD_UNIT = DEPLOY / "systemd" / "nearl-client@.service"
+
+
+def unit_settings(path: Path) -> dict[str, dict[str, list[str]]]:
+    """A systemd unit's settings: section -> key -> values (a key may repeat)."""
+    out: dict[str, dict[str, list[str]]] = {}
+    section = None
+    for line in path.read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith(("#", ";")):
+            continue
+        if line.startswith("["):
+            section = out.setdefault(line.strip("[]"), {})
+            continue
+        key, sep, value = line.partition("=")
+        assert sep and section is not None, f"{path.name}: not KEY=VALUE in a section: {line}"
+        section.setdefault(key.strip(), []).append(value.strip())
+    return out
+
+
+def test_the_systemd_unit_restarts_a_site_that_lost_its_coordinator_and_not_a_misconfigured_one(tmp_path):
+    from client.connection import EXIT_DISCONNECTED
+
+    unit = unit_settings(SYSTEMD_UNIT)
+    svc = unit["Service"]
+    assert svc["Restart"] == ["on-failure"] and float(svc["RestartSec"][0]) > 0
+    prevented = " ".join(svc.get("RestartPreventExitStatus", [])).split()
+    assert prevented == ["2"] and str(EXIT_DISCONNECTED) not in prevented  # 2: a setting to fix
+    assert unit["Unit"]["StartLimitIntervalSec"] == ["0"], "a coordinator may be away for hours: never stop restarting"
+    [start] = svc["ExecStart"]
+    assert start.endswith("/deploy/run/site.sh") and "NEARL_SITE=%i" in start
+    assert "NEARL_CLIENT_HOME=/var/lib/nearl/%i" in start and svc["StateDirectory"] == ["nearl/%i"]
+    assert "/etc/nearl/sites/%i.env" in svc["EnvironmentFile"]
+    assert svc["User"] == ["nearl"] and svc["KillMode"] == ["control-group"]
+    assert unit["Install"]["WantedBy"] == ["multi-user.target"]
+    text = SYSTEMD_UNIT.read_text()
+    for key in re.findall(r"^#\s+(NEARL_[A-Z_]+)=", text, flags=re.M):  # the env file the comment shows
+        assert key in read_env(ENV_DIR / "site.env"), f"{key} is not a site setting (deploy/env/site.env)"
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze not installed: the unit's syntax is not verified")
+    copy = tmp_path / SYSTEMD_UNIT.name
+    copy.write_text(text)
+    res = subprocess.run(["systemd-analyze", "verify", str(tmp_path / "nearl-client@site1.service")],
+                         capture_output=True, text=True, timeout=120)
+    complaints = [ln for ln in (res.stdout + res.stderr).splitlines() if str(tmp_path) in ln]
+    assert res.returncode == 0 and not complaints, res.stdout + res.stderr
 
 
 NGINX_CONF = DEPLOY / "nginx" / "nearl-fleet.conf"

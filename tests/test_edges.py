@@ -260,26 +260,29 @@ def test_unreachable_coordinator_is_one_line_after_the_timeout(capsys, demo_root
     code, _, err = join(capsys, demo_root, port, "--connect-timeout", "2")
     elapsed = time.monotonic() - start
     message = one_line(err, "nearl-client: error: ")
-    assert code == 2 and no_exec == []
+    assert code == 69 and no_exec == []  # EXIT_DISCONNECTED: a service manager restarts the site (2: a setting to fix)
     assert 2 <= elapsed < 10
     assert message == (f"the coordinator at 127.0.0.1:{port} could not be reached within 2s (Connection refused); "
                        "check --server, that nearl-server is running there, and that a firewall lets this "
                        f"machine reach port {port}")
 
 
-def test_reachable_coordinator_execs_with_bounded_flower_retry(capsys, demo_root, no_exec):
+def test_reachable_coordinator_execs_the_supervisor_which_keeps_the_connect_timeout(capsys, demo_root, no_exec):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
-        code, out, err = join(capsys, demo_root, listener.getsockname()[1], "--connect-timeout", "7.5")
+        port = listener.getsockname()[1]
+        code, out, err = join(capsys, demo_root, port, "--connect-timeout", "7.5")
     assert code == 0 and err == "" and "joining" in out and "warm: one site worker" in out
+    assert "--connect-timeout 7.5)" in out
     [cmd] = no_exec
     assert cmd[1:3] == ["-m", "client.supervisor"]  # a warm site: the supervisor starts the SuperNode
     spec_file = Path(cmd[3])
     spec = json.loads(spec_file.read_text())
     node = spec["supernode_cmd"]
-    assert Path(node[0]).name == "flower-supernode"
-    assert node[node.index("--max-wait-time") + 1] == "7.5"
+    assert node[1:3] == ["-m", "client.supernode"]  # flower-supernode, ending when its connection ends
+    assert "--max-wait-time" not in node and spec["connect_timeout"] == 7.5  # the supervisor enforces it
+    assert spec["mode"] == "warm" and spec["coordinator"] == f"127.0.0.1:{port}"
     assert node[node.index("--isolation") + 1] == "process" and node[node.index("--host") + 1] == "127.0.0.1"
     secret = Path(node[node.index("--superexec-auth-secret-file") + 1])
     assert secret == Path(spec["secret_file"]) and len(secret.read_bytes()) == 64
@@ -290,15 +293,19 @@ def test_reachable_coordinator_execs_with_bounded_flower_retry(capsys, demo_root
     assert len(spec["accepted_fabs"]) == 1  # the bundle built from this installation
 
 
-def test_cold_execs_the_stock_supernode_and_says_it_runs_the_coordinators_code(capsys, demo_root, no_exec):
+def test_cold_runs_the_stock_supernode_under_the_supervisor_and_says_it_runs_the_coordinators_code(
+        capsys, demo_root, no_exec):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         code, out, _ = join(capsys, demo_root, listener.getsockname()[1], "--cold")
     assert code == 0 and "cold: every message runs in a new process with the code the coordinator sends" in out
     [cmd] = no_exec
-    assert Path(cmd[0]).name == "flower-supernode" and "--isolation" not in cmd
-    assert cmd[cmd.index("--max-wait-time") + 1] == "180"
+    assert cmd[1:3] == ["-m", "client.supervisor"]
+    spec = json.loads(Path(cmd[3]).read_text())
+    node = spec["supernode_cmd"]
+    assert spec["mode"] == "cold" and "--isolation" not in node and "secret_file" not in spec
+    assert node[1:3] == ["-m", "client.supernode"] and spec["connect_timeout"] == 180
 
 
 def test_accept_fab_takes_only_a_sha256(capsys, demo_root, no_exec):
@@ -334,36 +341,60 @@ def test_threads_must_be_positive(capsys, demo_root, no_exec, value):
         f"--threads {value}: give a positive number of CPU threads, e.g. --threads 2"
 
 
-def test_default_connect_timeout_is_bounded(capsys, demo_root, no_exec):
+def test_default_connect_timeout_is_bounded_and_zero_means_no_limit(capsys, demo_root, no_exec):
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
         listener.listen()
         assert join(capsys, demo_root, listener.getsockname()[1])[0] == 0
-    [cmd] = no_exec
-    node = json.loads(Path(cmd[3]).read_text())["supernode_cmd"]
-    assert node[node.index("--max-wait-time") + 1] == "180"
+        first = json.loads(Path(no_exec[0][3]).read_text())
+        code, out, _ = join(capsys, demo_root, listener.getsockname()[1], "--connect-timeout", "0")
+    assert code == 0 and "no limit (--connect-timeout 0)" in out
+    forever = json.loads(Path(no_exec[1][3]).read_text())
+    assert first["connect_timeout"] == 180 and forever["connect_timeout"] is None
 
 
-@pytest.mark.parametrize("value", ["0", "-5", "nan"])
-def test_connect_timeout_must_be_positive(capsys, demo_root, no_exec, value):
+@pytest.mark.parametrize("value", ["-5", "nan"])
+def test_connect_timeout_must_be_a_number_of_seconds(capsys, demo_root, no_exec, value):
     code, _, err = join(capsys, demo_root, closed_port(), "--connect-timeout", value)
     assert code == 2 and no_exec == []
     assert one_line(err, "nearl-client: error: ") == \
-        f"--connect-timeout {float(value)}: give a positive number of seconds, e.g. 180"
+        f"--connect-timeout {float(value)}: give a number of seconds, e.g. 180 (0: no limit)"
+
+
+def test_without_a_limit_the_start_waits_and_says_so(monkeypatch, capsys):
+    """--connect-timeout 0 at start: no error however long it takes, and a line while it waits."""
+    from client import connection
+
+    port = closed_port()
+    opened = []
+
+    def connect(address, timeout):
+        opened.append(timeout)
+        if len(opened) < 3:
+            raise ConnectionRefusedError(errno.ECONNREFUSED, "Connection refused")
+        return contextlib.nullcontext()
+
+    monkeypatch.setattr(connection.socket, "create_connection", connect)
+    monkeypatch.setattr(connection, "STATUS_FIRST", 0.0)
+    connection.wait_for_coordinator(f"127.0.0.1:{port}", 0, interval=0.01)
+    out = capsys.readouterr().out
+    assert len(opened) == 3 and f"waiting for the coordinator at 127.0.0.1:{port}" in out
+    assert "(Connection refused; no limit (--connect-timeout 0))" in out, out
 
 
 @pytest.mark.parametrize("mode", ["--cold", "--warm"])
-def test_flower_supernode_gives_up_after_the_connect_timeout(tmp_path, demo_root, monkeypatch, mode):
-    """The command nearl-client execs ends by itself when the coordinator is gone (a later outage);
-    a warm site's supervisor (and its worker) end with their SuperNode."""
+def test_a_site_that_never_reaches_its_coordinator_exits_69_after_the_connect_timeout(
+        tmp_path, demo_root, monkeypatch, mode):
+    """The supervisor (and with it the SuperNode and worker) ends by itself when no coordinator answers, with
+    one line and EXIT_DISCONNECTED, so that a service manager starts it again."""
     monkeypatch.setenv("NEARL_CLIENT_HOME", str(tmp_path / "home"))
     monkeypatch.delenv("FLWR_HOME", raising=False)
+    port = closed_port()
     args = client_cli.build_parser().parse_args(
         ["--site", "siteA", "--data", str(demo_root / "site1"), "--insecure",
-         "--server", f"127.0.0.1:{closed_port()}", "--connect-timeout", "2", mode])
+         "--server", f"127.0.0.1:{port}", "--connect-timeout", "2", mode])
     cmd, env = client_cli.prepare(args)
-    if mode == "--warm":
-        cmd = client_cli.warm_command(args, cmd, env)
+    cmd = client_cli.supervisor_command(args, cmd, env)
     log = tmp_path / "supernode.log"
     start = time.monotonic()
     with log.open("w") as sink:  # a file, not a pipe: the SuperNode's own child may outlive it briefly
@@ -374,6 +405,8 @@ def test_flower_supernode_gives_up_after_the_connect_timeout(tmp_path, demo_root
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)  # the session this test started, children included
     text = log.read_text()
-    assert code != 0, text
+    assert code == 69, text
     assert time.monotonic() - start < 60
-    assert "could not establish a connection to the SuperLink" in text
+    assert (f"nearl-client: error: no connection to the coordinator at 127.0.0.1:{port} for 2s (--connect-timeout 2; "
+            "Connection refused); stopping this site with exit status 69") in text, text
+    assert not (tmp_path / "home" / "state" / "runtime" / "status.json").exists()

@@ -42,6 +42,18 @@ def test_flower_supernode_still_takes_the_flags_a_warm_site_starts_it_with():
     assert "process" in next(a for a in parser._actions if "--isolation" in a.option_strings).choices
 
 
+def test_the_installed_flower_still_logs_what_the_supervisor_reads_of_a_supernodes_connection():
+    missing = fi.missing_log_messages()
+    assert not missing, (f"flwr {fi.flower_version()} no longer writes {', '.join(missing)}: the site's supervisor "
+                         "cannot tell a connected SuperNode from one that retries; update SUPERNODE_LOG in "
+                         "client/flower_internals.py")
+    line = "\x1b[93mWARNING \x1b[0m:   Connection attempt failed, retrying in 0.13 seconds\n"
+    assert fi.supernode_event(line) == "retrying"
+    assert fi.supernode_event("INFO :      SuperNode ID: 123") == "connected"
+    assert fi.supernode_event("WARNING :   Giving up reconnection after 6.01 seconds and 6 tries.") == "gave-up"
+    assert fi.supernode_event("INFO :      Starting Flower SuperNode") is None
+
+
 def fab(publisher: str = "nearl", name: str = "nearl-federated", components: dict | None = None) -> bytes:
     comps = components or COMPONENTS
     text = (f'[project]\nname = "{name}"\nversion = "1.0.0"\n\n[tool.flwr.app]\npublisher = "{publisher}"\n\n'
@@ -172,13 +184,15 @@ def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grac
     from client import supervisor as sv
 
     class Proc:
+        shutting_down = False
+
         def __init__(self):
             self.signals = []
 
         def poll(self):
             return None
 
-        def send_signal(self, sig):
+        def signal(self, sig):
             self.signals.append(sig)
 
     spec = tmp_path / "spec.json"
@@ -195,6 +209,14 @@ def test_a_signalled_supervisor_tells_its_supernode_once_and_only_after_the_grac
     sup.forward_stop()
     sup.forward_stop()
     assert sup.supernode.signals == [signal.SIGTERM]
+    # one that logged its graceful exit got the group signal and is only slow to finish: left alone
+    late = sv.Supervisor(spec)
+    late.supernode = Proc()
+    late.supernode.shutting_down = True
+    late.on_signal(signal.SIGTERM, None)
+    now[0] += sv.FORWARD_GRACE
+    late.forward_stop()
+    assert late.supernode.signals == []
 
 
 def fake_installation(root: Path) -> Path:

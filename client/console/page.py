@@ -57,7 +57,7 @@ def _num(value: Any, digits: int = 3) -> str:
 # -- sections -----------------------------------------------------------------------------------------------
 def status_section(v: SiteView) -> str:
     s, w, last = v.status or {}, v.worker or {}, (v.worker or {}).get("last") or {}
-    reach = s.get("coordinator_reachable")
+    reach = s.get("connection") == "connected"  # the supervisor's view of the SuperNode's link (client.connection)
     connected = "connected" if v.running and reach else "not connected" if v.running else "site not running"
     message = v.messages[0] if v.messages else {}
     rows = [("site", h((v.site or {}).get("site") or s.get("site") or "-")),

@@ -6,10 +6,11 @@ Kubernetes probes and deploy/local-stack.sh all check the same endpoint:
 - coordinator: ``/health`` on the coordinator's port (``NEARL_PORT``) over TLS, verified with
   the federation CA (``NEARL_CERTS/ca.crt``; the server certificate always covers 127.0.0.1):
   nearl-server's Fleet proxy forwards it to the SuperLink on loopback, so both are checked;
-- site: the local SuperNode runtime API's ``/health`` (``NEARL_NODE_PORT``, default 9094) and,
-  on a warm site, its worker: the supervisor's ``status.json`` under
-  ``$NEARL_CLIENT_HOME/state/runtime`` is fresh and names live supervisor, SuperNode and
-  worker processes (the same check as ``nearl-client health --state-dir DIR``);
+- site: the local SuperNode runtime API's ``/health`` (``NEARL_NODE_PORT``, default 9094) and
+  the site's supervisor: its ``status.json`` under ``$NEARL_CLIENT_HOME/state/runtime`` is
+  fresh, names live supervisor, SuperNode and (warm site) worker processes, and the site has
+  not been without its coordinator for longer than its ``--connect-timeout`` (180 s when it
+  has none): the same check as ``nearl-client health --state-dir DIR`` (client/health.py);
 - mlflow: the tracking server's ``/health`` (``NEARL_MLFLOW_PORT``, default 5000).
 
 Exit 0 when healthy, 1 otherwise (one line saying why), 2 for a bad argument.
@@ -50,29 +51,21 @@ def probe(url: str, context: ssl.SSLContext | None) -> str | None:
         return str(getattr(err, "reason", err))
 
 
-def warm_worker_problem(max_age: float = 15.0) -> str | None:
-    """None when the site is cold (no status file) or its supervisor, SuperNode and worker are alive."""
-    import json
-
+def site_problem() -> str | None:
+    """None when client/health.py finds nothing wrong, or there is no status file yet (a site of an older NEARL)."""
     home = Path(os.environ.get("NEARL_CLIENT_HOME", "/var/lib/nearl/site"))
     path = home / "state" / "runtime" / "status.json"
     if not path.is_file():
         return None
     try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        return f"unreadable {path} ({err})"
-    if time.time() - float(status.get("time", 0)) > max_age:
-        return f"the warm site's supervisor has not written {path} for over {max_age:g}s"
-    for what in ("supervisor_pid", "supernode_pid", "worker_pid"):
-        pid = status.get(what)
-        try:
-            os.kill(int(pid), 0)
-        except (TypeError, ValueError, ProcessLookupError):
-            return f"the site's {what.removesuffix('_pid')} is not running"
-        except PermissionError:
-            pass
-    return None
+        from client import health
+    except ImportError as err:
+        return f"cannot import client.health ({err}); run this check with the site's Python"
+    status, why = health.read_status(path)
+    if status is None:
+        return why
+    found = health.problems(status, time.time())
+    return ", ".join(found) if found else None
 
 
 def main(argv: list[str]) -> int:
@@ -90,7 +83,7 @@ def main(argv: list[str]) -> int:
     while True:
         reason = probe(url, context)
         if reason is None and argv[0] == "site":
-            reason = warm_worker_problem()
+            reason = site_problem()
         if reason is None:
             print(f"healthcheck: {argv[0]} healthy ({url})")
             return 0

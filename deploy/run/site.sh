@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Start a NEARL hospital site (nearl-client: data check, then a Flower SuperNode) from
 # NEARL_* variables, as set by deploy/env/common.env + deploy/env/site.env + the site's own
-# file (deploy/env/site1.env, ...). The site container, deploy/compose.yaml and
-# deploy/local-stack.sh all start a site this way. TLS and SuperNode authentication are
-# always on; extra arguments go to nearl-client.
+# file (deploy/env/site1.env, ...). The site container (deploy/compose.yaml), deploy/local-stack.sh
+# and deploy/systemd/nearl-client@.service all start a site this way. TLS and
+# SuperNode authentication are always on; extra arguments go to nearl-client. The site exits 69 after
+# NEARL_CONNECT_TIMEOUT seconds without its coordinator, for its service manager to start it again.
 set -euo pipefail
 die() { echo "site.sh: $*" >&2; exit 2; }
 
@@ -21,6 +22,7 @@ args=(--site "$NEARL_SITE" --data "${NEARL_DATA:-/data}" --server "$NEARL_SERVER
 [[ -n "${NEARL_PRETRAINED:-}" ]] && args+=(--pretrained "$NEARL_PRETRAINED")
 [[ -n "${NEARL_MAX_EPSILON:-}" ]] && args+=(--max-epsilon "$NEARL_MAX_EPSILON")
 [[ -n "${NEARL_THREADS:-}" ]] && args+=(--threads "$NEARL_THREADS")
+[[ -n "${NEARL_CONNECT_TIMEOUT:-}" ]] && args+=(--connect-timeout "$NEARL_CONNECT_TIMEOUT")
 for fab in ${NEARL_ACCEPT_FAB:-}; do args+=(--accept-fab "$fab"); done
 [[ "${NEARL_COLD:-}" == 1 ]] && args+=(--cold)
 [[ -n "${NEARL_POLICY:-}" ]] && args+=(--policy "$NEARL_POLICY")
