@@ -25,6 +25,9 @@ class SiteBinding:
     state_dir: Path | None = None  # site-local state: the DP ledger and the audit trail
     max_epsilon: float | None = None  # the site's own DP ceiling (nearl-client --max-epsilon)
     coordinator: str = ""  # the address the node connects to, recorded in the audit trail
+    roster: Path | None = None  # the consortium roster this site pins (nearl-client --roster); None: no signing
+    auth_key: Path | None = None  # the SuperNode private key that signs its secure-aggregation keys (with a roster)
+    min_secure_sites: int | None = None  # the smallest secure round it joins (nearl-client --min-secure-sites)
 
     def privacy_dir(self) -> Path:
         return self.state_dir or Path.home() / ".nearl" / "sites" / self.site / "state"
@@ -41,9 +44,13 @@ def site_binding(node_config: Mapping[str, Any]) -> SiteBinding:
         raise ConfigError(f"node config site={site!r}: start the node with nearl-client --site NAME")
     if not data:
         raise ConfigError(f"site {site}: node config has no data-path; start the node with nearl-client --data DIR")
-    text = {k: str(node_config.get(k, "")).strip() or None for k in ("device", "pretrained", "state-dir")}
-    max_eps = node_config.get("max-epsilon")
+    text = {k: str(node_config.get(k, "")).strip() or None
+            for k in ("device", "pretrained", "state-dir", "roster", "auth-key")}
+    max_eps, min_sites = node_config.get("max-epsilon"), node_config.get("min-secure-sites")
     return SiteBinding(site, Path(data), text["device"], text["pretrained"],
                        Path(text["state-dir"]) if text["state-dir"] else None,
                        float(max_eps) if max_eps not in (None, "") else None,
-                       str(node_config.get("coordinator", "")))
+                       str(node_config.get("coordinator", "")),
+                       Path(text["roster"]) if text["roster"] else None,
+                       Path(text["auth-key"]) if text["auth-key"] else None,
+                       int(min_sites) if min_sites not in (None, "") else None)
