@@ -203,7 +203,7 @@ def run_federation(grid: Grid, run_config: dict[str, Any], workdir: str | Path |
             listener=listener, round_offset=start_round, total_rounds=settings.num_rounds,
             evaluate_in_train=settings.evaluate_in_train, wait_timeout=settings.wait_timeout,
             options=settings.strategy_options(), client_lr=cfg.train.lr, transport=settings.transport_dtype,
-            registry=load_registry(settings.site_registry), secure=settings.secagg_settings())
+            registry=load_registry(settings.site_registry, settings.roster), secure=settings.secagg_settings())
         if ckpt is not None:
             strategy.load_strategy_state(ckpt.strategy_state)
         runner = strategy
