@@ -8,6 +8,8 @@ real secrets (mask seed, mask private key, from the site's own state history) ca
 :func:`rebuild_update` then removes the masks from the site's masked vector, as the
 attacker would.  A test of a refused attack asserts that nothing came out; the positive
 controls (no roster) assert that the same attack does rebuild updates, so the yardstick works.
+:func:`rewritten` and :func:`signatures` are the coordinator's own tools: rewrite a message,
+read the survivor-set signatures it collected.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 import numpy as np
+from flwr.app import ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt
 from flwr.common.secure_aggregation.secaggplus_utils import share_keys_plaintext_separate
@@ -110,3 +113,21 @@ def rebuild_update(grid: InProcessGrid, got: Loot, node: int, seed: bytes, sk1: 
     for j in collect.content[keys.SECAGG][keys.SECAGG_PARTICIPANTS]:
         total = sa.sub(total, sa.pair_mask(sa.pair_secret(sk1, pk1[j]), me, j, masked.size, r))
     return total
+
+
+def rewritten(m, **changes):
+    """``m`` with its secure-aggregation record changed (its own content object)."""
+    rec = ConfigRecord({**m.content[keys.SECAGG], **changes})
+    m.content = RecordDict({**dict(m.content.items()), keys.SECAGG: rec})
+    return m
+
+
+def signatures(grid: InProcessGrid) -> dict[int, bytes]:
+    """participant -> its survivor-set signature, from the consistency replies the coordinator got."""
+    index, asked = participants(grid), {m.metadata.message_id: m.metadata.dst_node_id for m in grid.sent}
+    out = {}
+    for r in grid.received:
+        rec = None if r.has_error() else r.content.config_records.get(keys.SECAGG)
+        if rec is not None and set(rec.keys()) == {keys.SECAGG_SIGNATURE}:
+            out[index[asked[r.metadata.reply_to_message_id]]] = rec[keys.SECAGG_SIGNATURE]
+    return out

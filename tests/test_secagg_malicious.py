@@ -11,7 +11,6 @@ yardstick measures what it claims.
 from __future__ import annotations
 
 import pytest
-from flwr.app import ConfigRecord, RecordDict
 from flwr.common.secure_aggregation.crypto.symmetric_encryption import decrypt, encrypt
 from flwr.supercore.primitives.asymmetric import generate_key_pairs, private_key_to_bytes, public_key_to_bytes
 
@@ -20,18 +19,11 @@ from nearl_protocol import secagg as sa
 from nearl_protocol.roster import load_roster
 from server.secagg import SecAggSettings
 from tests.secagg_fakes import InProcessGrid, Site, make_sites, run_round, sent_update, site_key, stage_of, with_roster
-from tests.secagg_spy import loot, participants, rebuild_update, rebuilt
+from tests.secagg_spy import loot, participants, rebuild_update, rebuilt, rewritten, signatures
 
 SETTINGS, T = SecAggSettings(threshold=0.6, clip=0.1), 3  # 5 sites: threshold 3
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
-
-
-def rewritten(m, **changes):
-    """``m`` with its secure-aggregation record changed (its own content object)."""
-    rec = ConfigRecord({**m.content[keys.SECAGG], **changes})
-    m.content = RecordDict({**dict(m.content.items()), keys.SECAGG: rec})
-    return m
 
 
 def refused_by_all(sites: list[Site], reason: str) -> None:
@@ -212,17 +204,6 @@ def split_views(view_of: dict[int, tuple[list[int], list[int]]], forward: str):
                                    keys.SECAGG_SIGNATURES: [sigs[p] for p in chosen]})
         return m
     return tamper
-
-
-def signatures(grid: InProcessGrid) -> dict[int, bytes]:
-    """participant -> its survivor-set signature, from the consistency replies the coordinator got."""
-    index, asked = participants(grid), {m.metadata.message_id: m.metadata.dst_node_id for m in grid.sent}
-    out = {}
-    for r in grid.received:
-        rec = None if r.has_error() else r.content.config_records.get(keys.SECAGG)
-        if rec is not None and set(rec.keys()) == {keys.SECAGG_SIGNATURE}:
-            out[index[asked[r.metadata.reply_to_message_id]]] = rec[keys.SECAGG_SIGNATURE]
-    return out
 
 
 ALIVE, FIVE_DEAD = ([1, 2, 3, 4, 5], []), ([1, 2, 3, 4], [5])  # the seed share of 5 from some, its key from others
