@@ -26,7 +26,6 @@ anything else.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import socket
 import sys
@@ -91,10 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
-    if argv[:1] == ["audit"]:
-        return audit_main(argv[1:])
-    if argv[:1] == ["health"]:
-        return health_main(argv[1:])
+    if argv[:1] in (["audit"], ["health"]):
+        from client.subcommands import audit_main, health_main
+
+        return (audit_main if argv[0] == "audit" else health_main)(argv[1:])
     args = build_parser().parse_args(argv)
     try:
         cmd, env = prepare(args)
@@ -284,55 +283,6 @@ def backbone_fingerprint_of(cfg) -> str:
 
     backbone = build_backbone(cfg.model)
     return backbone_fingerprint(backbone.clip, backbone.name, backbone.source)
-
-
-def audit_main(argv: list[str]) -> int:
-    """``nearl-client audit --state-dir DIR [--json]``: what this site sent, per run."""
-    import json
-
-    from client import audit
-
-    p = argparse.ArgumentParser(prog=f"{PROG} audit", description="Summarise a site's audit trail per run.")
-    p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (holds audit.jsonl)")
-    p.add_argument("--json", action="store_true", help="machine-readable output")
-    args = p.parse_args(argv)
-    try:
-        runs = audit.summarise(audit.read_lines(args.state_dir.expanduser() / "audit.jsonl"))
-    except (OSError, ValueError) as err:
-        print(f"{PROG} audit: error: {err}", file=sys.stderr)
-        return 2
-    print(json.dumps(runs, indent=2) if args.json else audit.format_summary(runs))
-    return 0
-
-
-def health_main(argv: list[str]) -> int:
-    """``nearl-client health --state-dir DIR``: exit 0 when the warm site's supervisor and worker are alive."""
-    p = argparse.ArgumentParser(prog=f"{PROG} health", description="Health check of a warm site (container probe).")
-    p.add_argument("--state-dir", type=Path, required=True, help="the site's state dir (as given to nearl-client)")
-    p.add_argument("--max-age", type=float, default=15.0, help="seconds the supervisor's status may be old")
-    args = p.parse_args(argv)
-    from client.worker import pid_alive
-
-    path = args.state_dir.expanduser() / "runtime" / "status.json"
-    try:
-        status = json.loads(path.read_text())
-    except (OSError, ValueError) as err:
-        print(f"unhealthy: no status at {path} ({type(err).__name__})")
-        return 1
-    age = time.time() - float(status.get("time", 0))
-    problems = []
-    if age > args.max_age:
-        problems.append(f"status {age:.0f}s old")
-    for what in ("supervisor_pid", "supernode_pid", "worker_pid"):
-        pid = status.get(what)
-        if not pid or not pid_alive(int(pid)):
-            problems.append(f"{what.removesuffix('_pid')} not running")
-    if problems:
-        print(f"unhealthy: {', '.join(problems)}")
-        return 1
-    print(f"healthy: site {status.get('site')} worker pid {status['worker_pid']} "
-          f"({status.get('worker_restarts', 0)} restarts)")
-    return 0
 
 
 def split_server(server: str) -> tuple[str, int]:
