@@ -166,3 +166,20 @@ def test_a_coordinator_with_the_roster_drops_a_site_whose_key_is_not_on_it_and_t
     _, report, _, _ = run_round(sites, secure=SecAggSettings(threshold=0.6, clip=0.1), server_round=2)
     assert not report.aggregated  # without it, every honest site refuses the round
     assert all("which is not on the roster" in s.refusals()[-1] for s in sites[:4])
+
+
+def test_the_deploy_scripts_pass_the_roster_and_refuse_a_missing_one(tmp_path):
+    certs, key = tmp_path / "certs", tmp_path / "site-key"
+    certs.mkdir()
+    for f in ("ca.crt", "server.pem", "server.key"):
+        (certs / f).write_text("x")
+    key.write_text("x")
+    (tmp_path / "siteA.pub").write_text("x")
+    base = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": str(tmp_path), "NEARL_CERTS": str(certs),
+            "NEARL_ROSTER": str(tmp_path / "none.json")}
+    for script, env in (("site.sh", {"NEARL_SITE": "siteA", "NEARL_SERVER": "x:1", "NEARL_AUTH_KEY": str(key)}),
+                        ("coordinator.sh", {"NEARL_AUTH_KEYS": str(tmp_path)})):
+        res = subprocess.run(["bash", str(ROOT / "deploy" / "run" / script)], env={**base, **env},
+                             capture_output=True, text=True, timeout=60)
+        assert res.returncode == 2 and res.stderr == (f"{script}: NEARL_ROSTER={tmp_path / 'none.json'} not found; "
+                                                      "mount the consortium's roster.json (deploy/make-roster.sh)\n")

@@ -18,7 +18,7 @@ from nearl_protocol import keys
 from nearl_protocol import secagg as sa
 from nearl_protocol.roster import load_roster
 from server.secagg import SecAggSettings
-from tests.secagg_fakes import InProcessGrid, Site, make_sites, run_round, sent_update, site_key, stage_of, with_roster
+from tests.secagg_fakes import InProcessGrid, Site, make_sites, run_round, sent_update, stage_of, with_roster
 from tests.secagg_spy import loot, participants, rebuild_update, rebuilt, rewritten, signatures
 
 SETTINGS, T = SecAggSettings(threshold=0.6, clip=0.1), 3  # 5 sites: threshold 3
