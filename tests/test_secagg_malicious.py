@@ -262,6 +262,22 @@ def test_a_request_for_both_shares_of_one_peer_gets_nothing(tmp_path, tamper, re
     nothing_rebuilt(grid, sites)
 
 
+def skip_consistency(grid: InProcessGrid, m):
+    """The coordinator asks for shares at once, without collecting the survivors' signatures."""
+    if stage_of(m) != sa.CONSISTENCY:
+        return m
+    return rewritten(m, **{keys.SECAGG_STAGE: sa.UNMASK, keys.SECAGG_SIGNERS: [], keys.SECAGG_SIGNATURES: []})
+
+
+def test_an_unmask_request_that_skips_the_consistency_stage_gets_nothing(tmp_path):
+    sites = signed(tmp_path)
+    _, report, grid, _ = run_round(sites, secure=SETTINGS, grid=InProcessGrid(sites, tamper=skip_consistency))
+    refused_by_all(sites, "secure aggregation round 1: this site is past stage 'collect', the message needs stage "
+                          "'consistency' done last; refusing")
+    aborted(report, "consistency")
+    nothing_rebuilt(grid, sites)
+
+
 def test_a_second_unmask_request_after_an_honest_one_gets_nothing(tmp_path):
     sites = signed(tmp_path)
     _, report, grid, _ = run_round(sites, secure=SETTINGS)
