@@ -66,7 +66,8 @@ def parse_public_key(text: str, what: str) -> ec.EllipticCurvePublicKey:
         key = (serialization.load_pem_public_key(data) if data.startswith(b"-----")
                else serialization.load_ssh_public_key(data))
     except (ValueError, TypeError) as err:
-        raise RosterError(f"{what} is not a public key ({err}); use the .pub that deploy/make-site-key.sh wrote") from None
+        raise RosterError(f"{what} is not a public key ({err}); use the .pub that deploy/make-site-key.sh "
+                          "wrote") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise RosterError(f"{what} is a {type(key).__name__}, not an EC key; make it with deploy/make-site-key.sh")
     return key
@@ -77,7 +78,8 @@ def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
     try:
         data = Path(path).read_bytes()
     except OSError as err:
-        raise RosterError(f"--auth-key {path}: {err.strerror or err}; make one with deploy/make-site-key.sh SITE") from None
+        raise RosterError(f"--auth-key {path}: {err.strerror or err}; make one with deploy/make-site-key.sh "
+                          "SITE") from None
     try:
         key = (serialization.load_ssh_private_key(data, None) if b"OPENSSH" in data
                else serialization.load_pem_private_key(data, None))

@@ -164,8 +164,8 @@ def site_key(folder: Path, name: str) -> tuple[Path, Path]:
     private, public = folder / name, folder / f"{name}.pub"
     private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                           serialization.NoEncryption()))
-    public.write_bytes(key.public_key().public_bytes(serialization.Encoding.OpenSSH,
-                                                     serialization.PublicFormat.OpenSSH) + f" nearl-site-{name}\n".encode())
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public.write_bytes(line + f" nearl-site-{name}\n".encode())
     return private, public
 
 

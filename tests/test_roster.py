@@ -144,7 +144,9 @@ def test_nearl_server_refuses_a_site_key_that_is_not_on_the_roster(consortium, c
 
 def test_the_servers_site_registry_must_agree_with_the_roster(consortium, tmp_path):
     _, keys_dir, roster = consortium
-    entry = lambda name, node: {"public_key": (keys_dir / f"{name}.pub").read_text().strip(), "node_id": node}  # noqa: E731
+
+    def entry(name: str, node: int) -> dict:
+        return {"public_key": (keys_dir / f"{name}.pub").read_text().strip(), "node_id": node}
     registry = tmp_path / "site-registry.json"
     registry.write_text(json.dumps({"sites": {"siteA": entry("siteA", 1), "siteB": entry("siteB", 2)}}))
     assert load_registry(registry, roster) == {1: "siteA", 2: "siteB"}
