@@ -193,7 +193,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 
 def check_roster(args: argparse.Namespace, auth_key: Path | None, certs) -> Path | None:
     """``--roster`` and ``--min-secure-sites`` at start (:func:`client.secagg_auth.pin_roster`); the roster's path."""
-    from client.secagg_auth import pin_roster
+    from client.secagg_auth import DEFAULT_MIN_SITES as DEFAULT_MIN_SECURE_SITES, pin_roster
     from nearl_protocol.roster import RosterError
 
     if args.roster is None:
@@ -213,6 +213,9 @@ def check_roster(args: argparse.Namespace, auth_key: Path | None, certs) -> Path
                          "sites), e.g. 3")
     print(f"{PROG}: roster {path}: {len(roster.members)} sites, sha256 {roster.digest} (compare it with the "
           "consortium's)", flush=True)
+    if args.min_secure_sites is None and len(roster.members) < DEFAULT_MIN_SECURE_SITES:
+        print(f"{PROG}: warning: the roster names {len(roster.members)} sites, fewer than the default "
+              f"--min-secure-sites {DEFAULT_MIN_SECURE_SITES}: this site will refuse every secure round", flush=True)
     return path
 
 
