@@ -136,10 +136,12 @@ class Stopwatch:
 
 
 def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop: str | None,
-             extra: dict | None = None) -> dict:
+             extra: dict | None = None, roster: Path | None = None) -> dict:
     """One in-process federation; per-round seconds and bytes, final accuracy and adapters.
 
     ``extra``: more run-config keys (e.g. ``federation.local`` for a personalized federation).
+    ``roster``: every site and the coordinator pin it (signed rounds); site ``siteK``'s SuperNode
+    key is ``roster``'s folder / ``siteK`` (bench/secagg_roster.py makes them).
     """
     from flwr.supercore.task_identity import TaskIdentity
 
@@ -152,12 +154,14 @@ def federate(data: Path, work: Path, sites: int, rounds: int, secure: bool, drop
     TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
     work.mkdir(parents=True, exist_ok=True)
     bindings = {100 + i: SiteBinding(f"site{i + 1}", data / f"site{i + 1}", state_dir=work / f"state-site{i + 1}",
-                                     coordinator="in-process") for i in range(sites)}
+                                     coordinator="in-process", roster=roster,
+                                     auth_key=roster.parent / f"site{i + 1}" if roster else None)
+                for i in range(sites)}
     grid = LocalGrid(bindings, (drop, "unmask", 1) if drop else None)
     progress = work / "progress.jsonl"
     run_config = {"num-server-rounds": rounds, "config": "demo", "min-nodes": sites, "local-epochs": 1,
                   "mlflow-uri": "", "checkpoint-dir": "", "progress-file": str(progress), "wait-timeout": 5.0,
-                  "secure-aggregation": secure, **(extra or {})}
+                  "secure-aggregation": secure, **({"roster": str(roster)} if roster else {}), **(extra or {})}
     t0 = time.perf_counter()
     with Stopwatch() as secagg_time:
         out = run_federation(grid, run_config, workdir=work)

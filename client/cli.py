@@ -1,8 +1,9 @@
 """``nearl-client``: join a hospital site to a NEARL federation.
 
     nearl-client --site siteA --data /path/to/site [--server host:port] [--certs DIR | --insecure]
-                 [--auth-key KEY] [--config X] [--port P] [--device auto|cpu|cuda]
-                 [--connect-timeout S] [--cold | --accept-fab SHA256 ...] [--policy FILE]
+                 [--auth-key KEY [--roster FILE [--min-secure-sites N]]] [--config X] [--port P]
+                 [--device auto|cpu|cuda] [--connect-timeout S] [--cold | --accept-fab SHA256 ...]
+                 [--policy FILE]
 
 By default the site is *warm*: the SuperNode runs with process isolation and one
 long-lived site worker (:mod:`client.worker`) answers every message with this
@@ -55,6 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--auth-key", type=Path, default=None,
                    help="this site's private key (deploy/make-site-key.sh); its .pub must be registered at the server")
+    p.add_argument("--roster", type=Path, default=None, metavar="FILE",
+                   help="the consortium roster (deploy/make-roster.sh): in secure rounds this site signs its keys "
+                        "with --auth-key and uses only peers on the roster whose signatures verify; without it the "
+                        "site trusts the coordinator's list of peers (honest-but-curious coordinator only)")
+    p.add_argument("--min-secure-sites", type=int, default=None, metavar="N",
+                   help="refuse a secure round with fewer than N roster members, or whose sum would cover fewer "
+                        "than N sites' updates (default 3; needs --roster)")
     p.add_argument("--config", default=None,
                    help="the federation's NEARL config, for the class list checked here (default: the folders' "
                         "classes; the coordinator's config decides them when a run starts)")
@@ -121,6 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{PROG}: site {args.site} joining {args.server} ({'INSECURE, no TLS' if args.insecure else 'TLS'}"
           f"{', authenticated' if args.auth_key else ''}; {how}; {describe_limit(limit_of(args.connect_timeout))})",
           flush=True)
+    if args.roster is None:
+        print(f"{PROG}: warning: no --roster: in secure-aggregation rounds this site trusts the coordinator's list "
+              "of peers, which protects its update from an honest-but-curious coordinator only (docs/security.md)",
+              flush=True)
     try:
         cmd = supervisor_command(args, cmd, env)
     except NearlError as err:
@@ -168,6 +180,7 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
             raise NearlError(f"--auth-key {auth_key} not found; make one with deploy/make-site-key.sh {args.site}")
         if certs is None:
             raise NearlError("--auth-key needs TLS: drop --insecure and pass --certs DIR")
+    roster = check_roster(args, auth_key, certs)
     home = Path(os.environ.get("NEARL_CLIENT_HOME", Path.home() / ".nearl" / "sites" / args.site)).expanduser()
     if args.cold or args.check_only:  # a warm site's worker builds it once and prints it (client/worker.py)
         print(f"{PROG}: backbone fingerprint {backbone_fingerprint_of(cfg)}", flush=True)
@@ -181,6 +194,10 @@ def prepare(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         node_config["local-baseline"] = False
     if args.pretrained:
         node_config["pretrained"] = str(Path(args.pretrained).expanduser().resolve())
+    if roster is not None:
+        node_config.update({"roster": str(roster), "auth-key": str(auth_key)})
+        if args.min_secure_sites is not None:
+            node_config["min-secure-sites"] = args.min_secure_sites
     if args.max_epsilon is not None:
         if args.max_epsilon <= 0:
             raise NearlError(f"--max-epsilon {args.max_epsilon}: give a positive budget, e.g. --max-epsilon 3")
@@ -225,6 +242,34 @@ def site_policy(args: argparse.Namespace, certs) -> dict | None:
     print(f"{PROG}: site policy {args.policy}: approval {policy.approval}"
           f"{', methods ' + ', '.join(policy.methods) if policy.methods else ''}", flush=True)
     return policy.to_dict()
+
+
+def check_roster(args: argparse.Namespace, auth_key: Path | None, certs) -> Path | None:
+    """``--roster`` and ``--min-secure-sites`` at start (:func:`client.secagg_auth.pin_roster`); the roster's path."""
+    from client.secagg_auth import DEFAULT_MIN_SITES as DEFAULT_MIN_SECURE_SITES, pin_roster
+    from nearl_protocol.roster import RosterError
+
+    if args.roster is None:
+        if args.min_secure_sites is not None:
+            raise NearlError("--min-secure-sites counts roster members: give the consortium roster with --roster FILE")
+        return None
+    if auth_key is None:
+        raise NearlError("--roster needs this site's --auth-key KEY: the site signs its secure-aggregation keys "
+                         "with it")
+    path = args.roster.expanduser().resolve()
+    try:
+        roster = pin_roster(path, args.site, auth_key, certs.ca if certs is not None else None)
+    except RosterError as err:
+        raise NearlError(str(err)) from None
+    if args.min_secure_sites is not None and not 2 <= args.min_secure_sites <= len(roster.members):
+        raise NearlError(f"--min-secure-sites {args.min_secure_sites}: give 2 to {len(roster.members)} (the roster's "
+                         "sites), e.g. 3")
+    print(f"{PROG}: roster {path}: {len(roster.members)} sites, sha256 {roster.digest} (compare it with the "
+          "consortium's)", flush=True)
+    if args.min_secure_sites is None and len(roster.members) < DEFAULT_MIN_SECURE_SITES:
+        print(f"{PROG}: warning: the roster names {len(roster.members)} sites, fewer than the default "
+              f"--min-secure-sites {DEFAULT_MIN_SECURE_SITES}: this site will refuse every secure round", flush=True)
+    return path
 
 
 def thread_env(threads: int | None) -> dict[str, str]:

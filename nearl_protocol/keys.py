@@ -59,7 +59,7 @@ WORKER = (WORKER_PID, WORKER_BUILDS, WORKER_WARM)  # per-site facts, never avera
 # -- secure aggregation (nearl_protocol.secagg) --------------------------------------------------
 SECAGG_MESSAGE_TYPE = "train.secagg"  # key setup, key sharing and unmasking (a ClientApp's @app.train("secagg"))
 SECAGG = "secagg"  # ConfigRecord of every secure-aggregation message and stage reply
-SECAGG_STAGE = "secagg-stage"  # setup, share-keys, collect (the train instruction), unmask
+SECAGG_STAGE = "secagg-stage"  # setup, share-keys, collect (the train instruction), consistency, unmask
 SECAGG_INDEX = "secagg-index"  # the site's participant number in this round (1..n), its Shamir share index
 SECAGG_SITES = "secagg-sites"  # n: participants sampled for the round
 SECAGG_THRESHOLD = "secagg-threshold"  # t: shares needed to reconstruct a secret (t > n / 2)
@@ -73,6 +73,13 @@ SECAGG_CIPHERTEXTS = "secagg-ciphertexts"  # encrypted share pairs (share-keys r
 SECAGG_ACTIVE = "secagg-active"  # unmask: participants whose masked update is summed (their seed shares)
 SECAGG_DEAD = "secagg-dead"  # unmask: participants that dropped after sharing keys (their key shares)
 SECAGG_SHARES = "secagg-shares"  # unmask reply: one share per participant of SECAGG_PARTICIPANTS
+SECAGG_NAME = "secagg-name"  # setup reply: the site name it signs its keys under (nearl_protocol.signing)
+SECAGG_KEY_ID = "secagg-key-id"  # setup reply: the roster fingerprint of the key that signed ("": unsigned)
+SECAGG_SIGNATURE = "secagg-signature"  # setup reply: the key advertisement's; consistency reply: the survivor set's
+SECAGG_NAMES = "secagg-names"  # share-keys: SECAGG_NAME by participant
+SECAGG_KEY_IDS = "secagg-key-ids"  # share-keys: SECAGG_KEY_ID by participant
+SECAGG_SIGNATURES = "secagg-signatures"  # share-keys: the advertisements'; unmask: the survivor set's, by signer
+SECAGG_SIGNERS = "secagg-signers"  # unmask: the participants whose survivor-set signatures it carries
 MASKED = "masked-update"  # the one array of a masked train reply: uint32, the adapters' length + 2
 
 # -- MLflow metric names (the federation's run; dashboards read them, so they never change) ------

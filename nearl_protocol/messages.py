@@ -157,5 +157,19 @@ def metrics_of(content: RecordDict) -> dict[str, float]:
 
 
 def record_bytes(content: RecordDict) -> int:
-    """Serialized payload size of a message's records (array bytes dominate)."""
-    return int(sum(rec.count_bytes() for rec in content.values()))
+    """Serialized payload size of a message's records (array bytes dominate).
+
+    A ConfigRecord is counted here as Flower counts it (key length + value bytes, 8 per
+    number, 1 per bool), because Flower's own count fails on an empty string, bytes or
+    list, which a secure-aggregation record can hold (an unsigned round's signature).
+    """
+    total = 0
+    for rec in content.values():
+        if not isinstance(rec, ConfigRecord):
+            total += rec.count_bytes()
+            continue
+        for k, v in rec.items():
+            items = v if isinstance(v, list) else [v]
+            total += len(k) + sum(len(x) if isinstance(x, (bytes, str)) else 1 if isinstance(x, bool) else 8
+                                  for x in items)
+    return int(total)

@@ -1,18 +1,23 @@
 """Secure aggregation (SecAgg+, Bell et al. 2020) on the Message API: what both sides must agree on.
 
-A round with secure aggregation has four exchanges (:data:`STAGES`), driven by
-:mod:`server.secagg` and answered by :mod:`client.secagg`:
+A round with secure aggregation has four exchanges (:data:`STAGES`), five when it is
+signed, driven by :mod:`server.secagg` and answered by :mod:`client.secagg`:
 
 1. ``setup``: each sampled site gets its participant number (1..n) and the round's
-   parameters (:class:`Params`) and answers with two fresh ECDH public keys;
-2. ``share-keys``: each site gets every participant's public keys, Shamir-shares its own
-   mask seed and its mask private key (threshold t) and answers with one encrypted share
-   pair per other participant (only the addressee can decrypt it);
+   parameters (:class:`Params`) and answers with two fresh ECDH public keys, signed with
+   its SuperNode key when it pins a roster (:mod:`nearl_protocol.signing`);
+2. ``share-keys``: each site gets every participant's public keys (and signatures, which a
+   site with a roster checks before it uses any of them), Shamir-shares its own mask seed
+   and its mask private key (threshold t) and answers with one encrypted share pair per
+   other participant (only the addressee can decrypt it);
 3. ``collect``: the ordinary train instruction, carrying the share pairs addressed to the
    site; the site trains and answers with its *masked* weighted update (:func:`encode`
    then :func:`add_masks`), uint32, never the update itself;
-4. ``unmask``: the survivors answer with the shares the server needs: the seed shares of
-   the sites whose masked update it holds and the key shares of the sites that dropped.
+4. ``consistency`` (signed rounds only): each survivor signs the survivor set the
+   coordinator tells it (who is summed, who dropped);
+5. ``unmask``: the survivors answer with the shares the server needs: the seed shares of
+   the sites whose masked update it holds and the key shares of the sites that dropped;
+   in a signed round only against at least t valid signatures over the set each signed.
 
 The neighbourhood of every site is the whole round (a complete graph: hospitals are few).
 Masks come from AES-256-CTR keyed (through HKDF-SHA256) with the full 32-byte agreed
@@ -36,8 +41,8 @@ from flwr.supercore.primitives.asymmetric import bytes_to_private_key, bytes_to_
 
 from nearl_protocol import keys
 
-SETUP, SHARE_KEYS, COLLECT, UNMASK = "setup", "share-keys", "collect", "unmask"
-STAGES = (SETUP, SHARE_KEYS, COLLECT, UNMASK)
+SETUP, SHARE_KEYS, COLLECT, CONSISTENCY, UNMASK = "setup", "share-keys", "collect", "consistency", "unmask"
+STAGES = (SETUP, SHARE_KEYS, COLLECT, CONSISTENCY, UNMASK)
 MODULUS_BITS = 32  # masked values live in Z_(2^32): uint32 on the wire, as many bytes as float32
 INT_LIMIT = 2**31 - 1  # the signed sum of every site's quantized update must stay within +-INT_LIMIT
 EXTRA_SLOTS = 2  # after the update: the site's weight and how many of its coordinates it clipped
@@ -175,21 +180,26 @@ def sub(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 
 # -- record layouts ---------------------------------------------------------------------------------------
-LIST_INT, LIST_BYTES = "list[int]", "list[bytes]"
+LIST_INT, LIST_BYTES, LIST_STR = "list[int]", "list[bytes]", "list[str]"
 INSTRUCTION: dict[str, dict[str, Any]] = {  # stage -> key -> type, of the SECAGG record the server sends
     SETUP: {keys.SECAGG_STAGE: str, keys.SERVER_ROUND: int, keys.SECAGG_INDEX: int, keys.SECAGG_SITES: int,
             keys.SECAGG_THRESHOLD: int, keys.SECAGG_CLIP: float, keys.SECAGG_MAX_WEIGHT: int,
             keys.SECAGG_EQUAL_WEIGHTS: bool},
     SHARE_KEYS: {keys.SECAGG_STAGE: str, keys.SERVER_ROUND: int, keys.SECAGG_PARTICIPANTS: LIST_INT,
-                 keys.SECAGG_PK1: LIST_BYTES, keys.SECAGG_PK2: LIST_BYTES},
+                 keys.SECAGG_NAMES: LIST_STR, keys.SECAGG_KEY_IDS: LIST_STR, keys.SECAGG_PK1: LIST_BYTES,
+                 keys.SECAGG_PK2: LIST_BYTES, keys.SECAGG_SIGNATURES: LIST_BYTES},
     COLLECT: {keys.SECAGG_STAGE: str, keys.SERVER_ROUND: int, keys.SECAGG_PARTICIPANTS: LIST_INT,
               keys.SECAGG_CIPHERTEXTS: LIST_BYTES},
+    CONSISTENCY: {keys.SECAGG_STAGE: str, keys.SERVER_ROUND: int, keys.SECAGG_ACTIVE: LIST_INT,
+                  keys.SECAGG_DEAD: LIST_INT},
     UNMASK: {keys.SECAGG_STAGE: str, keys.SERVER_ROUND: int, keys.SECAGG_ACTIVE: LIST_INT,
-             keys.SECAGG_DEAD: LIST_INT},
+             keys.SECAGG_DEAD: LIST_INT, keys.SECAGG_SIGNERS: LIST_INT, keys.SECAGG_SIGNATURES: LIST_BYTES},
 }
 REPLY: dict[str, dict[str, Any]] = {  # stage -> key -> type, of the SECAGG record a site answers with
-    SETUP: {keys.SECAGG_PK1: bytes, keys.SECAGG_PK2: bytes},
+    SETUP: {keys.SECAGG_PK1: bytes, keys.SECAGG_PK2: bytes, keys.SECAGG_NAME: str, keys.SECAGG_KEY_ID: str,
+            keys.SECAGG_SIGNATURE: bytes},
     SHARE_KEYS: {keys.SECAGG_PARTICIPANTS: LIST_INT, keys.SECAGG_CIPHERTEXTS: LIST_BYTES},
+    CONSISTENCY: {keys.SECAGG_SIGNATURE: bytes},
     UNMASK: {keys.SECAGG_PARTICIPANTS: LIST_INT, keys.SECAGG_SHARES: LIST_BYTES},
 }
 
@@ -199,6 +209,8 @@ def _is(value: Any, kind: Any) -> bool:
         return isinstance(value, list) and all(type(v) is int for v in value)
     if kind == LIST_BYTES:
         return isinstance(value, list) and all(isinstance(v, bytes) for v in value)
+    if kind == LIST_STR:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
     if kind is float:
         return type(value) in (float, int)
     return type(value) is kind
@@ -215,18 +227,11 @@ def check_record(record: Mapping[str, Any], layout: Mapping[str, Any], what: str
 
 
 def content_bytes(content: Any) -> int:
-    """Payload bytes of a message's records, as :func:`nearl_protocol.messages.record_bytes` counts them;
-    Flower's own count fails on an empty list or string, which secure-aggregation records can hold."""
-    total = 0
-    for rec in content.values():
-        if not hasattr(rec, "items") or type(rec).__name__ != "ConfigRecord":
-            total += rec.count_bytes()
-            continue
-        for k, v in rec.items():
-            items = v if isinstance(v, list) else [v]
-            total += len(k) + sum(len(x) if isinstance(x, (bytes, str)) else 1 if isinstance(x, bool) else 8
-                                  for x in items)
-    return int(total)
+    """Payload bytes of a message's records (:func:`nearl_protocol.messages.record_bytes`, which also counts the
+    empty lists, strings and bytes that secure-aggregation records can hold)."""
+    from nearl_protocol.messages import record_bytes
+
+    return record_bytes(content)
 
 
 def stage_of(record: Mapping[str, Any]) -> str:

@@ -1,7 +1,7 @@
 """``nearl-server``: run a NEARL federation as its coordinator.
 
     nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--local-port P] [--certs DIR | --insecure]
-                 [--auth-keys DIR] [--mlflow-uri U] [--checkpoint-dir D] [--resume D]
+                 [--auth-keys DIR [--roster FILE]] [--mlflow-uri U] [--checkpoint-dir D] [--resume D]
 
 Starts a Flower SuperLink on 127.0.0.1 (runtime dependency installation disabled: the app
 runs in this environment) and, on the public ``--host/--port``, a proxy that forwards the
@@ -61,6 +61,9 @@ def build_parser() -> argparse.ArgumentParser:
     tls.add_argument("--insecure", action="store_true", help="no TLS (loopback tests only)")
     p.add_argument("--auth-keys", type=Path, default=None,
                    help="folder of site public keys (*.pub): enables SuperNode authentication; only these sites join")
+    p.add_argument("--roster", type=Path, default=None, metavar="FILE",
+                   help="the consortium roster (deploy/make-roster.sh): every --auth-keys key must be on it; in secure "
+                        "rounds a site whose signed keys do not verify is dropped (needs --auth-keys)")
     p.add_argument("--resume", type=Path, default=None, metavar="DIR",
                    help="continue the run checkpointed in DIR from its last complete round (same MLflow run)")
     p.add_argument("--superlink-db", type=Path, default=None, metavar="FILE",
@@ -137,9 +140,10 @@ class Server:
             raise NearlError(f"config {flags.config_name(a)} names no task.classes: a federation needs the same "
                              "list at every site; add them to the config or pass --set task.classes=A,B,C")
         config_file = write_config(cfg, self.state_dir / "nearl-config.yaml")
+        roster = self.check_roster()
         fed = options.settings_from_args(
             a, settings.SERVER, federation_sets, config=str(config_file), checkpoint_dir=str(self.checkpoint_dir),
-            resume=a.resume is not None, progress_file=str(self.state_dir / "progress.jsonl"))
+            resume=a.resume is not None, progress_file=str(self.state_dir / "progress.jsonl"), roster=roster)
         fed = replace(fed, mlflow_uri=resolve_tracking_uri(fed.mlflow_uri, os.getcwd()))
         certs = None if a.insecure else Certs((a.certs or Path("deploy/secrets/certs")).expanduser().resolve())
         if certs is not None:
@@ -160,7 +164,30 @@ class Server:
         elif complete_rounds(self.checkpoint_dir):
             raise NearlError(f"{self.checkpoint_dir} already holds checkpoints of an earlier run; continue it with "
                              f"--resume {self.checkpoint_dir} or choose another --checkpoint-dir")
+        if fed.secure_aggregation and not roster:
+            print(f"{PROG}: warning: secure aggregation without --roster: the sites' keys are not authenticated "
+                  "here; sites without a roster protect their updates only from an honest-but-curious coordinator "
+                  "(docs/security.md, Secure aggregation)", flush=True)
         return fed, certs
+
+    def check_roster(self) -> str:
+        """``--roster``: readable, and every site key in ``--auth-keys`` on it under its file's name; its path."""
+        from nearl_protocol.roster import RosterError, check_site_key, load_roster
+
+        a = self.args
+        if a.roster is None:
+            return ""
+        if a.auth_keys is None:
+            raise NearlError("--roster needs --auth-keys DIR: the roster pins the sites' SuperNode keys")
+        path = a.roster.expanduser().resolve()
+        try:
+            roster = load_roster(path)
+            for key in sorted(a.auth_keys.glob("*.pub")):
+                check_site_key(roster, key.stem, key.read_text(), f"--auth-keys {key}")
+        except RosterError as err:
+            raise NearlError(str(err)) from None
+        print(f"{PROG}: roster {path}: {len(roster.members)} sites, sha256 {roster.digest}", flush=True)
+        return str(path)
 
     # -- the run -----------------------------------------------------------------------------------
     def run(self) -> int:

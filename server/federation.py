@@ -125,7 +125,7 @@ def federate(grid: Grid, settings: FederationSettings, cfg: NearlConfig, fingerp
         fraction_train=settings.fraction_train, listener=listener, round_offset=start_round,
         total_rounds=settings.num_rounds, evaluate_in_train=settings.evaluate_in_train,
         wait_timeout=settings.wait_timeout, options=settings.strategy_options(), client_lr=cfg.train.lr,
-        transport=settings.transport_dtype, registry=load_registry(settings.site_registry),
+        transport=settings.transport_dtype, registry=load_registry(settings.site_registry, settings.roster),
         secure=settings.secagg_settings())
     if ckpt is not None:
         strategy.load_strategy_state(ckpt.strategy_state)

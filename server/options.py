@@ -81,7 +81,7 @@ def settings_from_args(args: argparse.Namespace, engine: str, federation_sets: M
 
 def federation_keys() -> frozenset[str]:
     """The run-config keys ``--set`` accepts besides NEARL's ``section.key`` (what the commands do not set)."""
-    internal = {"config", "resume", "progress_file", "site_registry"}
+    internal = {"config", "resume", "progress_file", "site_registry", "roster"}
     return frozenset(run_config_key(f.name) for f in setting_fields() if f.name not in internal)
 
 

@@ -22,6 +22,7 @@ from typing import Mapping
 import numpy as np
 from flwr.app import RecordDict
 
+from nearl_core.errors import ConfigError
 from nearl_core.transport import wire_schema, widen_flat
 from nearl_protocol import keys
 from nearl_protocol.arrays import PayloadError
@@ -75,12 +76,26 @@ class SiteIdentities:
         return claimed, None
 
 
-def load_registry(path: str | Path | None) -> dict[int, str]:
-    """node id -> site name from the registry file nearl-server writes when it registers site keys."""
+def load_registry(path: str | Path | None, roster: str | Path | None = None) -> dict[int, str]:
+    """node id -> site name from the registry file nearl-server writes when it registers site keys.
+
+    With the consortium roster (``nearl-server --roster``) every registered key must be on it
+    under the same name: a ConfigError names the first that is not.
+    """
     if not path:
         return {}
     raw = json.loads(Path(path).read_text())
-    return {int(entry["node_id"]): site for site, entry in raw.get("sites", {}).items() if entry.get("node_id")}
+    sites = raw.get("sites", {})
+    if roster:
+        from nearl_protocol.roster import RosterError, check_site_key, load_roster
+
+        pinned = load_roster(Path(roster))
+        try:
+            for site, entry in sites.items():
+                check_site_key(pinned, site, entry["public_key"], f"site registry {path}")
+        except RosterError as err:
+            raise ConfigError(str(err)) from None
+    return {int(entry["node_id"]): site for site, entry in sites.items() if entry.get("node_id")}
 
 
 def read_update(content: RecordDict, layout: FlatLayout, transport: str = "float32"

@@ -14,6 +14,13 @@ after it is a *dead* participant whose pairwise masks the survivors' key shares 
 (its own update is never recovered: only its mask key, never its seed, is reconstructed).
 Whenever fewer than the threshold t remain, the round aborts with :class:`SecAggAbort`:
 its reason names the stage and the counts, and the global adapters stay unchanged.
+
+Signed rounds: when every setup reply is signed (the sites pin a roster), the share-keys
+instruction relays the signatures and, before unmasking, a ``consistency`` exchange
+collects each survivor's signature over the survivor set, which the unmask request then
+carries (:mod:`nearl_protocol.signing`).  With the roster itself (``nearl-server
+--roster``) the coordinator checks them too and drops a site whose signature fails, so
+one misconfigured site costs a dropout instead of every honest site refusing the round.
 """
 
 from __future__ import annotations
@@ -28,6 +35,7 @@ from flwr.common.secure_aggregation.crypto.shamir import combine_shares
 
 from nearl_protocol import keys
 from nearl_protocol import secagg as sa
+from nearl_protocol import signing
 from nearl_protocol.arrays import PayloadError, decode_array
 from nearl_protocol.messages import read_reply
 from server.settings import default
@@ -48,6 +56,7 @@ class SecAggSettings:
     max_weight: int = default("secagg_max_weight")
     equal_weights: bool = default("equal_weights")
     timeout: float = default("secagg_timeout")
+    roster: Any = None  # nearl_protocol.roster.Roster (nearl-server --roster) or None
 
 
 @dataclass
@@ -60,6 +69,9 @@ class SecAggRound:
     index: dict[int, int] = field(default_factory=dict)  # node -> participant number
     pk1: dict[int, bytes] = field(default_factory=dict)  # participant -> mask public key (setup survivors)
     sharing: list[int] = field(default_factory=list)  # participants that completed key sharing (U2)
+    signed: bool = False  # every participant signed its keys: the consistency stage runs before unmask
+    key_ids: dict[int, str] = field(default_factory=dict)  # participant -> roster fingerprint it signed with
+    run_id: int = 0
     bytes_sent: int = 0
     bytes_received: int = 0
     dropped: dict[str, list[int]] = field(default_factory=dict)  # stage -> participants lost there
@@ -121,14 +133,19 @@ class SecAggRound:
         self.params = sa.Params(len(nodes), sa.threshold_for(len(nodes), s.threshold), s.clip, s.max_weight,
                                 s.equal_weights)
         self.params.check()
+        self.run_id = int(messages[0].metadata.run_id)
         setup = self._exchange(grid, {n: {keys.SECAGG_INDEX: i, **self.params.to_config()}
                                       for n, i in self.index.items()}, sa.SETUP)
-        self._need(len(setup), sa.SETUP)
-        who = sorted(setup)
-        keys_of = {i: (setup[i][keys.SECAGG][keys.SECAGG_PK1], setup[i][keys.SECAGG][keys.SECAGG_PK2]) for i in who}
-        self.pk1 = {i: pk[0] for i, pk in keys_of.items()}
-        record = {keys.SECAGG_PARTICIPANTS: who, keys.SECAGG_PK1: [keys_of[i][0] for i in who],
-                  keys.SECAGG_PK2: [keys_of[i][1] for i in who]}
+        adverts = self._verified({i: c[keys.SECAGG] for i, c in setup.items()})
+        self._need(len(adverts), sa.SETUP)
+        who = sorted(adverts)
+        self.pk1 = {i: adverts[i].pk1 for i in who}
+        self.signed = all(adverts[i].signature for i in who)
+        self.key_ids = {i: adverts[i].key_id for i in who}
+        record = {keys.SECAGG_PARTICIPANTS: who, keys.SECAGG_NAMES: [adverts[i].site for i in who],
+                  keys.SECAGG_KEY_IDS: [adverts[i].key_id for i in who], keys.SECAGG_PK1: [adverts[i].pk1 for i in who],
+                  keys.SECAGG_PK2: [adverts[i].pk2 for i in who],
+                  keys.SECAGG_SIGNATURES: [adverts[i].signature for i in who]}
         node_of = {i: n for n, i in self.index.items()}
         shared = self._exchange(grid, {node_of[i]: record for i in who}, sa.SHARE_KEYS)
         shared = {i: c for i, c in shared.items()
@@ -152,7 +169,24 @@ class SecAggRound:
                 out.append(m)
         return out
 
-    # -- stages 3-4 ---------------------------------------------------------------------------------------------
+    def _verified(self, replies: dict[int, Any]) -> dict[int, signing.Advert]:
+        """The setup replies as advertisements; with the roster, those whose signature fails are dropped."""
+        adverts = {i: signing.Advert(i, r[keys.SECAGG_NAME], r[keys.SECAGG_KEY_ID], r[keys.SECAGG_PK1],
+                                     r[keys.SECAGG_PK2], r[keys.SECAGG_SIGNATURE]) for i, r in sorted(replies.items())}
+        if self.settings.roster is None:
+            return adverts
+        seen: dict[str, int] = {}
+        for i, advert in list(adverts.items()):
+            problem = signing.advert_problem(self.settings.roster, advert, run_id=self.run_id,
+                                             server_round=self.server_round, seen=seen)
+            if problem:
+                log.warning("round %d: secure aggregation setup: participant %d dropped: %s", self.server_round, i,
+                            problem)
+                self.dropped[sa.SETUP].append(i)
+                del adverts[i]
+        return adverts
+
+    # -- stages 3-5 ---------------------------------------------------------------------------------------------
     def unmask(self, grid: Any, masked: dict[int, np.ndarray]) -> tuple[np.ndarray, int, int]:
         """``masked``: participant -> its masked vector (valid ones only).  Returns (weighted mean of the
         clipped updates, total weight, clipped coordinates); raises :class:`SecAggAbort`."""
@@ -163,7 +197,11 @@ class SecAggRound:
         dead = [i for i in self.sharing if i not in masked]
         node_of = {i: n for n, i in self.index.items()}
         record = {keys.SECAGG_ACTIVE: active, keys.SECAGG_DEAD: dead}
-        answers = self._exchange(grid, {node_of[i]: record for i in active}, sa.UNMASK)
+        signatures = self._consistency(grid, record, node_of) if self.signed else {}
+        asked = sorted(signatures) if self.signed else active
+        record = {**record, keys.SECAGG_SIGNERS: sorted(signatures),
+                  keys.SECAGG_SIGNATURES: [signatures[i] for i in sorted(signatures)]}
+        answers = self._exchange(grid, {node_of[i]: record for i in asked}, sa.UNMASK)
         answers = {i: c[keys.SECAGG] for i, c in answers.items()
                    if list(c[keys.SECAGG][keys.SECAGG_PARTICIPANTS]) == active + dead}
         self._need(len(answers), sa.UNMASK)
@@ -182,6 +220,25 @@ class SecAggRound:
                 total = sa.sub(total, mask)
         self.total = total
         return sa.decode(total, self.params)
+
+    def _consistency(self, grid: Any, record: dict[str, Any], node_of: dict[int, int]) -> dict[int, bytes]:
+        """Each survivor's signature over the survivor set (participant -> signature); at least t of them."""
+        got = self._exchange(grid, {node_of[i]: record for i in record[keys.SECAGG_ACTIVE]}, sa.CONSISTENCY)
+        signatures = {i: c[keys.SECAGG][keys.SECAGG_SIGNATURE] for i, c in got.items()}
+        roster = self.settings.roster
+        if roster is not None:
+            names = {i: roster.by_key(key_id) for i, key_id in self.key_ids.items()}
+            for i, sig in list(signatures.items()):
+                data = signing.survivors_bytes(federation=roster.ca_sha256, run_id=self.run_id,
+                                               server_round=self.server_round, signer=i,
+                                               active=record[keys.SECAGG_ACTIVE], dead=record[keys.SECAGG_DEAD])
+                if names.get(i) is None or not signing.verifies(roster.public_key(names[i].name), sig, data):
+                    log.warning("round %d: secure aggregation consistency: participant %d dropped: its survivor-set "
+                                "signature does not verify", self.server_round, i)
+                    self.dropped[sa.CONSISTENCY].append(i)
+                    del signatures[i]
+        self._need(len(signatures), sa.CONSISTENCY)
+        return signatures
 
     def _combine(self, shares: list[bytes], participant: int) -> bytes:
         try:

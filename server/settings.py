@@ -106,6 +106,8 @@ class FederationSettings:
     progress_file: str = _opt("", "JSON lines of progress (written for nearl-server and the simulation)", on=())
     site_registry: str = _opt("", "site registry file (name -> public key, node id) written by nearl-server "
                               "--auth-keys", on=())
+    roster: str = _opt("", "consortium roster (nearl-server --roster): every registered site key must be on it, "
+                       "and secure rounds drop a site whose signed keys do not verify", on=())
     secure_aggregation: bool = _opt(False, "SecAgg+: the server learns only the sum of the sites' updates "
                                     "(fedavg, fedprox, fedadam, fedyogi)", group=SECAGG)
     secagg_threshold: float = _opt(0.6, "fraction of a round's sites whose shares unmask it (always more than "
@@ -190,8 +192,10 @@ class FederationSettings:
             return None
         from server.secagg import SecAggSettings
 
+        from nearl_protocol.roster import load_roster
+
         return SecAggSettings(self.secagg_threshold, self.secagg_clip, self.secagg_max_weight, self.equal_weights,
-                              self.secagg_timeout)
+                              self.secagg_timeout, load_roster(Path(self.roster)) if self.roster else None)
 
     def nearl_config(self) -> NearlConfig:
         cfg = load_config(self.config, dict(self.overrides))

@@ -7,17 +7,28 @@ for the train instruction), each site keeping its own ``Context`` between messag
 SuperNode does.  Training is replaced by a known update (:class:`FakeModel`), so the
 tests know every site's update exactly.  ``drop`` makes chosen sites vanish at a stage
 (no reply: a dead node); every reply the server receives is kept in ``received`` (the spy).
+
+A malicious coordinator is the same grid with ``tamper``: it sees and may rewrite every
+message before the site gets it (what the site saw is in ``sent``).  :func:`with_roster`
+gives sites SuperNode keys and a consortium roster (signed rounds); each site's round state
+after every message it answered is in ``history`` (tests/secagg_spy.py reads it).
 """
 
 from __future__ import annotations
 
+import datetime
 import itertools
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.binding import SiteBinding
@@ -27,6 +38,7 @@ from nearl_protocol import keys
 from nearl_protocol.arrays import decode_array
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import instruction_config
+from nearl_protocol.roster import make_roster
 from server.secagg import SecAggSettings
 from server.strategy import make_strategy
 from tests.fed_helpers import RoundRecorder
@@ -58,6 +70,9 @@ class Site:
     examples: int
     state_dir: Path
     declines: bool = False
+    auth_key: Path | None = None  # with_roster: its SuperNode private key
+    roster: Path | None = None
+    min_sites: int | None = None
     context: Context = field(init=False)
 
     def __post_init__(self) -> None:
@@ -65,7 +80,14 @@ class Site:
 
     @property
     def binding(self) -> SiteBinding:
-        return SiteBinding(self.name, self.state_dir, state_dir=self.state_dir, coordinator="in-process")
+        return SiteBinding(self.name, self.state_dir, state_dir=self.state_dir, coordinator="in-process",
+                           roster=self.roster, auth_key=self.auth_key, min_secure_sites=self.min_sites)
+
+    def refusals(self) -> list[str]:
+        """The ``refused`` reasons on this site's audit trail."""
+        path = self.binding.audit_file()
+        lines = [json.loads(x) for x in path.read_text().splitlines()] if path.is_file() else []
+        return [x["refused"] for x in lines if x["refused"]]
 
     def train(self, msg: Message, instruction: Any, binding: SiteBinding, log) -> Outcome:  # noqa: ARG002
         start = decode_array(msg.content[keys.ARRAYS][keys.ADAPTERS]).astype(np.float32)
@@ -76,14 +98,18 @@ class Site:
 
 
 class InProcessGrid:
-    """The Grid the strategy sees; ``drop``: stage -> nodes that give no reply at that stage."""
+    """The Grid the strategy sees; ``drop``: stage -> nodes that give no reply at that stage; ``tamper``: a
+    malicious coordinator's rewrite of each message (None: withheld) before the addressed site gets it."""
 
-    def __init__(self, sites: list[Site], drop: dict[str, set[int]] | None = None):
+    def __init__(self, sites: list[Site], drop: dict[str, set[int]] | None = None,
+                 tamper: Callable[["InProcessGrid", Message], Message | None] | None = None):
         self.sites = {s.node: s for s in sites}
         self.drop = drop or {}
+        self.tamper = tamper
         self.received: list[Message] = []
         self.sent: list[Message] = []
         self.secrets: dict[int, dict] = {}  # node -> its round state just before it answered unmask (for spies)
+        self.history: dict[int, list[dict]] = {}  # node -> its round state after every message it answered
 
     def get_node_ids(self) -> list[int]:
         return sorted(self.sites)
@@ -92,6 +118,9 @@ class InProcessGrid:
         replies = []
         for m in messages:
             m.metadata.__dict__["_message_id"] = f"msg-{next(_ids)}"
+            m = self.tamper(self, m) if self.tamper else m
+            if m is None:
+                continue
             self.sent.append(m)
             site = self.sites[m.metadata.dst_node_id]
             if site.node in self.drop.get(stage_of(m), set()):
@@ -104,6 +133,8 @@ class InProcessGrid:
                 reply = answer(m, site.binding, site.train, lambda *a, **k: None, masking(m, site.context))
             reply.metadata.__dict__["_src_node_id"] = site.node
             replies.append(reply)
+            if STATE in site.context.state.config_records:
+                self.history.setdefault(site.node, []).append(dict(site.context.state.config_records[STATE]))
         self.received.extend(replies)
         return replies
 
@@ -111,6 +142,46 @@ class InProcessGrid:
 def stage_of(m: Message) -> str:
     rec = m.content.config_records.get(keys.SECAGG)
     return str(rec[keys.SECAGG_STAGE]) if rec is not None else "train"
+
+
+def make_ca(folder: Path) -> Path:
+    """A self-signed CA certificate (the federation's ca.crt) in ``folder``."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "nearl test CA")])
+    now = datetime.datetime.now(datetime.timezone.utc)
+    cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name).public_key(key.public_key())
+            .serial_number(x509.random_serial_number()).not_valid_before(now)
+            .not_valid_after(now + datetime.timedelta(days=1)).sign(key, hashes.SHA256()))
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "ca.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    return folder / "ca.crt"
+
+
+def site_key(folder: Path, name: str) -> tuple[Path, Path]:
+    """A site's SuperNode key pair as deploy/make-site-key.sh writes it: (private key, NAME.pub), OpenSSH."""
+    key = ec.generate_private_key(ec.SECP384R1())
+    folder.mkdir(parents=True, exist_ok=True)
+    private, public = folder / name, folder / f"{name}.pub"
+    private.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                          serialization.NoEncryption()))
+    line = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    public.write_bytes(line + f" nearl-site-{name}\n".encode())
+    return private, public
+
+
+def with_roster(tmp: Path, sites: list[Site], *, min_sites: int | None = None, ca: Path | None = None,
+                also: tuple[Path, ...] = ()) -> Path:
+    """Give each site a SuperNode key and pin one roster of them (plus the ``also`` public keys); the roster."""
+    ca = ca or make_ca(tmp / "certs")
+    pubs = []
+    for site in sites:
+        site.auth_key, pub = site_key(tmp / "keys", site.name)
+        pubs.append(pub)
+    roster = tmp / "roster.json"
+    roster.write_text(json.dumps(make_roster(ca, pubs + list(also)), indent=2, sort_keys=True))
+    for site in sites:
+        site.roster, site.min_sites = roster, min_sites
+    return roster
 
 
 def make_sites(tmp: Path, n: int, *, seed: int = 0, scale: float = 0.01) -> list[Site]:

@@ -189,11 +189,11 @@ def test_egress_refuses_a_masked_reply_with_clear_counts_or_other_arrays():
     floats = RecordDict({**dict(good.items()), keys.ARRAYS: ArrayRecord({keys.MASKED: Array(np.zeros(7, np.float32))})})
     with pytest.raises(EgressError, match="expected uint32"):
         check_masked_reply(floats, 7)
-    setup = RecordDict({keys.SECAGG: ConfigRecord({keys.SECAGG_PK1: b"a", keys.SECAGG_PK2: b"b"}),
-                        keys.SITE: ConfigRecord({"name": "s1"})})
+    advert = {keys.SECAGG_PK1: b"a", keys.SECAGG_PK2: b"b", keys.SECAGG_NAME: "s1", keys.SECAGG_KEY_ID: "",
+              keys.SECAGG_SIGNATURE: b""}
+    setup = RecordDict({keys.SECAGG: ConfigRecord(advert), keys.SITE: ConfigRecord({"name": "s1"})})
     check_secagg_reply(setup, sa.SETUP)
-    leaky = RecordDict({keys.SECAGG: ConfigRecord({keys.SECAGG_PK1: b"a", keys.SECAGG_PK2: b"b", "seed": b"s"}),
-                        keys.SITE: ConfigRecord({"name": "s1"})})
+    leaky = RecordDict({keys.SECAGG: ConfigRecord({**advert, "seed": b"s"}), keys.SITE: ConfigRecord({"name": "s1"})})
     with pytest.raises(EgressError, match="differ from the agreed"):
         check_secagg_reply(leaky, sa.SETUP)
 

@@ -4,6 +4,9 @@ A site that vanishes before its masked update arrived (setup, share-keys, collec
 out of the sum; one that vanishes at unmask still counts (its masked update is in, and the
 other survivors' shares remove its masks).  One dropout past the threshold aborts the round
 cleanly: no new adapters, the reason in the round's report, and the next round runs.
+
+The signed matrix runs the same with every site pinning a roster (tests/secagg_fakes.py's
+``with_roster``), which adds the consistency stage: a site that vanishes there still counts.
 """
 
 from __future__ import annotations
@@ -12,11 +15,13 @@ import numpy as np
 import pytest
 
 from server.secagg import SecAggSettings
-from tests.secagg_fakes import flat_of, make_sites, plain_mean, run_round
+from tests.secagg_fakes import flat_of, make_sites, plain_mean, run_round, with_roster
 
 SITES, SETTINGS = 5, SecAggSettings(threshold=0.6, clip=0.1)  # threshold_for(5, 0.6) = 3
 STAGES = ("setup", "share-keys", "collect", "unmask")
 CASES = [(stage, k) for stage in STAGES for k in range(0, SITES - 3 + 2)]
+SIGNED_STAGES = ("setup", "share-keys", "collect", "consistency", "unmask")
+SIGNED_CASES = [(stage, k) for stage in SIGNED_STAGES for k in range(0, SITES - 3 + 2)]
 
 
 pytestmark = pytest.mark.usefixtures("task_identity")  # strategies build Messages (tests/conftest.py)
@@ -50,6 +55,17 @@ def test_dropout_matrix(tmp_path, stage, k):
     drop = {stage: {s.node for s in sites[1: 1 + k]}}
     arrays, report, _, strategy = run_round(sites, drop=drop, secure=SETTINGS)
     print(f"MATRIX {stage:<10} {k} dropped -> {check(sites, drop, arrays, report, strategy)}")
+
+
+@pytest.mark.parametrize("stage, k", SIGNED_CASES, ids=[f"{s}-{k}-dropped" for s, k in SIGNED_CASES])
+def test_signed_dropout_matrix(tmp_path, stage, k):
+    sites = make_sites(tmp_path, SITES, seed=11)
+    with_roster(tmp_path, sites)
+    drop = {stage: {s.node for s in sites[1: 1 + k]}}
+    arrays, report, _, strategy = run_round(sites, drop=drop, secure=SETTINGS)
+    assert not any(s.refusals() for s in sites)
+    assert strategy.secure.current.signed or (stage, k) == ("setup", 3)  # an abort at setup comes before the keys
+    print(f"MATRIX signed {stage:<11} {k} dropped -> {check(sites, drop, arrays, report, strategy)}")
 
 
 @pytest.mark.parametrize("drop_plan", [

@@ -15,7 +15,7 @@ from server.settings import (SERVER, SIMULATION, SIMULATION_DEFAULTS, STRATEGY_N
 from server.events import ErrorEvent, read_all
 from tests.fed_helpers import ROOT
 
-INTERNAL = {"config", "resume", "progress_file", "site_registry"}  # set by the commands themselves
+INTERNAL = {"config", "resume", "progress_file", "site_registry", "roster"}  # set by the commands themselves
 
 
 def pyproject_config() -> dict:

@@ -18,6 +18,10 @@ args=(--host "${NEARL_HOST:-0.0.0.0}" --port "${NEARL_PORT:-9092}"
       --certs "$certs" --auth-keys "$keys"
       --mlflow-uri "${NEARL_MLFLOW_URI:-http://mlflow:5000}" --experiment "${NEARL_EXPERIMENT:-nearl-federated}"
       --checkpoint-dir "$ckpt")
+if [[ -n "${NEARL_ROSTER:-}" ]]; then
+  [[ -f "$NEARL_ROSTER" ]] || die "NEARL_ROSTER=$NEARL_ROSTER not found; mount the consortium's roster.json (deploy/make-roster.sh)"
+  args+=(--roster "$NEARL_ROSTER")
+fi
 # The federation's settings: a flag only for a variable that is set, so nearl-server's one definition
 # of each default decides the rest.
 for pair in NEARL_ROUNDS:--rounds NEARL_CONFIG:--config NEARL_STRATEGY:--strategy NEARL_MIN_SITES:--min-sites \

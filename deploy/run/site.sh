@@ -21,6 +21,11 @@ args=(--site "$NEARL_SITE" --data "${NEARL_DATA:-/data}" --server "$NEARL_SERVER
 [[ -n "${NEARL_DEVICE:-}" && "${NEARL_DEVICE}" != auto ]] && args+=(--device "$NEARL_DEVICE")
 [[ -n "${NEARL_PRETRAINED:-}" ]] && args+=(--pretrained "$NEARL_PRETRAINED")
 [[ -n "${NEARL_MAX_EPSILON:-}" ]] && args+=(--max-epsilon "$NEARL_MAX_EPSILON")
+if [[ -n "${NEARL_ROSTER:-}" ]]; then
+  [[ -f "$NEARL_ROSTER" ]] || die "NEARL_ROSTER=$NEARL_ROSTER not found; mount the consortium's roster.json (deploy/make-roster.sh)"
+  args+=(--roster "$NEARL_ROSTER")
+fi
+[[ -n "${NEARL_MIN_SECURE_SITES:-}" ]] && args+=(--min-secure-sites "$NEARL_MIN_SECURE_SITES")
 [[ -n "${NEARL_THREADS:-}" ]] && args+=(--threads "$NEARL_THREADS")
 [[ -n "${NEARL_CONNECT_TIMEOUT:-}" ]] && args+=(--connect-timeout "$NEARL_CONNECT_TIMEOUT")
 for fab in ${NEARL_ACCEPT_FAB:-}; do args+=(--accept-fab "$fab"); done
