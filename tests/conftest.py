@@ -110,3 +110,12 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     generate_demo_data(root, 2, train_per_site=48, val_per_site=12, test_per_site=12, seed=0)
     return root
+
+
+# -- federations on real processes, each run once for all the tests that read it (tests/fed_helpers.py) --------
+@pytest.fixture(scope="session")
+def refusals(tmp_path_factory):
+    """A site that refuses another NEARL version's run and a foreign Flower app on one SuperLink."""
+    from tests.fed_helpers import refusal_federation
+
+    return refusal_federation(tmp_path_factory.mktemp("refusals"))

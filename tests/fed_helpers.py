@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -258,3 +261,75 @@ def foreign_app(folder: Path, marker: Path) -> Path:
     (folder / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
     (folder / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(marker)))
     return folder
+
+
+# -- shared federations ----------------------------------------------------------------------------------
+# Each runs to its end, stops every process it started and returns what the tests read (logs, folders,
+# exit codes); the fixtures in conftest.py run each one once for every test that reads it.
+
+
+def copy_app(dst: Path) -> Path:
+    """This installation's code with one changed byte in README.md: another NEARL bundle (another hash)."""
+    dst.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dst / name)
+    for pkg in ("nearl_core", "nearl_protocol", "server", "client", "configs"):
+        shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "README.md").write_text((dst / "README.md").read_text() + "\nanother version\n")
+    return dst
+
+
+@dataclass
+class RefusalRun:
+    """One coordinator that runs another NEARL version, one site, and a foreign Flower app on the same SuperLink."""
+
+    procs: Procs
+    tmp: Path
+    nearl_run: int  # the Flower run id of the other NEARL version's run
+    foreign_run: int
+    foreign_out: Path  # the foreign ServerApp's record of the replies
+    marker: Path  # what the foreign ClientApp would leave at a site that ran it
+
+
+def refusal_federation(tmp: Path) -> RefusalRun:
+    """nearl-server started from a copy of this code with one byte changed (another bundle hash) submits its
+    run; the operator submits a foreign Flower app (``flwr run`` on the coordinator's host) to the same
+    SuperLink; one site (this installation) joins and refuses both.  Ends once the coordinator
+    logged the site's refusal and the foreign ServerApp recorded its replies."""
+    from nearl_core.demo_data import generate_demo_data
+
+    sites = generate_demo_data(tmp / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
+    other = copy_app(tmp / "other-version")
+    marker, out = tmp / "foreign-ran", tmp / "foreign.json"
+    app = foreign_app(tmp / "foreign", marker)
+    procs = Procs(tmp / "logs")
+    port = flower.free_port()
+    try:
+        # more rounds than the test needs: the run must outlast the foreign app's (it stops the SuperLink at its end)
+        cmd = [str(Path(flower.BIN) / "nearl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure",
+               "--rounds", "30", "--min-sites", "1", "--round-timeout", "300", "--wait-timeout", "300",
+               "--checkpoint-dir", str(tmp / "ck"), "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+        procs.start("server", cmd, env=env(tmp / "home-server", PYTHONPATH=str(other)), cwd=tmp)
+        # the site starts with the coordinator: nearl-client waits for its port (--connect-timeout)
+        nearl_client(procs, "site1", sites[0], port, tmp, "--insecure", "--state-dir", str(tmp / "state-site1"))
+        wait_for(procs, "server", " flwr ls ", 300)
+        home = re.search(r"FLWR_HOME=(\S+) flwr ls", procs.text("server")).group(1)  # the operator, on the host
+        cli_env = env(home)
+        run_cfg = flower.write_run_config(tmp / "run.toml", {"out": str(out)})
+        foreign_run = int(flower.flwr_json(["run", str(app), flower.CONNECTION, "--run-config", str(run_cfg)],
+                                           env=cli_env, timeout=300)["run-id"])
+        wait_for(procs, "server", "submitted", 300)
+        nearl_run = int(re.search(r"run (\d+) submitted", procs.text("server")).group(1))
+        wait_for(procs, "server", "rejected site1", 600)
+        deadline = time.monotonic() + 600
+        while not out.exists() and time.monotonic() < deadline and procs.procs["server"].poll() is None:
+            time.sleep(0.5)
+        if not out.exists():
+            try:
+                logs = flower.run_logs(str(foreign_run), env=cli_env)
+            except flower.FlowerError as err:  # the SuperLink went with its coordinator
+                logs = str(err)
+            raise AssertionError(f"the foreign ServerApp recorded no replies\n{logs}\n{dump(procs)}")
+    finally:
+        procs.stop_all()
+    return RefusalRun(procs, tmp, nearl_run, foreign_run, out, marker)
