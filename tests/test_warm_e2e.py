@@ -1,8 +1,10 @@
 """Warm sites on real processes: nearl-server + nearl-client (SuperNode with process isolation + site worker).
 
-* 2 sites x 2 rounds warm: one backbone build per site over the whole run (the reply metrics
+* warm sites over 2 rounds: one backbone build per site over the whole run (the reply metrics
   in MLflow), one worker process per site; the final adapters are bit-identical to a cold run
-  (``nearl-client --cold``, a process per message) with the same seed;
+  (``nearl-client --cold``, a process per message) with the same seed.  Read from the shared
+  ``secured`` federation (tests/conftest.py: TLS, 2 warm honest sites and refused nodes; the cold
+  federation runs alongside it on the same data);
 * a site worker killed during a round: that site fails that round (an error reply naming the
   dead worker), a new worker answers the next round;
 * a site refuses runs it did not install: a NEARL bundle with another hash, a foreign Flower app
@@ -17,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -26,52 +29,22 @@ import pytest
 
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
-from nearl_protocol import processes as flower
-from tests.fed_helpers import Procs, dump, history, mlflow_run, nearl_client, nearl_server, wait_for
+from tests.fed_helpers import dump, federation, final_adapters, history, mlflow_run, wait_for
 
 pytestmark = [pytest.mark.slow]
 
 
-def federation(tmp: Path, sites: list[Path], mode: str, rounds: int) -> tuple[Procs, str]:
-    procs = Procs(tmp / "logs")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    port = flower.free_port()
-    nearl_server(procs, port, tmp, "--insecure", "--rounds", str(rounds), "--min-sites", str(len(sites)),
-                 "--round-timeout", "600", "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"),
-                 "--mlflow-uri", uri)
-    wait_for(procs, "server", "submitted", 300)
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure", "--state-dir", str(tmp / f"state-site{i}"),
-                     mode)
-    return procs, uri
-
-
-def final_adapters(tmp: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(tmp / "ck" / "final" / "adapters.safetensors"))
-
-
-@pytest.mark.timeout(1800)
-def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(tmp_path):
-    sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
-    started = {}
-    try:  # both federations at once: each spends most of its time in Flower's polling sleeps
-        for mode in ("--warm", "--cold"):
-            started[mode] = (tmp_path / mode.strip("-"), *federation(tmp_path / mode.strip("-"), sites, mode, rounds=2))
-        for _, procs, _ in started.values():
-            assert procs.wait("server", 1200) == 0, dump(procs)
-    finally:
-        for _, procs, _ in started.values():
-            procs.stop_all()
-    runs = {}
-    for mode, (tmp, procs, uri) in started.items():
-        client, run = mlflow_run(uri)
-        runs[mode] = (tmp, procs, client, run.info.run_id)
-
-    tmp, procs, client, rid = runs["--warm"]
+@pytest.mark.timeout(1800)  # the shared federation may start in this test's setup
+def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(secured):
+    procs, tmp, code = secured.procs, secured.tmp, secured.code
+    cold_tmp, cold_procs = secured.cold_tmp, secured.cold_procs
+    assert code == 0, dump(procs)
+    assert secured.cold_code == 0, dump(cold_procs)
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
+    rid = run.info.run_id
     out = procs.text("server")
-    assert "round 1/2  sites 2/2" in out and "warm 2/2" in out, out
+    # the secured run also sends to two refused nodes: 2 of 4 sampled answer, both warm
+    assert re.search(r"round 1/2  sites 2/4  .*  warm 2/2  ", out), out
     for site in ("site1", "site2"):
         assert history(client, rid, f"{site}/worker_builds") == {1: 1.0, 2: 1.0}  # one build over the whole run
         assert history(client, rid, f"{site}/worker_warm") == {1: 1.0, 2: 1.0}
@@ -83,7 +56,8 @@ def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(
         assert "Start `flwr-clientapp` process" not in log and "Starting Flower SuperExec" not in log, log
     assert history(client, rid, "sites_warm") == {1: 2.0, 2: 2.0}
 
-    cold_tmp, cold_procs, cold_client, cold_rid = runs["--cold"]
+    cold_client, cold_run = mlflow_run(secured.cold_uri)
+    cold_rid = cold_run.info.run_id
     for site in ("site1", "site2"):
         assert history(cold_client, cold_rid, f"{site}/worker_warm") == {1: 0.0, 2: 0.0}
         assert len(set(history(cold_client, cold_rid, f"{site}/worker_pid").values())) == 2  # a process per message
