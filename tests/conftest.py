@@ -122,3 +122,21 @@ def demo_root(tmp_path_factory):
     root = tmp_path_factory.mktemp("demo")
     generate_demo_data(root, 2, train_per_site=48, val_per_site=12, test_per_site=12, seed=0)
     return root
+
+
+# -- federations on real processes, each run once for all the tests that read it (tests/fed_helpers.py) --------
+@pytest.fixture(scope="session")
+def secured(tmp_path_factory):
+    """The secured TLS federation (2 warm sites, refused nodes, an outsider) and a cold federation on the
+    same data: read by tests/test_federation_e2e.py and tests/test_warm_e2e.py."""
+    from tests.fed_helpers import secured_federation
+
+    return secured_federation(tmp_path_factory.mktemp("secured"))
+
+
+@pytest.fixture(scope="session")
+def refusals(tmp_path_factory):
+    """A site that refuses another NEARL version's run and a foreign Flower app on one SuperLink."""
+    from tests.fed_helpers import refusal_federation
+
+    return refusal_federation(tmp_path_factory.mktemp("refusals"))

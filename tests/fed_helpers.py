@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -22,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Error, Message, Metadata, Metric
 from nearl_protocol import processes as flower
 from nearl_protocol.flat import FlatLayout
 from nearl_protocol.messages import adapter_record
+from nearl_protocol.processes import Certs
 from nearl_protocol.schema import schema_of
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -258,3 +262,227 @@ def foreign_app(folder: Path, marker: Path) -> Path:
     (folder / "pyproject.toml").write_text(FOREIGN_PYPROJECT)
     (folder / "foreign_app.py").write_text(FOREIGN_APP.format(marker=str(marker)))
     return folder
+
+
+# -- shared federations ----------------------------------------------------------------------------------
+# Each runs to its end, stops every process it started and returns what the tests read (logs, folders,
+# exit codes); the fixtures in conftest.py run each one once for every test that reads it.
+ROUND_TIMEOUT = "900"  # generous: other work shares the 2 CPU cores; a dead site is detected by heartbeat (~60 s)
+
+
+def initial_adapters() -> dict[str, np.ndarray]:
+    from nearl_core.adapter_io import get_adapter_state
+    from nearl_core.config import load_config
+    from nearl_core.model import build_model
+
+    return {k: v.numpy() for k, v in get_adapter_state(build_model(load_config("demo"))).items()}
+
+
+def final_adapters(tmp: Path) -> dict[str, np.ndarray]:
+    """The final adapters a coordinator wrote under ``tmp/ck``."""
+    from safetensors.numpy import load_file
+
+    return load_file(str(tmp / "ck" / "final" / "adapters.safetensors"))
+
+
+def make_keys(tmp: Path, names: list[str]) -> tuple[Path, Path]:
+    certs, keys = tmp / "certs", tmp / "keys"
+    subprocess.run([str(ROOT / "deploy" / "make-certs.sh"), "--out", str(certs), "localhost"], check=True,
+                   capture_output=True, timeout=120)
+    for site in names:
+        subprocess.run([str(ROOT / "deploy" / "make-site-key.sh"), "--out", str(keys), site], check=True,
+                       capture_output=True, timeout=60)
+    return certs, keys
+
+
+def other_backbone(path: Path) -> Path:
+    """A nearl-tiny checkpoint whose weights differ from the coordinator's random init."""
+    import torch
+
+    from nearl_core.backbone import build_backbone
+    from nearl_core.config import load_config
+
+    clip = build_backbone(load_config("demo").model).clip
+    torch.save({k: v + 0.25 for k, v in clip.state_dict().items()}, path)
+    return path
+
+
+def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
+    res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), cwd=cwd, capture_output=True,
+                         text=True, timeout=120)
+    return (res.stdout + res.stderr).strip()
+
+
+def outsider_attempts(procs: Procs, tmp: Path, port: int, certs: Path) -> dict[str, str]:
+    """With nothing but the CA certificate and the public address: submit a foreign app, stop the run, list."""
+    app = foreign_app(tmp / "foreign", tmp / "foreign-ran")
+    run_id = re.search(r"run (\d+) submitted", procs.text("server")).group(1)
+    outside = tmp / "outside-home"
+    flower.write_connection(outside, f"127.0.0.1:{port}", Certs(certs))
+    tried = {"run": flwr_outside(["run", str(app), flower.CONNECTION], outside, tmp),
+             "stop": flwr_outside(["stop", run_id, flower.CONNECTION], outside, tmp),
+             "ls": flwr_outside(["ls", flower.CONNECTION], outside, tmp)}
+    home = re.search(r"FLWR_HOME=(\S+) flwr ls", procs.text("server")).group(1)  # the operator, on the host
+    local = subprocess.run([str(BIN / "flwr"), "ls", flower.CONNECTION, "--run-id", run_id, "--format", "json"],
+                           env=env(home), capture_output=True, text=True, timeout=120)
+    tried["operator ls"] = local.stdout + local.stderr
+    return tried
+
+
+def plain_server(tmp: Path, sites: list[Path], rounds: int) -> tuple[Procs, int, str]:
+    """The coordinator of a plain federation (insecure, MLflow in ``tmp``), started, not awaited."""
+    procs = Procs(tmp / "logs")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    port = flower.free_port()
+    nearl_server(procs, port, tmp, "--insecure", "--rounds", str(rounds), "--min-sites", str(len(sites)),
+                 "--round-timeout", "600", "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"),
+                 "--mlflow-uri", uri)
+    return procs, port, uri
+
+
+def plain_sites(procs: Procs, port: int, tmp: Path, sites: list[Path], mode: str) -> None:
+    """Once the coordinator has submitted its run: every site joins in ``mode`` (--warm/--cold)."""
+    wait_for(procs, "server", "submitted", 300)
+    for i, site in enumerate(sites, 1):
+        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure", "--state-dir", str(tmp / f"state-site{i}"),
+                     mode)
+
+
+def federation(tmp: Path, sites: list[Path], mode: str, rounds: int) -> tuple[Procs, str]:
+    """A plain federation: insecure, every site in ``mode`` (--warm/--cold), MLflow in ``tmp``; started, not awaited."""
+    procs, port, uri = plain_server(tmp, sites, rounds)
+    plain_sites(procs, port, tmp, sites, mode)
+    return procs, uri
+
+
+@dataclass
+class SecuredRun:
+    """The secured federation (warm sites) and the cold federation it is compared with, both ended."""
+
+    procs: Procs
+    tmp: Path
+    sites: list[Path]
+    code: int  # nearl-server's exit code
+    tried: dict[str, str]  # what an outsider with the CA certificate got from the public port
+    cold_procs: Procs
+    cold_tmp: Path
+    cold_code: int
+    cold_uri: str
+
+
+SECURED_ROUNDS = 2  # two rounds: a warm worker must build the backbone once over more than one round
+
+
+def secured_federation(tmp: Path) -> SecuredRun:
+    """TLS and SuperNode authentication, two honest warm sites, an unregistered intruder, a registered node
+    that claims another site's name and a site on another backbone; 2 rounds and the final evaluation.
+    Meanwhile an outsider with the CA certificate tries ``flwr run/stop/ls`` on the public port, and a cold
+    federation (``nearl-client --cold``: a process per message, insecure) runs the same 2 rounds on the same
+    data and seed.  At the end site1 is asked to stop (SIGTERM) and everything is stopped."""
+    from nearl_core.demo_data import generate_demo_data
+
+    procs = Procs(tmp / "logs")
+    cold_tmp = tmp / "cold"
+    sites = generate_demo_data(tmp / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
+    # the cold federation runs meanwhile: both spend most of their time in Flower's polling sleeps
+    cold_procs, cold_port, cold_uri = plain_server(cold_tmp, sites, SECURED_ROUNDS)
+    try:
+        certs, keys = make_keys(tmp, ["site1", "site2", "site3", "site4", "intruder"])
+        registered = tmp / "registered"
+        registered.mkdir()
+        for site in ("site1", "site2", "site3", "site4"):  # the intruder's key is never registered
+            (registered / f"{site}.pub").write_text((keys / f"{site}.pub").read_text())
+        tls = ["--certs", str(certs)]
+        port = flower.free_port()
+        nearl_server(procs, port, tmp, *tls, "--auth-keys", str(registered), "--rounds", str(SECURED_ROUNDS),
+                     "--min-sites", "4", "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "400",
+                     "--checkpoint-dir", str(tmp / "ck"))
+        other = other_backbone(tmp / "other.pt")
+        plain_sites(cold_procs, cold_port, cold_tmp, sites, "--cold")
+        wait_for(procs, "server", "submitted", 300)
+        nearl_client(procs, "intruder", sites[0], port, tmp, *tls, "--auth-key", str(keys / "intruder"))
+        for i, site in enumerate(sites, 1):  # warm, as tests/test_warm_e2e.py reads them
+            nearl_client(procs, f"site{i}", site, port, tmp, *tls, "--auth-key", str(keys / f"site{i}"),
+                         "--state-dir", str(tmp / f"state-site{i}"), "--warm")
+        # a registered node (site3's key) that answers as site1
+        nearl_client(procs, "site1", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site3"),
+                     "--state-dir", str(tmp / "state-impostor"), name="impostor")
+        nearl_client(procs, "site4", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site4"),
+                     "--state-dir", str(tmp / "state-site4"), "--pretrained", str(other))
+        tried = outsider_attempts(procs, tmp, port, certs)
+        code = procs.wait("server", 1500)
+        # a SuperNode asked to stop exits cleanly (test_each_sites_audit_trail_matches_what_the_server_received)
+        procs.kill("site1", signal.SIGTERM)
+        procs.stop_all()
+        cold_code = cold_procs.wait("server", 1200)
+    finally:
+        procs.stop_all()
+        cold_procs.stop_all()
+    return SecuredRun(procs, tmp, sites, code, tried, cold_procs, cold_tmp, cold_code, cold_uri)
+
+
+def copy_app(dst: Path) -> Path:
+    """This installation's code with one changed byte in README.md: another NEARL bundle (another hash)."""
+    dst.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy2(ROOT / name, dst / name)
+    for pkg in ("nearl_core", "nearl_protocol", "server", "client", "configs"):
+        shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    (dst / "README.md").write_text((dst / "README.md").read_text() + "\nanother version\n")
+    return dst
+
+
+@dataclass
+class RefusalRun:
+    """One coordinator that runs another NEARL version, one site, and a foreign Flower app on the same SuperLink."""
+
+    procs: Procs
+    tmp: Path
+    nearl_run: int  # the Flower run id of the other NEARL version's run
+    foreign_run: int
+    foreign_out: Path  # the foreign ServerApp's record of the replies
+    marker: Path  # what the foreign ClientApp would leave at a site that ran it
+
+
+def refusal_federation(tmp: Path) -> RefusalRun:
+    """nearl-server started from a copy of this code with one byte changed (another bundle hash) submits its
+    run; the operator submits a foreign Flower app (``flwr run`` on the coordinator's host) to the same
+    SuperLink; one site (this installation) joins and refuses both.  Ends once the coordinator
+    logged the site's refusal and the foreign ServerApp recorded its replies."""
+    from nearl_core.demo_data import generate_demo_data
+
+    sites = generate_demo_data(tmp / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
+    other = copy_app(tmp / "other-version")
+    marker, out = tmp / "foreign-ran", tmp / "foreign.json"
+    app = foreign_app(tmp / "foreign", marker)
+    procs = Procs(tmp / "logs")
+    port = flower.free_port()
+    try:
+        # more rounds than the test needs: the run must outlast the foreign app's (it stops the SuperLink at its end)
+        cmd = [str(Path(flower.BIN) / "nearl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure",
+               "--rounds", "30", "--min-sites", "1", "--round-timeout", "300", "--wait-timeout", "300",
+               "--checkpoint-dir", str(tmp / "ck"), "--mlflow-uri", f"sqlite:///{tmp / 'mlflow.db'}"]
+        procs.start("server", cmd, env=env(tmp / "home-server", PYTHONPATH=str(other)), cwd=tmp)
+        # the site starts with the coordinator: nearl-client waits for its port (--connect-timeout)
+        nearl_client(procs, "site1", sites[0], port, tmp, "--insecure", "--state-dir", str(tmp / "state-site1"))
+        wait_for(procs, "server", " flwr ls ", 300)
+        home = re.search(r"FLWR_HOME=(\S+) flwr ls", procs.text("server")).group(1)  # the operator, on the host
+        cli_env = env(home)
+        run_cfg = flower.write_run_config(tmp / "run.toml", {"out": str(out)})
+        foreign_run = int(flower.flwr_json(["run", str(app), flower.CONNECTION, "--run-config", str(run_cfg)],
+                                           env=cli_env, timeout=300)["run-id"])
+        wait_for(procs, "server", "submitted", 300)
+        nearl_run = int(re.search(r"run (\d+) submitted", procs.text("server")).group(1))
+        wait_for(procs, "server", "rejected site1", 600)
+        deadline = time.monotonic() + 600
+        while not out.exists() and time.monotonic() < deadline and procs.procs["server"].poll() is None:
+            time.sleep(0.5)
+        if not out.exists():
+            try:
+                logs = flower.run_logs(str(foreign_run), env=cli_env)
+            except flower.FlowerError as err:  # the SuperLink went with its coordinator
+                logs = str(err)
+            raise AssertionError(f"the foreign ServerApp recorded no replies\n{logs}\n{dump(procs)}")
+    finally:
+        procs.stop_all()
+    return RefusalRun(procs, tmp, nearl_run, foreign_run, out, marker)

@@ -2,9 +2,10 @@
 
 Two federations, each shared by the assertions that can read the same run:
 
-* ``secured``: TLS and SuperNode authentication, two honest sites, an unregistered intruder,
-  a registered node that claims another site's name, and a site on another backbone; one
-  round and the final evaluation (where the refused node is told why). Meanwhile an
+* ``secured`` (tests/conftest.py; its run is shared with tests/test_warm_e2e.py, which checks its warm
+  sites against a cold federation run alongside): TLS and SuperNode authentication, two honest
+  sites, an unregistered intruder, a registered node that claims another site's name, and a site
+  on another backbone; two rounds and the final evaluation (where the refused node is told why). Meanwhile an
   outsider with the CA certificate points ``flwr`` at the public port: ``flwr run`` of a
   foreign app, ``flwr stop`` of the NEARL run and ``flwr ls`` are refused, and the foreign
   app runs nowhere; the operator's ``flwr ls`` through the loopback address works.  Checked: the intruder never joins, the duplicate name and the backbone mismatch
@@ -24,112 +25,29 @@ import json
 import re
 import signal
 import subprocess
-from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
-from nearl_protocol.processes import Certs
 from server.checkpoint import complete_rounds, load_latest
-from tests.fed_helpers import (BIN, ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server,
-                               foreign_app, wait_for)
+from tests.fed_helpers import (BIN, ROUND_TIMEOUT, Procs, dump, env, history, initial_adapters, mlflow_run,
+                               nearl_client, nearl_server, wait_for)
 
 pytestmark = [pytest.mark.slow]
-ROUND_TIMEOUT = "900"  # generous: other work shares the 2 CPU cores; a dead site is detected by heartbeat (~60 s)
-
-
-def initial_adapters() -> dict[str, np.ndarray]:
-    from nearl_core.adapter_io import get_adapter_state
-    from nearl_core.config import load_config
-    from nearl_core.model import build_model
-
-    return {k: v.numpy() for k, v in get_adapter_state(build_model(load_config("demo"))).items()}
-
-
-def make_keys(tmp: Path, names: list[str]) -> tuple[Path, Path]:
-    certs, keys = tmp / "certs", tmp / "keys"
-    subprocess.run([str(ROOT / "deploy" / "make-certs.sh"), "--out", str(certs), "localhost"], check=True,
-                   capture_output=True, timeout=120)
-    for site in names:
-        subprocess.run([str(ROOT / "deploy" / "make-site-key.sh"), "--out", str(keys), site], check=True,
-                       capture_output=True, timeout=60)
-    return certs, keys
-
-
-def other_backbone(path: Path) -> Path:
-    """A nearl-tiny checkpoint whose weights differ from the coordinator's random init."""
-    from nearl_core.backbone import build_backbone
-    from nearl_core.config import load_config
-
-    clip = build_backbone(load_config("demo").model).clip
-    torch.save({k: v + 0.25 for k, v in clip.state_dict().items()}, path)
-    return path
-
-
-def flwr_outside(args: list[str], home: Path, cwd: Path) -> str:
-    res = subprocess.run([str(BIN / "flwr"), *args, "--format", "json"], env=env(home), cwd=cwd, capture_output=True,
-                         text=True, timeout=120)
-    return (res.stdout + res.stderr).strip()
-
-
-def outsider_attempts(procs: Procs, tmp: Path, port: int, certs: Path) -> dict[str, str]:
-    """With nothing but the CA certificate and the public address: submit a foreign app, stop the run, list."""
-    app = foreign_app(tmp / "foreign", tmp / "foreign-ran")
-    run_id = re.search(r"run (\d+) submitted", procs.text("server")).group(1)
-    outside = tmp / "outside-home"
-    flower.write_connection(outside, f"127.0.0.1:{port}", Certs(certs))
-    tried = {"run": flwr_outside(["run", str(app), flower.CONNECTION], outside, tmp),
-             "stop": flwr_outside(["stop", run_id, flower.CONNECTION], outside, tmp),
-             "ls": flwr_outside(["ls", flower.CONNECTION], outside, tmp)}
-    home = re.search(r"FLWR_HOME=(\S+) flwr ls", procs.text("server")).group(1)  # the operator, on the host
-    local = subprocess.run([str(BIN / "flwr"), "ls", flower.CONNECTION, "--run-id", run_id, "--format", "json"],
-                           env=env(home), capture_output=True, text=True, timeout=120)
-    tried["operator ls"] = local.stdout + local.stderr
-    return tried
-
-
-@pytest.fixture(scope="module")
-def secured(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("secured")
-    procs = Procs(tmp / "logs")
-    sites = generate_demo_data(tmp / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
-    certs, keys = make_keys(tmp, ["site1", "site2", "site3", "site4", "intruder"])
-    registered = tmp / "registered"
-    registered.mkdir()
-    for site in ("site1", "site2", "site3", "site4"):  # the intruder's key is never registered
-        (registered / f"{site}.pub").write_text((keys / f"{site}.pub").read_text())
-    tls = ["--certs", str(certs)]
-    try:
-        port = flower.free_port()
-        nearl_server(procs, port, tmp, *tls, "--auth-keys", str(registered), "--rounds", "1", "--min-sites", "4",
-                     "--round-timeout", ROUND_TIMEOUT, "--wait-timeout", "400", "--checkpoint-dir", str(tmp / "ck"))
-        wait_for(procs, "server", "submitted", 300)
-        nearl_client(procs, "intruder", sites[0], port, tmp, *tls, "--auth-key", str(keys / "intruder"))
-        for i, site in enumerate(sites, 1):
-            nearl_client(procs, f"site{i}", site, port, tmp, *tls, "--auth-key", str(keys / f"site{i}"),
-                         "--state-dir", str(tmp / f"state-site{i}"))
-        # a registered node (site3's key) that answers as site1
-        nearl_client(procs, "site1", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site3"),
-                     "--state-dir", str(tmp / "state-impostor"), name="impostor")
-        nearl_client(procs, "site4", sites[1], port, tmp, *tls, "--auth-key", str(keys / "site4"),
-                     "--state-dir", str(tmp / "state-site4"), "--pretrained", str(other_backbone(tmp / "other.pt")))
-        tried = outsider_attempts(procs, tmp, port, certs)
-        code = procs.wait("server", 1500)
-        yield procs, tmp, sites, code, tried
-    finally:
-        procs.stop_all()
+# ``secured`` (tests/conftest.py, tests/fed_helpers.secured_federation) is one session-wide run, also read by
+# tests/test_warm_e2e.py: its honest sites are warm, and it runs 2 rounds.
 
 
 def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
-    procs, tmp, sites, code, _ = secured
+    """Named for the one round it ran on a federation of its own; the shared run has two."""
+    procs, tmp, sites, code = secured.procs, secured.tmp, secured.sites, secured.code
     assert code == 0, dump(procs)
     out = procs.text("server")
     assert "TLS, SuperNode authentication on" in out and "registered site key site1.pub (node" in out
-    assert "round 1/1  sites 2/4" in out, out
+    assert "round 1/2  sites 2/4" in out and "round 2/2  sites 2/4" in out, out
     assert "done: final adapters in" in out
 
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
@@ -137,11 +55,11 @@ def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
     assert run.info.status == "FINISHED"
     for key in ("train_loss", "round_seconds", "bytes_sent", "bytes_received", "site1/train_loss",
                 "site2/train_loss"):
-        assert set(history(client, rid, key)) == {1}, key
+        assert set(history(client, rid, key)) == {1, 2}, key
     for key in ("eval_loss", "eval_accuracy", "eval_balanced_accuracy", "eval_macro_f1", "eval_auroc",
                 "site1/eval_accuracy", "site2/eval_accuracy", "site1/eval_loss"):
-        assert set(history(client, rid, key)) == {0, 1}, key  # 0 = zero-shot, 1 = final adapters
-    assert history(client, rid, "sites_answered") == {1: 2.0}
+        assert set(history(client, rid, key)) == {0, 1, 2}, key  # 0 = zero-shot, 2 = final adapters
+    assert history(client, rid, "sites_answered") == {1: 2.0, 2: 2.0}
     params = run.data.params
     assert params["strategy"] == "fedavg" and params["backbone"] == "nearl-tiny" and params["train.lr"]
     assert params["backbone_fingerprint"].startswith("nearl-tiny|random-init seed=0|arch=")
@@ -149,7 +67,7 @@ def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
     assert {"final_adapters/adapters.safetensors", "final_adapters/adapters.json"} <= artifacts
     (version,) = client.search_model_versions("name='nearl-adapters'")
     tags = version.tags
-    assert tags["backbone_fingerprint"] == params["backbone_fingerprint"] and tags["rounds"] == "1"
+    assert tags["backbone_fingerprint"] == params["backbone_fingerprint"] and tags["rounds"] == "2"
     assert tags["sites"] == "site1,site2" and tags["code_version"]
 
     from safetensors.numpy import load_file
@@ -158,7 +76,7 @@ def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
     start = initial_adapters()
     assert set(final) == set(start)
     assert any(not np.allclose(final[k], start[k]) for k in start), "federated adapters equal the initial ones"
-    assert complete_rounds(tmp / "ck") == [1]
+    assert complete_rounds(tmp / "ck") == [1, 2]
     res = subprocess.run([str(BIN / "nearl"), "evaluate", "--adapters", str(tmp / "ck" / "final"), "--data",
                           str(sites[0]), "--json"], env=env(tmp / "home-eval"), capture_output=True, text=True,
                          timeout=300)
@@ -167,7 +85,7 @@ def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
 
 
 def test_the_public_port_refuses_flwr_run_stop_and_ls_and_the_foreign_app_runs_nowhere(secured):
-    procs, tmp, _, code, tried = secured
+    procs, tmp, code, tried = secured.procs, secured.tmp, secured.code, secured.tried
     for what in ("run", "stop", "ls"):
         print(f"--- flwr {what} from outside ---\n{tried[what]}")
         assert '"success": false' in tried[what] and "403 Forbidden" in tried[what], f"flwr {what}: {tried[what]}"
@@ -183,14 +101,14 @@ def test_the_public_port_refuses_flwr_run_stop_and_ls_and_the_foreign_app_runs_n
 
 
 def test_an_unregistered_node_never_joins(secured):
-    procs, _, _, code, _ = secured
+    procs = secured.procs
     refused = procs.text("intruder")
     assert "Failed to activate SuperNode" in refused and "SuperNode ID" not in refused, refused
     assert "intruder" not in procs.text("server")
 
 
 def test_a_node_claiming_a_taken_site_name_is_refused_and_told_why(secured):
-    procs, tmp, _, code, _ = secured
+    procs, tmp = secured.procs, secured.tmp
     out = procs.text("server")
     registry = json.loads((tmp / "ck" / "site-registry.json").read_text())["sites"]
     site1_node = registry["site1"]["node_id"]
@@ -199,12 +117,12 @@ def test_a_node_claiming_a_taken_site_name_is_refused_and_told_why(secured):
     assert f"rejected site3: duplicate site name: site1 belongs to node {site1_node}" in out, out
     assert "refused: the coordinator refuses this node: duplicate site name" in procs.text("impostor")
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
-    assert history(client, run.info.run_id, "sites_duplicate") == {1: 1.0}
+    assert history(client, run.info.run_id, "sites_duplicate") == {1: 1.0, 2: 1.0}
     assert "site3" not in client.search_model_versions("name='nearl-adapters'")[0].tags["sites"]
 
 
 def test_a_site_on_another_backbone_refuses_to_train(secured):
-    procs, tmp, _, code, _ = secured
+    procs, tmp = secured.procs, secured.tmp
     out = procs.text("server")
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
     ours = run.data.params["backbone_fingerprint"]
@@ -217,20 +135,19 @@ def test_a_site_on_another_backbone_refuses_to_train(secured):
 
 
 def test_each_sites_audit_trail_matches_what_the_server_received(secured):
-    procs, tmp, _, code, _ = secured
+    procs, tmp = secured.procs, secured.tmp
     client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
     tags = run.data.tags
     for site in ("site1", "site2"):
         lines = [x for x in read_lines(tmp / f"state-{site}" / "audit.jsonl") if x["message_type"] == "train"]
-        assert [x["round"] for x in lines] == [1]
+        assert [x["round"] for x in lines] == [1, 2]
         for x in lines:
             assert x["payload_sha256"] == tags[f"payload_sha256/round_{x['round']:04d}/{site}"]
             assert x["coordinator"].startswith("127.0.0.1:") and not x["refused"]
     res = subprocess.run([str(BIN / "nearl-client"), "audit", "--state-dir", str(tmp / "state-site1")],
                          capture_output=True, text=True, timeout=120)
     assert res.returncode == 0 and "site1" in res.stdout, res.stderr
-    # a SuperNode asked to stop exits cleanly
-    procs.kill("site1", signal.SIGTERM)
+    # a SuperNode asked to stop exits cleanly: the fixture sent site1 SIGTERM once the run was over
     assert procs.procs["site1"].returncode == 0, dump(procs)
 
 

@@ -56,7 +56,7 @@ def test_a_site_killed_mid_round_is_recovered_by_secure_aggregation(tmp_path):
         out = procs.text("server")
         assert "not applied" not in out and "aborted" not in out and "missing: site3" in out, out
         assert complete_rounds(tmp_path / "ck") == [1]
-        from tests.test_federation_e2e import initial_adapters
+        from tests.fed_helpers import initial_adapters
 
         start, after = initial_adapters(), load_latest(tmp_path / "ck").arrays
         assert any(not np.array_equal(start[k], after[k]) for k in start)

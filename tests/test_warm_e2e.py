@@ -1,12 +1,16 @@
 """Warm sites on real processes: nearl-server + nearl-client (SuperNode with process isolation + site worker).
 
-* 2 sites x 2 rounds warm: one backbone build per site over the whole run (the reply metrics
+* warm sites over 2 rounds: one backbone build per site over the whole run (the reply metrics
   in MLflow), one worker process per site; the final adapters are bit-identical to a cold run
-  (``nearl-client --cold``, a process per message) with the same seed;
+  (``nearl-client --cold``, a process per message) with the same seed.  Read from the shared
+  ``secured`` federation (tests/conftest.py: TLS, 2 warm honest sites and refused nodes; the cold
+  federation runs alongside it on the same data);
 * a site worker killed during a round: that site fails that round (an error reply naming the
   dead worker), a new worker answers the next round;
 * a site refuses runs it did not install: a NEARL bundle with another hash, a foreign Flower app
-  (nothing of it runs at the site: its ClientApp would leave a marker file).
+  (nothing of it runs at the site: its ClientApp would leave a marker file).  One SuperLink for both
+  (the ``refusals`` fixture): the coordinator runs the other NEARL version and the operator submits
+  the foreign app next to it; the site's audit lines are told apart by run id.
 
 Tiny ``demo`` config, 24 training images per site, loopback, every process stopped at the end.
 """
@@ -15,7 +19,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
+import re
 import signal
 import time
 from pathlib import Path
@@ -25,53 +29,22 @@ import pytest
 
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
-from nearl_protocol import processes as flower
-from tests.fed_helpers import (ROOT, Procs, dump, env, history, mlflow_run, nearl_client, nearl_server,
-                               foreign_app, wait_for)
+from tests.fed_helpers import dump, federation, final_adapters, history, mlflow_run, wait_for
 
 pytestmark = [pytest.mark.slow]
 
 
-def federation(tmp: Path, sites: list[Path], mode: str, rounds: int) -> tuple[Procs, str]:
-    procs = Procs(tmp / "logs")
-    uri = f"sqlite:///{tmp / 'mlflow.db'}"
-    port = flower.free_port()
-    nearl_server(procs, port, tmp, "--insecure", "--rounds", str(rounds), "--min-sites", str(len(sites)),
-                 "--round-timeout", "600", "--wait-timeout", "300", "--checkpoint-dir", str(tmp / "ck"),
-                 "--mlflow-uri", uri)
-    wait_for(procs, "server", "submitted", 300)
-    for i, site in enumerate(sites, 1):
-        nearl_client(procs, f"site{i}", site, port, tmp, "--insecure", "--state-dir", str(tmp / f"state-site{i}"),
-                     mode)
-    return procs, uri
-
-
-def final_adapters(tmp: Path) -> dict[str, np.ndarray]:
-    from safetensors.numpy import load_file
-
-    return load_file(str(tmp / "ck" / "final" / "adapters.safetensors"))
-
-
-@pytest.mark.timeout(1800)
-def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(tmp_path):
-    sites = generate_demo_data(tmp_path / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
-    started = {}
-    try:  # both federations at once: each spends most of its time in Flower's polling sleeps
-        for mode in ("--warm", "--cold"):
-            started[mode] = (tmp_path / mode.strip("-"), *federation(tmp_path / mode.strip("-"), sites, mode, rounds=2))
-        for _, procs, _ in started.values():
-            assert procs.wait("server", 1200) == 0, dump(procs)
-    finally:
-        for _, procs, _ in started.values():
-            procs.stop_all()
-    runs = {}
-    for mode, (tmp, procs, uri) in started.items():
-        client, run = mlflow_run(uri)
-        runs[mode] = (tmp, procs, client, run.info.run_id)
-
-    tmp, procs, client, rid = runs["--warm"]
+@pytest.mark.timeout(1800)  # the shared federation may start in this test's setup
+def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(secured):
+    procs, tmp, code = secured.procs, secured.tmp, secured.code
+    cold_tmp, cold_procs = secured.cold_tmp, secured.cold_procs
+    assert code == 0, dump(procs)
+    assert secured.cold_code == 0, dump(cold_procs)
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
+    rid = run.info.run_id
     out = procs.text("server")
-    assert "round 1/2  sites 2/2" in out and "warm 2/2" in out, out
+    # the secured run also sends to two refused nodes: 2 of 4 sampled answer, both warm
+    assert re.search(r"round 1/2  sites 2/4  .*  warm 2/2  ", out), out
     for site in ("site1", "site2"):
         assert history(client, rid, f"{site}/worker_builds") == {1: 1.0, 2: 1.0}  # one build over the whole run
         assert history(client, rid, f"{site}/worker_warm") == {1: 1.0, 2: 1.0}
@@ -83,7 +56,8 @@ def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(
         assert "Start `flwr-clientapp` process" not in log and "Starting Flower SuperExec" not in log, log
     assert history(client, rid, "sites_warm") == {1: 2.0, 2: 2.0}
 
-    cold_tmp, cold_procs, cold_client, cold_rid = runs["--cold"]
+    cold_client, cold_run = mlflow_run(secured.cold_uri)
+    cold_rid = cold_run.info.run_id
     for site in ("site1", "site2"):
         assert history(cold_client, cold_rid, f"{site}/worker_warm") == {1: 0.0, 2: 0.0}
         assert len(set(history(cold_client, cold_rid, f"{site}/worker_pid").values())) == 2  # a process per message
@@ -141,76 +115,31 @@ def test_a_killed_worker_fails_its_sites_round_and_a_new_worker_answers_the_next
     assert "the site worker died" in refused[0]["refused"]
 
 
-def copy_app(dst: Path) -> Path:
-    """This installation's code with one changed byte in README.md: another NEARL bundle (another hash)."""
-    dst.mkdir()
-    for name in ("pyproject.toml", "README.md"):
-        shutil.copy2(ROOT / name, dst / name)
-    for pkg in ("nearl_core", "nearl_protocol", "server", "client", "configs"):
-        shutil.copytree(ROOT / pkg, dst / pkg, ignore=shutil.ignore_patterns("__pycache__"))
-    (dst / "README.md").write_text((dst / "README.md").read_text() + "\nanother version\n")
-    return dst
-
-
-@pytest.mark.timeout(900)
-def test_a_site_refuses_a_nearl_bundle_with_another_hash(tmp_path):
-    sites = generate_demo_data(tmp_path / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
-    other = copy_app(tmp_path / "other-version")
-    procs = Procs(tmp_path / "logs")
-    port = flower.free_port()
-    try:
-        cmd = [str(Path(flower.BIN) / "nearl-server"), "--host", "127.0.0.1", "--port", str(port), "--insecure",
-               "--rounds", "1", "--min-sites", "1", "--round-timeout", "300", "--wait-timeout", "300",
-               "--checkpoint-dir", str(tmp_path / "ck"), "--mlflow-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
-        procs.start("server", cmd, env=env(tmp_path / "home-server", PYTHONPATH=str(other)), cwd=tmp_path)
-        wait_for(procs, "server", "submitted", 300)
-        nearl_client(procs, "site1", sites[0], port, tmp_path, "--insecure", "--state-dir",
-                     str(tmp_path / "state-site1"))
-        wait_for(procs, "server", "rejected site1", 600)
-    finally:
-        procs.stop_all()
+@pytest.mark.timeout(900)  # the shared federation may start in this test's setup
+def test_a_site_refuses_a_nearl_bundle_with_another_hash(refusals):
+    procs, tmp = refusals.procs, refusals.tmp
     ours = [x for x in procs.text("site1").splitlines() if "app bundle sha256 " in x][0].rsplit(" ", 1)[1]
     assert "is not one this site accepts" in procs.text("server"), procs.text("server")
     log = procs.text("site1")
     assert "refused: app bundle sha256 " in log and "accept it with nearl-client --accept-fab" in log, log
     theirs = log.split("refused: app bundle sha256 ", 1)[1].split()[0]
     assert theirs != ours
-    lines = read_lines(tmp_path / "state-site1" / "audit.jsonl")
+    every = read_lines(tmp / "state-site1" / "audit.jsonl")
+    assert {x["run_id"] for x in every} <= {refusals.nearl_run, refusals.foreign_run}, every
+    lines = [x for x in every if x["run_id"] == refusals.nearl_run]  # the foreign app's run is the next test's
     assert lines and all("is not one this site accepts" in x["refused"] and x["bytes_sent"] == 0 for x in lines)
 
 
-@pytest.mark.timeout(900)
-def test_a_site_refuses_a_foreign_flower_app_and_runs_none_of_it(tmp_path):
-    sites = generate_demo_data(tmp_path / "data", 1, train_per_site=24, val_per_site=8, test_per_site=8)
-    marker = tmp_path / "foreign-ran"
-    app = foreign_app(tmp_path / "foreign", marker)
-    out = tmp_path / "foreign.json"
-    procs = Procs(tmp_path / "logs")
-    port = flower.free_port()
-    try:
-        link = procs.start("superlink", flower.superlink_command(host="127.0.0.1", port=port, certs=None,
-                                                                 database=None), env=env(tmp_path / "home-link"))
-        flower.wait_for_port("127.0.0.1", port, link, procs.log("superlink"), "SuperLink")
-        nearl_client(procs, "site1", sites[0], port, tmp_path, "--insecure", "--state-dir",
-                     str(tmp_path / "state-site1"))
-        wait_for(procs, "site1", "backbone and site index ready", 300)
-        home = tmp_path / "home-cli"
-        flower.write_connection(home, f"127.0.0.1:{port}", None)
-        cli_env = env(home)
-        run_cfg = flower.write_run_config(tmp_path / "run.toml", {"out": str(out)})
-        run_id = str(flower.flwr_json(["run", str(app), flower.CONNECTION, "--run-config", str(run_cfg)],
-                                      env=cli_env, timeout=300)["run-id"])
-        deadline = time.monotonic() + 600
-        while not out.exists() and time.monotonic() < deadline:
-            time.sleep(1)
-        assert out.exists(), f"{flower.run_logs(run_id, env=cli_env)}\n{dump(procs)}"
-    finally:
-        procs.stop_all()
-    (reply,) = json.loads(out.read_text())
+@pytest.mark.timeout(900)  # the shared federation may start in this test's setup
+def test_a_site_refuses_a_foreign_flower_app_and_runs_none_of_it(refusals):
+    procs, tmp = refusals.procs, refusals.tmp
+    (reply,) = json.loads(refusals.foreign_out.read_text())
     assert reply["error"] and reply["error"].startswith("site1: not a NEARL app: publisher=someone-else "
                                                         "name=foreign-app"), reply
-    assert not marker.exists(), "the foreign ClientApp ran at the site"
+    assert not refusals.marker.exists(), "the foreign ClientApp ran at the site"
     log = procs.text("site1")
     assert "refused: not a NEARL app" in log and "Start `flwr-clientapp` process" not in log, log
-    (line,) = read_lines(tmp_path / "state-site1" / "audit.jsonl")
+    every = read_lines(tmp / "state-site1" / "audit.jsonl")
+    assert {x["run_id"] for x in every} <= {refusals.nearl_run, refusals.foreign_run}, every
+    (line,) = [x for x in every if x["run_id"] == refusals.foreign_run]  # the other NEARL version's: the test above
     assert line["refused"].startswith("not a NEARL app") and line["bytes_sent"] == 0
