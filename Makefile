@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml
 demo: $(STAMP)
 	$(BIN)/python simulation/run.py
 
+# Three worker processes, each taking whole test modules (their federations and fixtures stay
+# together): the end-to-end federations spend most of their time in Flower's polling sleeps.
 test: $(STAMP)
-	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q --durations=15
+	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest -q -n 3 --dist loadfile --durations=25
 
 # For development, not CI: everything not marked slow (no federation processes, no simulations).
 test-fast: $(STAMP)

@@ -32,6 +32,7 @@ UNIMPORTED_RUNTIME = {
 }
 UNIMPORTED_DEV = {
     "pytest-timeout": "pytest plugin loaded by entry point, not imported: @pytest.mark.timeout on the slow tests",
+    "pytest-xdist": "pytest plugin loaded by entry point, not imported: make test runs pytest -n 3 --dist loadfile",
 }
 
 # imports the scan must find, so that an empty or broken scan cannot pass
