@@ -26,8 +26,8 @@ import pytest
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
-from nearl_protocol.processes import free_port
-from server.proxy import Limits, create_app
+from nearl_protocol.processes import fleet_proxy_command, free_port
+from server.proxy import Limits, build_parser, create_app
 from server.proxy_guard import Guard, RateLimiter, guarded_protocol
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
@@ -227,3 +227,59 @@ def test_refusals_are_logged_once_per_address_kind_and_interval(caplog):
     assert lines[2].endswith("; 19 more like it from 198.51.100.1 in the last 60s")
     assert guard.refusals.counts == {"429": 23}
     assert "refused: 429 23" in guard.summary() and "forwarded 2 requests" in guard.summary()
+
+
+# -- flags ---------------------------------------------------------------------------------------------------
+def test_the_limits_travel_from_nearl_server_to_the_proxy_flag_for_flag():
+    from server.cli import build_parser as server_parser
+
+    custom = Limits(max_body_bytes=1_598_128, rate=2.5, burst=7, max_connections=3, client_timeout=4.0)
+    for limits in (Limits(), custom):
+        args = build_parser().parse_args(["--listen", "127.0.0.1:1", "--upstream", "http://x", *limits.to_args()])
+        assert Limits.from_args(args) == limits
+    server_args = server_parser().parse_args([])
+    assert server_args.max_body_mb is None  # derived from the run's config unless given
+    assert Limits.from_args(server_args, max_body_bytes=Limits().max_body_bytes) == Limits()
+    cmd = fleet_proxy_command(host="0.0.0.0", port=9092, upstream_port=9093, certs=None, limits=custom.to_args())
+    assert cmd[cmd.index("--rate-burst") + 1] == "7" and cmd[cmd.index("--max-body-mb") + 1] == "1.598128"
+
+
+# -- the body limit of a run --------------------------------------------------------------------------------
+def test_the_body_limit_is_the_largest_message_times_the_margin_plus_the_allowance():
+    from nearl_protocol.secagg import EXTRA_SLOTS
+    from server.body_bound import SECAGG_EXTRA_SLOTS, body_limit, largest_message_bytes
+    from server.proxy import BODY_ALLOWANCE, BODY_MARGIN
+
+    schema = {"a": ((1000,), "float32"), "b": ((2, 5), "float32")}
+    assert largest_message_bytes(schema, "float32", False) == 4040
+    assert largest_message_bytes(schema, "fp16", False) == largest_message_bytes(schema, "bf16", False) == 2020
+    assert largest_message_bytes(schema, "fp16", True) == 4 * (1010 + EXTRA_SLOTS)  # masked: uint32 whatever the dtype
+    assert SECAGG_EXTRA_SLOTS == EXTRA_SLOTS
+    assert body_limit(4040) == 6060 + BODY_ALLOWANCE and (BODY_MARGIN, BODY_ALLOWANCE) == (1.5, 2**20)
+
+
+def test_nearl_server_takes_max_body_mb_as_given_and_refuses_an_unusable_limit(tmp_path):
+    from nearl_core.errors import NearlError
+    from server.body_bound import LimitsResolver
+    from server.cli import build_parser as server_parser
+
+    def resolve(*flags: str):
+        return LimitsResolver(server_parser().parse_args(list(flags)), tmp_path / "unused.yaml", "float32",
+                              False).result()  # with --max-body-mb no model is built
+
+    limits, note = resolve("--max-body-mb", "2.5", "--rate-limit", "0")
+    assert (limits.max_body_bytes, limits.rate, note) == (2_500_000, 0.0, "--max-body-mb")
+    with pytest.raises(NearlError, match=r"^--max-body-mb 0.0001 is below 1 kB: no Fleet call fits$"):
+        resolve("--max-body-mb", "0.0001")
+    with pytest.raises(NearlError, match=r"^--rate-limit, --max-connections and --client-timeout must be 0 or more"):
+        resolve("--max-body-mb", "2", "--max-connections", "-1")
+
+
+def test_a_config_the_body_limit_cannot_be_derived_from_is_refused_in_one_line(tmp_path):
+    from nearl_core.errors import NearlError
+    from server.body_bound import measure_in_child
+
+    (tmp_path / "bad.yaml").write_text("adapter:\n  nonsense: 3\n")
+    with pytest.raises(NearlError, match=r"^cannot derive the body limit from the config \(body_bound: error: .*"
+                                         r"nonsense.*\); fix the config or pass --max-body-mb$"):
+        measure_in_child(str(tmp_path / "bad.yaml"), "float32", False)
