@@ -174,6 +174,12 @@ def create_app(upstream: str, *, limits: Limits | None = None, guard: Guard | No
         guard.refusals.refused(str(status), request.client.host if request.client else "unknown", line)
         return refusal(status, text)
 
+    def failed(request: Request, status: int, why: str, text: str) -> Response:
+        """The SuperLink failed a request: logged like a refusal (once per address and interval)."""
+        line = f"{request.method} {request.scope['path']} from {_peer(request)}: {why} ({status})"
+        guard.refusals.refused(str(status), request.client.host if request.client else "unknown", line)
+        return PlainTextResponse(text, status_code=status)
+
     def screen(request: Request) -> Response | None:
         """The refusals decided from the request line and headers alone, cheapest first."""
         address = request.client.host if request.client else "unknown"
@@ -210,11 +216,10 @@ def create_app(upstream: str, *, limits: Limits | None = None, guard: Guard | No
         except ClientGone:
             return refusal(400, "client disconnected\n")
         except httpx.TimeoutException:
-            log.warning("%s %s from %s: the SuperLink did not answer in time (504)", method, path, _peer(request))
-            return PlainTextResponse("gateway timeout: the SuperLink did not answer\n", status_code=504)
+            return failed(request, 504, "the SuperLink did not answer in time",
+                          "gateway timeout: the SuperLink did not answer\n")
         except httpx.HTTPError as err:
-            log.warning("%s %s from %s: SuperLink unreachable: %s (502)", method, path, _peer(request), err)
-            return PlainTextResponse("bad gateway: the SuperLink is not reachable\n", status_code=502)
+            return failed(request, 502, f"SuperLink unreachable: {err}", "bad gateway: the SuperLink is not reachable\n")
         guard.forwarded += 1
         response = StreamingResponse(answer.aiter_raw(), status_code=answer.status_code,
                                      background=BackgroundTask(answer.aclose))

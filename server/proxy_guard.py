@@ -16,9 +16,9 @@ per client address (the peer of the TCP connection):
   is forwarded, or by counting the bytes of a chunked body as they stream, which aborts
   the upstream request.
 
-Every refusal is counted by kind; the log gets one line per address and kind per
-``log_interval`` (with the number suppressed since), never one per request: a flood must
-not become a flood of log lines.
+Every refusal (and every request the SuperLink fails, 502/504) is counted by kind; the
+log gets one line per address and kind per ``log_interval`` (with the number suppressed
+since), never one per request: a flood must not become a flood of log lines.
 """
 
 from __future__ import annotations
@@ -153,7 +153,8 @@ class Guard:
     def summary(self) -> str:
         used = self.limits.burst - self.rate.lowest if self.limits.rate > 0 else float("nan")
         return (f"forwarded {self.forwarded} requests (largest body {self.largest_body:,} bytes; the busiest "
-                f"address used {used:.0f} of its burst of {self.limits.burst}); refused: {self.refusals.summary()}")
+                f"address used {used:.0f} of its burst of {self.limits.burst}); refused or failed, by status: "
+                f"{self.refusals.summary()}")
 
 
 async def limited_body(receive: Receive, guard: Guard) -> AsyncIterator[bytes]:

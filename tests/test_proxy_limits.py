@@ -63,11 +63,12 @@ class Upstream:
 
 
 @contextmanager
-def serving(app, http=H11Protocol) -> Iterator[int]:
-    """``app`` on a free loopback port in a uvicorn thread; stopped (bounded) on exit."""
+def serving(app, http=H11Protocol, **tls: str) -> Iterator[int]:
+    """``app`` on a free loopback port in a uvicorn thread (``ssl_certfile``/``ssl_keyfile``: TLS); stopped
+    (bounded) on exit."""
     port = free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, http=http, ws="none", log_level="warning",
-                                           lifespan="off", access_log=False))
+                                           lifespan="off", access_log=False, **tls))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 20
@@ -226,7 +227,7 @@ def test_refusals_are_logged_once_per_address_kind_and_interval(caplog):
     assert "198.51.100.2" in lines[1]
     assert lines[2].endswith("; 19 more like it from 198.51.100.1 in the last 60s")
     assert guard.refusals.counts == {"429": 23}
-    assert "refused: 429 23" in guard.summary() and "forwarded 2 requests" in guard.summary()
+    assert "by status: 429 23" in guard.summary() and "forwarded 2 requests" in guard.summary()
 
 
 # -- flags ---------------------------------------------------------------------------------------------------
