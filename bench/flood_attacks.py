@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import ipaddress
 import os
+import ssl
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -47,8 +48,12 @@ class Tally:
         self.counts[kind] += 1
 
 
-async def connect(target: Target, source: str) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    return await asyncio.wait_for(asyncio.open_connection(*target, local_addr=(source, 0)), IO_TIMEOUT)
+async def connect(target: Target, source: str, tls: ssl.SSLContext | None = None
+                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A connection from ``source`` (TLS with ``tls``, the server's name taken as ``localhost``)."""
+    opened = asyncio.open_connection(*target, local_addr=(source, 0), ssl=tls,
+                                     server_hostname="localhost" if tls else None)
+    return await asyncio.wait_for(opened, IO_TIMEOUT)
 
 
 async def read_response(reader: asyncio.StreamReader, timeout: float = IO_TIMEOUT) -> tuple[int | None, bytes]:
@@ -60,7 +65,7 @@ async def read_response(reader: asyncio.StreamReader, timeout: float = IO_TIMEOU
                        if line.lower().startswith(b"content-length:")), 0)
         body = await asyncio.wait_for(reader.readexactly(length), timeout) if length else b""
         return status, body
-    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError, asyncio.TimeoutError,
+    except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, OSError, asyncio.TimeoutError,
             ValueError, IndexError):
         return None, b""
 
@@ -86,12 +91,13 @@ def request_head(path: str, length: int | None, extra: str = "") -> bytes:
             f"{framing}\r\n{extra}\r\n").encode()
 
 
-async def big_body(target: Target, source: str, size: int, chunked: bool, tally: Tally) -> int | None:
+async def big_body(target: Target, source: str, size: int, chunked: bool, tally: Tally,
+                   tls: ssl.SSLContext | None = None) -> int | None:
     """One push-messages request of ``size`` zero bytes (declared, or chunked); returns the status."""
     try:
-        reader, writer = await connect(target, source)
-    except (OSError, asyncio.TimeoutError):
-        tally.add("connect failed")
+        reader, writer = await connect(target, source, tls)
+    except (OSError, asyncio.TimeoutError) as err:
+        tally.add(f"connect failed ({type(err).__name__})")
         return None
     answer = asyncio.ensure_future(read_response(reader, timeout=120))
     writer.write(request_head("/v1/fleet/push-messages", None if chunked else size))
@@ -104,7 +110,7 @@ async def big_body(target: Target, source: str, size: int, chunked: bool, tally:
             sent += len(piece)
         if chunked and not answer.done():
             writer.write(b"0\r\n\r\n")
-    except (ConnectionError, asyncio.TimeoutError):
+    except (OSError, asyncio.TimeoutError):
         pass
     status, body = await answer
     tally.bytes_sent += sent
@@ -129,8 +135,8 @@ async def small_requests(target: Target, source: str, count: int, per_second: fl
                 writer.write(request_head("/v1/fleet/pull-messages", len(body)) + body)
                 tally.add(kind_of(*await read_response(reader)))
                 close(writer)
-            except (OSError, asyncio.TimeoutError):
-                tally.add("connect failed")
+            except (OSError, asyncio.TimeoutError) as err:
+                tally.add(f"connect failed ({type(err).__name__})")
             await asyncio.sleep(max(0.0, spacing - (time.monotonic() - started)))
 
     await asyncio.gather(*(worker() for _ in range(workers)))
@@ -140,15 +146,15 @@ SLOW_MODES = ("headers", "trickle", "stall")
 
 
 async def slow_sender(target: Target, source: str, mode: str, seconds: float, tally: Tally,
-                      going: Going = lambda: True) -> None:
+                      going: Going = lambda: True, tls: ssl.SSLContext | None = None) -> None:
     """One slow connection, until the server ends it or ``seconds`` pass. ``mode``: ``headers`` sends a
     header byte a second (slowloris); ``trickle`` complete headers, then a body byte a second; ``stall``
     complete headers and 100 body bytes, then nothing."""
     started = time.monotonic()
     try:
-        reader, writer = await connect(target, source)
-    except (OSError, asyncio.TimeoutError):
-        tally.add("connect failed")
+        reader, writer = await connect(target, source, tls)
+    except (OSError, asyncio.TimeoutError) as err:
+        tally.add(f"connect failed ({type(err).__name__})")
         return
     answer = asyncio.ensure_future(read_response(reader, timeout=seconds + IO_TIMEOUT))
     first = b"POST /v1/fleet/push-messages HTTP/1.1\r\n" if mode == "headers" else request_head(
@@ -160,7 +166,7 @@ async def slow_sender(target: Target, source: str, mode: str, seconds: float, ta
                 writer.write(b"x" if mode == "headers" else b"\0")
                 await asyncio.wait_for(writer.drain(), IO_TIMEOUT)
             await asyncio.wait([answer], timeout=1.0)
-    except (ConnectionError, asyncio.TimeoutError):
+    except (OSError, asyncio.TimeoutError):
         pass
     if not answer.done():
         answer.cancel()
