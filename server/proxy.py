@@ -35,7 +35,8 @@ from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response, StreamingResponse
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from server.proxy_guard import BodyTooLarge, ClientGone, Guard, SlowSender, guarded_protocol, limited_body
+from server.proxy_conn import guarded_protocol
+from server.proxy_guard import BodyTooLarge, ClientGone, Guard, SlowSender, limited_body
 
 log = logging.getLogger("nearl.proxy")
 

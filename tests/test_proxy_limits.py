@@ -28,7 +28,8 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from nearl_protocol.processes import fleet_proxy_command, free_port
 from server.proxy import Limits, build_parser, create_app
-from server.proxy_guard import Guard, RateLimiter, guarded_protocol
+from server.proxy_conn import guarded_protocol
+from server.proxy_guard import Guard, RateLimiter
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import flood_attacks as attacks  # noqa: E402
