@@ -177,7 +177,7 @@ def create_app(upstream: str, *, limits: Limits | None = None, guard: Guard | No
 
     def failed(request: Request, status: int, why: str, text: str) -> Response:
         """The SuperLink failed a request: logged like a refusal (once per address and interval)."""
-        line = f"{request.method} {request.scope['path']} from {_peer(request)}: {why} ({status})"
+        line = f"{request.method} {_printable(request.scope['path'])} from {_peer(request)}: {why} ({status})"
         guard.refusals.refused(str(status), request.client.host if request.client else "unknown", line)
         return PlainTextResponse(text, status_code=status)
 
