@@ -121,7 +121,8 @@ async def big_body(target: Target, source: str, size: int, chunked: bool, tally:
 
 async def small_requests(target: Target, source: str, count: int, per_second: float, going: Going,
                          tally: Tally, workers: int = 4) -> None:
-    """Up to ``count`` unauthenticated Fleet calls (random protobuf bytes), paced at ``per_second``."""
+    """Up to ``count`` unauthenticated Fleet calls (random protobuf bytes; one in ten to the Control API),
+    paced at ``per_second``, each on a new connection."""
     spacing = workers / per_second
     todo = [count]
 
@@ -129,10 +130,11 @@ async def small_requests(target: Target, source: str, count: int, per_second: fl
         while todo[0] > 0 and going():
             todo[0] -= 1
             started = time.monotonic()
+            path = "/v1/control/stop-run" if todo[0] % 10 == 0 else "/v1/fleet/pull-messages"
             try:
                 reader, writer = await connect(target, source)
                 body = os.urandom(64)
-                writer.write(request_head("/v1/fleet/pull-messages", len(body)) + body)
+                writer.write(request_head(path, len(body)) + body)
                 tally.add(kind_of(*await read_response(reader)))
                 close(writer)
             except (OSError, asyncio.TimeoutError) as err:
