@@ -5,8 +5,9 @@ recording upstream in another. Checked: 413 by Content-Length before a byte is f
 and 413 by count for a chunked body, with the upstream request aborted at the limit; 429
 per address for the request rate and for open connections, other addresses unaffected;
 408 for slow headers, a stalled body and a trickling one, while a slow *upstream* and a
-keep-alive connection between requests are left alone; one log line per address, kind
-and interval; the limits' flags from nearl-server to the proxy.
+keep-alive connection between requests are left alone; the same on TLS; one log line per
+address, kind and interval; the limits' flags from nearl-server to the proxy; the body
+limit a run derives from its adapter schema.
 """
 
 from __future__ import annotations
@@ -84,12 +85,14 @@ def serving(app, http=H11Protocol, **tls: str) -> Iterator[int]:
 
 
 @contextmanager
-def proxy(**limits) -> Iterator[tuple[int, Upstream, Guard]]:
+def proxy(certs: Path | None = None, **limits) -> Iterator[tuple[int, Upstream, Guard]]:
+    """The proxy in front of a recording upstream; with ``certs`` (deploy/make-certs.sh) on TLS."""
     upstream = Upstream()
     guard = Guard.create(Limits(**{"max_body_bytes": LIMIT, **limits}))
+    tls = {"ssl_certfile": str(certs / "server.pem"), "ssl_keyfile": str(certs / "server.key")} if certs else {}
     with serving(upstream) as up_port:
         app = create_app(f"http://127.0.0.1:{up_port}", guard=guard)
-        with serving(app, guarded_protocol(H11Protocol, guard)) as port:
+        with serving(app, guarded_protocol(H11Protocol, guard), **tls) as port:
             yield port, upstream, guard
 
 
@@ -204,6 +207,36 @@ def test_a_slow_upstream_and_an_idle_keep_alive_connection_are_not_cut_off():
             time.sleep(0.5)  # within the timeout (and uvicorn's 5 s keep-alive): the same connection
             assert client.post("/v1/fleet/pull-messages", content=b"y").status_code == 200
         assert guard.refusals.counts == {} and len(upstream.requests) == 2
+
+
+def test_the_limits_hold_on_tls_as_on_plain_http(tmp_path):
+    import ssl
+    import subprocess
+
+    certs = tmp_path / "certs"
+    subprocess.run([str(Path(__file__).resolve().parents[1] / "deploy" / "make-certs.sh"), "--out", str(certs),
+                    "localhost"], check=True, capture_output=True, timeout=120)
+    tls = ssl.create_default_context(cafile=str(certs / "ca.crt"))
+    with proxy(certs, client_timeout=1.5, max_connections=1) as (port, upstream, guard):
+        target = ("127.0.0.1", port)
+
+        async def go():
+            reader, writer = await attacks.connect(target, "127.0.0.2", tls)
+            writer.write(post())
+            ok = await attacks.read_response(reader)
+            refused = attacks.Tally()  # a second connection from 127.0.0.2 while the first stays open
+            await attacks.big_body(target, "127.0.0.2", 10, False, refused, tls)
+            attacks.close(writer)
+            big, slow = attacks.Tally(), attacks.Tally()
+            await attacks.big_body(target, "127.0.0.3", 100 * LIMIT, True, big, tls)
+            await attacks.slow_sender(target, "127.0.0.4", "headers", 20, slow, tls=tls)
+            return ok[0], refused.counts, big.counts, slow
+
+        status, refused, big, slow = asyncio.run(go())
+        assert status == 200 and refused == {"429 connections": 1} and big == {"413": 1}
+        assert slow.counts == {"408": 1} and slow.held_seconds[0] < 8
+        wait_until(lambda: upstream.requests[-1]["disconnected"])
+        assert upstream.requests[-1]["bytes"] <= LIMIT and not upstream.requests[-1]["complete"]
 
 
 # -- the log -------------------------------------------------------------------------------------------------
