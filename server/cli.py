@@ -313,8 +313,8 @@ class Server:
         """Stop the proxy, then the SuperLink with its SuperExec and ServerApp (a run still going ends with them)."""
         if self.resolver is not None:
             self.resolver.cancel()
-        if self.proxy is not None:
-            flower.stop_process(self.proxy, timeout=5)
+        if self.proxy is not None:  # its graceful shutdown (3 s at most) ends with its line of totals
+            flower.stop_process(self.proxy, timeout=10)
             self.proxy = None
         if self.superlink is None:
             return

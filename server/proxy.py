@@ -63,7 +63,8 @@ class Limits:
     """What one client address may do on the public port; the one definition of every default.
 
     Legitimate sites poll every 3 s, send a heartbeat every 30 s and, when a message moves,
-    a few dozen object calls at once; they keep one or two connections open. The defaults
+    a handful of object calls at once; they keep one or two connections open (two demo sites
+    behind one address used at most 21 of the burst in a round). The defaults
     leave several times that headroom, for a consortium of a few hundred sites each behind
     its own address. 0 turns a rate, connection or time limit off.
     """
@@ -280,7 +281,7 @@ def main(argv: list[str] | None = None) -> int:
     # h11, not httptools: h11 caps a request's headers at 16 KiB, httptools buffers any amount
     uvicorn.run(app, host=host.strip("[]"), port=int(port), ssl_certfile=args.certfile, ssl_keyfile=args.keyfile,
                 http=guarded_protocol(H11Protocol, guard), ws="none", log_level="warning", access_log=False,
-                server_header=False, date_header=False, timeout_graceful_shutdown=5)
+                server_header=False, date_header=False, timeout_graceful_shutdown=3)
     return 0
 
 
