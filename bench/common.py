@@ -273,6 +273,20 @@ def _rss_pss_kib(pid: int) -> tuple[int, int]:
     return rss, pss
 
 
+def process_rss_mib(pid: int) -> float:
+    """Resident memory of one process now (0 when it is gone)."""
+    return _rss_pss_kib(pid)[0] / 1024
+
+
+def process_cpu_seconds(pid: int) -> float:
+    """User + system CPU time of one process so far (0 when it is gone)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def _cmdline(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")

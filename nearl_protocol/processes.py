@@ -197,14 +197,16 @@ def superlink_command(*, host: str, port: int, certs: Certs | None, database: Pa
     return cmd
 
 
-def fleet_proxy_command(*, host: str, port: int, upstream_port: int, certs: Certs | None) -> list[str]:
+def fleet_proxy_command(*, host: str, port: int, upstream_port: int, certs: Certs | None,
+                        limits: Sequence[str] = ()) -> list[str]:
     """server/proxy.py on the public ``host:port`` in front of a SuperLink on 127.0.0.1:``upstream_port``.
 
     With ``certs`` TLS terminates at the proxy and the proxy verifies the SuperLink (which keeps
     its own TLS: Flower's SuperNode authentication requires it) with the federation CA.
+    ``limits``: the proxy's limit flags (server.proxy.Limits.to_args).
     """
     listen = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-    cmd = [sys.executable, "-m", "server.proxy", "--listen", listen]
+    cmd = [sys.executable, "-m", "server.proxy", "--listen", listen, *limits]
     if certs is None:
         return cmd + ["--upstream", f"http://127.0.0.1:{upstream_port}"]
     return cmd + ["--upstream", f"https://127.0.0.1:{upstream_port}", "--ca", str(certs.ca),

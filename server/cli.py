@@ -2,11 +2,14 @@
 
     nearl-server --rounds 50 [--config X] [--min-sites N] [--port P] [--local-port P] [--certs DIR | --insecure]
                  [--auth-keys DIR [--roster FILE]] [--mlflow-uri U] [--checkpoint-dir D] [--resume D]
+                 [--max-body-mb MB] [--rate-limit R] [--rate-burst N] [--max-connections N] [--client-timeout S]
 
 Starts a Flower SuperLink on 127.0.0.1 (runtime dependency installation disabled: the app
 runs in this environment) and, on the public ``--host/--port``, a proxy that forwards the
 SuperLink's Fleet API (what sites call) and nothing else (server/proxy.py): the Control API
-(``flwr run/ls/log/stop``) and the Runtime API stay on this host. It then submits the NEARL app with ``flwr run . nearl --format json``, streams
+(``flwr run/ls/log/stop``) and the Runtime API stay on this host. The proxy refuses bodies
+larger than the run's largest message (derived from its config, server/body_bound.py) and
+limits each client address's request rate, open connections and slowness. It then submits the NEARL app with ``flwr run . nearl --format json``, streams
 the per-round progress the ServerApp writes, and exits 0 when the last round is done.
 A run that fails (too few sites before the timeout, a crash) ends with a one-line
 message and exit code 1; a wrong argument or file with exit code 2.
@@ -34,6 +37,8 @@ from server.settings import FederationSettings
 from server.tracking import resolve_tracking_uri
 from server.events import DoneEvent, ErrorEvent, ProgressReader, select
 from server.progress_view import format_event, format_summary
+from server.body_bound import LimitsResolver
+from server.proxy import Limits, add_limit_flags
 from nearl_protocol import processes as flower
 from nearl_protocol.bundle import stage
 from nearl_protocol.processes import Certs, FlowerError
@@ -69,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--superlink-db", type=Path, default=None, metavar="FILE",
                    help="keep the SuperLink's state in this sqlite file so connected sites survive a coordinator "
                         "restart (default: in memory; sites then rejoin by restarting nearl-client)")
+    add_limit_flags(p, body_default=None)
     p.add_argument("--quiet", action="store_true", help="only the final summary")
     return p
 
@@ -118,6 +124,9 @@ class Server:
         self.checkpoint_dir = Path(chosen).expanduser().resolve()
         self.superlink_log = state_dir / "superlink.log"
         self.proxy = None
+        self.resolver: LimitsResolver | None = None
+        self.limits: Limits | None = None
+        self.limits_note = ""
 
     # -- setup checks: everything a user can get wrong fails here, before any process starts -------
     def validate(self) -> tuple[FederationSettings, Certs | None]:
@@ -193,6 +202,8 @@ class Server:
     def run(self) -> int:
         a = self.args
         fed, certs = self.validate()
+        # a model build in a child process, while the SuperLink starts (not in validate(): it takes seconds)
+        self.resolver = LimitsResolver(a, Path(fed.config), fed.transport_dtype, fed.secure_aggregation)
         run_config = fed.to_run_config()
         self.phase = "start"
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
@@ -208,6 +219,7 @@ class Server:
         self.superlink = flower.start_process(cmd, env=flower.flower_env(self.state_dir / "superlink-home"),
                                               log_file=self.superlink_log, cwd=os.getcwd())
         flower.wait_for_port("127.0.0.1", local_port, self.superlink, self.superlink_log, "the SuperLink")
+        self.limits, self.limits_note = self.resolver.result()
         self.start_proxy(connect_host, local_port, certs)
         home = self.state_dir / "cli-home"
         flower.write_connection(home, f"127.0.0.1:{local_port}", certs)
@@ -219,6 +231,8 @@ class Server:
               f"{', SuperNode authentication on' if a.auth_keys else ''}): Fleet API only, every other path refused; "
               f"sites join with: nearl-client --site NAME --data DIR --server <this-host>:{a.port}"
               f"{' --insecure' if certs is None else ' --certs DIR'}", flush=True)
+        print(f"{PROG}: the public port refuses {self.limits.describe()}; body limit: {self.limits_note}",
+              flush=True)
         print(f"{PROG}: SuperLink Control and Runtime APIs on 127.0.0.1:{local_port} (this host only); operate "
               f"the run here with: FLWR_HOME={home} flwr ls {flower.CONNECTION} (or flwr log RUN_ID / flwr stop "
               f"RUN_ID)", flush=True)
@@ -237,7 +251,8 @@ class Server:
         Its output goes to ours, so a refused request shows up in the coordinator's log.
         """
         a = self.args
-        cmd = flower.fleet_proxy_command(host=a.host, port=a.port, upstream_port=local_port, certs=certs)
+        cmd = flower.fleet_proxy_command(host=a.host, port=a.port, upstream_port=local_port, certs=certs,
+                                         limits=self.limits.to_args() if self.limits else ())
         self.proxy = subprocess.Popen(cmd, env=flower.flower_env(self.state_dir / "proxy-home"), cwd=os.getcwd(),
                                       stdin=subprocess.DEVNULL, start_new_session=True)
         deadline = time.monotonic() + 60
@@ -323,8 +338,10 @@ class Server:
 
     def shutdown(self) -> None:
         """Stop the proxy, then the SuperLink with its SuperExec and ServerApp (a run still going ends with them)."""
-        if self.proxy is not None:
-            flower.stop_process(self.proxy, timeout=5)
+        if self.resolver is not None:
+            self.resolver.cancel()
+        if self.proxy is not None:  # its graceful shutdown (3 s at most) ends with its line of totals
+            flower.stop_process(self.proxy, timeout=10)
             self.proxy = None
         if self.superlink is None:
             return

@@ -295,6 +295,66 @@ def test_nginx_forwards_exactly_the_fleet_api_and_health_and_refuses_the_rest():
     assert not pattern.match("/v1/fleet/pull-messages/x") and not pattern.match("/v1/runtime/pull-messages")
 
 
+def nginx_server_directives(text: str) -> dict[str, str]:
+    """``name -> value`` of the directives at the top level of the TLS server block."""
+    server = text.split("listen 9092 ssl;", 1)[1].split("\nserver {", 1)[0]
+    return dict(re.findall(r"^ {4}([a-z_]+)\s+([^;{]+);", server, re.M))
+
+
+def nginx_bytes(size: str) -> int:
+    return int(size[:-1]) * {"k": 2**10, "m": 2**20, "g": 2**30}[size[-1]] if size[-1].isalpha() else int(size)
+
+
+def test_nginx_limits_are_the_built_in_proxys_defaults():
+    from server.proxy import Limits
+
+    text, limits = NGINX_CONF.read_text(), Limits()
+    d = nginx_server_directives(text)
+    assert nginx_bytes(d["client_max_body_size"]) == limits.max_body_bytes
+    assert d["client_header_timeout"] == d["client_body_timeout"] == f"{limits.client_timeout:g}s"
+    zone = re.search(r"^limit_req_zone\s+\$binary_remote_addr zone=(\w+):\d+m rate=(\d+)r/s;", text, re.M)
+    assert zone and float(zone.group(2)) == limits.rate
+    assert d["limit_req"] == f"zone={zone.group(1)} burst={limits.burst} nodelay"
+    conn = re.search(r"^limit_conn_zone\s+\$binary_remote_addr zone=(\w+):\d+m;", text, re.M)
+    assert conn and d["limit_conn"] == f"{conn.group(1)} {limits.max_connections}"
+    assert d["limit_req_status"] == d["limit_conn_status"] == "429"
+    for where, body in nginx_locations(text).items():  # every location inherits them
+        assert "limit_req" not in body and "limit_conn" not in body and "client_" not in body, where
+
+
+def test_behind_nginx_the_coordinator_leaves_the_per_address_limits_to_it():
+    from server.cli import build_parser
+
+    off = {"NEARL_RATE_LIMIT": "0", "NEARL_MAX_CONNECTIONS": "0"}
+    assert compose()["services"]["coordinator"]["environment"] == off
+    objects = {(d["kind"], d["metadata"]["name"]): d for p, d in k8s_docs() if p.name != "kustomization.yaml"}
+    (co,) = objects[("Job", "nearl-coordinator")]["spec"]["template"]["spec"]["containers"]
+    assert {e["name"]: e["value"] for e in co["env"]} == off
+    assert objects[("Service", "nearl-fleet-proxy")]["spec"]["externalTrafficPolicy"] == "Local"  # client addresses
+    # local-stack.sh has no nginx: coordinator.env leaves every limit to nearl-server's defaults
+    limits = {k: v for k, v in read_env(ENV_DIR / "coordinator.env").items() if k in (*off, "NEARL_MAX_BODY_MB")}
+    assert limits == {"NEARL_RATE_LIMIT": "", "NEARL_MAX_CONNECTIONS": "", "NEARL_MAX_BODY_MB": ""}
+    script = (DEPLOY / "run" / "coordinator.sh").read_text()
+    flags = {s for a in build_parser()._actions for s in a.option_strings}
+    for var, flag in (("NEARL_RATE_LIMIT", "--rate-limit"), ("NEARL_MAX_CONNECTIONS", "--max-connections"),
+                      ("NEARL_MAX_BODY_MB", "--max-body-mb")):
+        assert f"{var}:{flag}" in script and flag in flags
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_nginx_body_limit_covers_every_shipped_config_that_builds_offline():
+    """BiomedCLIP needs its hub files to build; its 1.71M adapter parameters give about 11.3 MB."""
+    d = nginx_server_directives(NGINX_CONF.read_text())
+    configs = ("demo", "vit-b16", "tiny-timm-bert")
+    res = subprocess.run([sys.executable, "-m", "server.body_bound", "--secure-aggregation", *configs], cwd=ROOT,
+                         capture_output=True, text=True, timeout=540, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 0, res.stderr[-2000:]
+    bounds = {row["config"]: row["max_body_bytes"] for row in map(json.loads, res.stdout.splitlines())}
+    assert set(bounds) == set(configs)
+    assert max(bounds.values()) <= nginx_bytes(d["client_max_body_size"]) <= 2 * max(bounds.values()), bounds
+
+
 @pytest.mark.skipif(shutil.which("nginx") is None, reason="nginx not installed")
 def test_nginx_accepts_the_config(tmp_path):
     conf = NGINX_CONF.read_text().replace("nearl-coordinator:9092", "127.0.0.1:9")

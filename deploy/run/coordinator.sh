@@ -22,10 +22,11 @@ if [[ -n "${NEARL_ROSTER:-}" ]]; then
   [[ -f "$NEARL_ROSTER" ]] || die "NEARL_ROSTER=$NEARL_ROSTER not found; mount the consortium's roster.json (deploy/make-roster.sh)"
   args+=(--roster "$NEARL_ROSTER")
 fi
-# The federation's settings: a flag only for a variable that is set, so nearl-server's one definition
-# of each default decides the rest.
+# The federation's settings and the public port's limits: a flag only for a variable that is set, so
+# nearl-server's one definition of each default decides the rest.
 for pair in NEARL_ROUNDS:--rounds NEARL_CONFIG:--config NEARL_STRATEGY:--strategy NEARL_MIN_SITES:--min-sites \
-            NEARL_LOCAL_EPOCHS:--local-epochs NEARL_WAIT_TIMEOUT:--wait-timeout NEARL_ROUND_TIMEOUT:--round-timeout; do
+            NEARL_LOCAL_EPOCHS:--local-epochs NEARL_WAIT_TIMEOUT:--wait-timeout NEARL_ROUND_TIMEOUT:--round-timeout \
+            NEARL_MAX_BODY_MB:--max-body-mb NEARL_RATE_LIMIT:--rate-limit NEARL_MAX_CONNECTIONS:--max-connections; do
   var="${pair%%:*}"
   if [[ -n "${!var:-}" ]]; then args+=("${pair#*:}" "${!var}"); fi
 done
