@@ -108,7 +108,7 @@ descendants() { local c; for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do echo
 supernode_of() {
   local p
   for p in "$1" $(descendants "$1"); do
-    [[ "$(ps -o args= -p "$p" 2>/dev/null)" == *client.supernode\ * ]] && { echo "$p"; return 0; }
+    [[ "$(ps -ww -o args= -p "$p" 2>/dev/null)" == *client.supernode\ * ]] && { echo "$p"; return 0; }
   done
   return 0
 }
@@ -225,7 +225,7 @@ until grep -q "submitted" "$LOGS/coordinator.log" 2>/dev/null; do
 done
 printed="$(follow "$LOGS/coordinator.log" "$printed" coordinator)"
 for p in $(descendants "$copid"); do
-  args="$(ps -o args= -p "$p" 2>/dev/null || true)"
+  args="$(ps -ww -o args= -p "$p" 2>/dev/null || true)"
   [[ "$args" == *flower-superlink* ]] && say "SuperLink process: ${args#*/bin/}"
 done
 NEARL_CERTS="$W/secrets/certs" NEARL_PORT="$port" python "$HERE/docker/healthcheck.py" coordinator --wait 60 \
@@ -254,7 +254,7 @@ for ((k = 1; k <= sites; k++)); do
   done
   NEARL_NODE_PORT="$node_port" python "$HERE/docker/healthcheck.py" site --wait 120 >/dev/null \
     || fail "$site's SuperNode did not answer on 127.0.0.1:$node_port/health"
-  args="$(ps -o args= -p "$node")"
+  args="$(ps -ww -o args= -p "$node")"
   say "$site SuperNode process (healthy): ${args#*/bin/}"
 done
 

@@ -80,7 +80,7 @@ def test_dp_simulation_on_the_timm_bert_layout_accounts_per_site_and_stops_at_a_
     builds that backbone itself from the shipped config (the tiny timm ViT registered in each
     process, the BERT config and tokenizer as JSON files inside the package).
     """
-    from nearl_core.privacy import PrivacyState, epsilon_of
+    from nearl_core.privacy import PrivacyState, default_delta, epsilon_of
 
     monkeypatch.chdir(tmp_path)
     generate_demo_data(tmp_path / "pool", 2, train_per_site=40, val_per_site=10, test_per_site=10)
@@ -96,9 +96,12 @@ def test_dp_simulation_on_the_timm_bert_layout_accounts_per_site_and_stops_at_a_
     client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     run = client.search_runs([client.get_experiment_by_name("nearl-federated").experiment_id])[0]
     hist = lambda key: {m.step: m.value for m in client.get_metric_history(run.info.run_id, key)}  # noqa: E731
-    assert run.data.params["dp_delta"] == "1e-05" and run.data.tags["nearl.backbone"] == "nearl-tiny-timm-bert"
+    # no --dp-delta: each site applies the one delta rule, min(1e-5, 1/(10 N)), as on nearl-server
+    assert run.data.params["dp_delta"] == "per site, below 1/N"
+    assert run.data.tags["nearl.backbone"] == "nearl-tiny-timm-bert"
     for site in ("site1", "site2"):  # the reported epsilon is what Opacus gives for the site's own ledger
         ledger = PrivacyState.load(out / "site-state" / site)
+        assert ledger.delta == default_delta(ledger.n_train) == 1e-5  # 40 training images per site
         assert hist(f"{site}/epsilon")[2] == pytest.approx(epsilon_of(ledger.history, 1e-5), rel=1e-9)
         assert hist(f"{site}/dp_noise_multiplier")[2] == ledger.noise_multiplier
         assert hist(f"{site}/dp_sample_rate")[1] == ledger.sample_rate
