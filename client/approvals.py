@@ -160,14 +160,19 @@ def _decision_line(run: Mapping[str, Any], decision: str, reason: str | None, by
             "reason": reason, "by": by}
 
 
+def _known_run(data: dict[str, Any], run_id: str, listing: str) -> dict[str, Any]:
+    """The run book's entry of ``run_id``, or the one-line error that says how to list the runs."""
+    run = data["runs"].get(str(run_id))
+    if run is None:
+        raise ApprovalError(f"run {run_id} is unknown at this site; list {listing}")
+    return run
+
+
 def approve(state_dir: Path, run_id: str, *, by: str = "nearl-client approve") -> dict[str, Any]:
     """Approve the config a waiting run asks for: its next message trains.  Audited with the config's sha256."""
     book = RunBook(state_dir)
     with book.changing() as data:
-        run = data["runs"].get(str(run_id))
-        if run is None:
-            raise ApprovalError(f"run {run_id} is unknown at this site; list the waiting runs with "
-                                f"nearl-client approvals --state-dir {state_dir}")
+        run = _known_run(data, run_id, f"the waiting runs with nearl-client approvals --state-dir {state_dir}")
         if run.get("status") != PENDING or not run.get("config_sha256"):
             raise ApprovalError(f"run {run_id} is not waiting for approval (it is {run.get('status')}); "
                                 "nothing to approve")
@@ -186,10 +191,7 @@ def refuse(state_dir: Path, run_id: str, reason: str, *, by: str = "nearl-client
         raise ApprovalError("give the reason for refusing the run: --reason TEXT (the coordinator sees it)")
     book = RunBook(state_dir)
     with book.changing() as data:
-        run = data["runs"].get(str(run_id))
-        if run is None:
-            raise ApprovalError(f"run {run_id} is unknown at this site; list the runs with "
-                                f"nearl-client approvals --all --state-dir {state_dir}")
+        run = _known_run(data, run_id, f"the runs with nearl-client approvals --all --state-dir {state_dir}")
         run.update(status=REFUSED, reason=f"{keys.REFUSED_BY_SITE}: {reason}", by="operator", decided=time.time())
         audit.append(book.state_dir / "audit.jsonl", _decision_line(run, REFUSED, reason, by))
         return dict(run)
