@@ -184,16 +184,22 @@ def restore_task_identity(saved) -> None:
     TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = saved
 
 
-def wait_for(procs: Procs, name: str, text: str, timeout: float) -> None:
-    """Until ``text`` appears in the output of process ``name``; fails early when that process has ended."""
+def wait_for(procs: Procs, name: str, text: str | re.Pattern, timeout: float) -> re.Match | None:
+    """Until ``text`` (or a match of a compiled pattern, returned) appears in the output of process ``name``;
+    fails early when that process has ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        if text in procs.text(name):
-            return
+        out = procs.text(name)
+        if isinstance(text, re.Pattern):
+            if match := text.search(out):
+                return match
+        elif text in out:
+            return None
         if procs.procs[name].poll() is not None:
             break
         time.sleep(0.5)
-    raise AssertionError(f"'{text}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")
+    shown = text.pattern if isinstance(text, re.Pattern) else text
+    raise AssertionError(f"'{shown}' not seen in {name} within {timeout:.0f}s\n{dump(procs)}")
 
 
 # A Flower app that is not NEARL: its ServerApp sends one train message to every node and records the
