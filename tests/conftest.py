@@ -124,19 +124,23 @@ def demo_root(tmp_path_factory):
     return root
 
 
-# -- federations on real processes, each run once for all the tests that read it (tests/fed_helpers.py) --------
-@pytest.fixture(scope="session")
-def secured(tmp_path_factory):
-    """The secured TLS federation (2 warm sites, refused nodes, an outsider) and a cold federation on the
-    same data: read by tests/test_federation_e2e.py and tests/test_warm_e2e.py."""
-    from tests.fed_helpers import secured_federation
-
-    return secured_federation(tmp_path_factory.mktemp("secured"))
+# `make test` hands whole modules to three workers in collection order: the longest modules start first,
+# so that no worker is left running one of them alone at the end. Measured (module seconds under load,
+# longest first); other modules marked slow come next, then the rest in their usual order.
+LONGEST_MODULES = ("test_simulation.py", "test_federation_e2e.py", "test_personalized_e2e.py",
+                   "test_reconnect_e2e.py", "test_methods.py", "test_privacy.py", "test_deploy.py",
+                   "test_warm_e2e.py", "test_flood.py", "test_reproducible.py", "test_secagg_loopback.py")
 
 
-@pytest.fixture(scope="session")
-def refusals(tmp_path_factory):
-    """A site that refuses another NEARL version's run and a foreign Flower app on one SuperLink."""
-    from tests.fed_helpers import refusal_federation
+def pytest_collection_modifyitems(config, items):
+    """Longest modules first (a stable sort: the tests of a module keep their order)."""
+    slow_modules = {item.path.name for item in items if item.get_closest_marker("slow")}
 
-    return refusal_federation(tmp_path_factory.mktemp("refusals"))
+    def rank(item) -> tuple[int, int]:
+        name = item.path.name
+        if name in LONGEST_MODULES:
+            return 0, LONGEST_MODULES.index(name)
+        return (1 if name in slow_modules else 2), 0
+
+    items.sort(key=rank)
+

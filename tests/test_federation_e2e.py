@@ -2,8 +2,8 @@
 
 Two federations, each shared by the assertions that can read the same run:
 
-* ``secured`` (tests/conftest.py; its run is shared with tests/test_warm_e2e.py, which checks its warm
-  sites against a cold federation run alongside): TLS and SuperNode authentication, two honest
+* ``secured`` (a module fixture; a cold federation, ``nearl-client --cold``, a process per message, runs
+  alongside it on the same data): TLS and SuperNode authentication, two honest
   sites, an unregistered intruder, a registered node that claims another site's name, and a site
   on another backbone; two rounds and the final evaluation (where the refused node is told why). Meanwhile an
   outsider with the CA certificate points ``flwr`` at the public port: ``flwr run`` of a
@@ -11,7 +11,8 @@ Two federations, each shared by the assertions that can read the same run:
   app runs nowhere; the operator's ``flwr ls`` through the loopback address works.  Checked: the intruder never joins, the duplicate name and the backbone mismatch
   are refused (server line, MLflow, the refused node's own log), the honest sites' rounds,
   MLflow metrics and registered model version with its provenance, each site's audit trail
-  against the hashes the server logged, and ``nearl evaluate`` on the final adapters.
+  against the hashes the server logged, ``nearl evaluate`` on the final adapters, and warm sites: one
+  backbone build and one worker process per site over the run, final adapters bit-identical to the cold run.
 * a site killed mid-run (the server goes on with the rest) and the coordinator stopped after
   the round it first misses and resumed in the same MLflow run (deploy/local-stack.sh covers a real MLflow server).
 
@@ -33,12 +34,17 @@ from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
 from nearl_protocol import processes as flower
 from server.checkpoint import complete_rounds, load_latest
-from tests.fed_helpers import (BIN, ROUND_TIMEOUT, Procs, dump, env, history, initial_adapters, mlflow_run,
-                               nearl_client, nearl_server, wait_for)
+from tests.fed_helpers import (BIN, ROUND_TIMEOUT, Procs, dump, env, final_adapters, history, initial_adapters,
+                               mlflow_run, nearl_client, nearl_server, secured_federation, wait_for)
 
 pytestmark = [pytest.mark.slow]
-# ``secured`` (tests/conftest.py, tests/fed_helpers.secured_federation) is one session-wide run, also read by
-# tests/test_warm_e2e.py: its honest sites are warm, and it runs 2 rounds.
+
+
+@pytest.fixture(scope="module")
+def secured(tmp_path_factory):
+    """The secured TLS federation (2 warm sites, refused nodes, an outsider, 2 rounds) and a cold federation
+    on the same data (tests/fed_helpers.secured_federation): one run read by every test of this module."""
+    return secured_federation(tmp_path_factory.mktemp("secured"))
 
 
 def test_tls_auth_one_round_mlflow_provenance_and_nearl_evaluate(secured):
@@ -151,6 +157,40 @@ def test_each_sites_audit_trail_matches_what_the_server_received(secured):
     assert res.returncode == 0 and "site1" in res.stdout, res.stderr
     # a SuperNode asked to stop exits cleanly: the fixture sent site1 SIGTERM once the run was over
     assert procs.procs["site1"].returncode == 0, dump(procs)
+
+
+def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(secured):
+    procs, tmp, code = secured.procs, secured.tmp, secured.code
+    cold_tmp, cold_procs = secured.cold_tmp, secured.cold_procs
+    assert code == 0, dump(procs)
+    assert secured.cold_code == 0, dump(cold_procs)
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
+    rid = run.info.run_id
+    out = procs.text("server")
+    # the secured run also sends to two refused nodes: 2 of 4 sampled answer, both warm
+    assert re.search(r"round 1/2  sites 2/4  .*  warm 2/2  ", out), out
+    for site in ("site1", "site2"):
+        assert history(client, rid, f"{site}/worker_builds") == {1: 1.0, 2: 1.0}  # one build over the whole run
+        assert history(client, rid, f"{site}/worker_warm") == {1: 1.0, 2: 1.0}
+        pids = set(history(client, rid, f"{site}/worker_pid").values())
+        assert len(pids) == 1, pids  # one process answered every round
+        log = procs.text(site)
+        assert "warm: one site worker runs this site's installed NEARL code" in log
+        assert "1 CPU thread (nearl-client --threads)" in log, log  # --threads 1 reached the worker
+        assert "Start `flwr-clientapp` process" not in log and "Starting Flower SuperExec" not in log, log
+    assert history(client, rid, "sites_warm") == {1: 2.0, 2: 2.0}
+
+    cold_client, cold_run = mlflow_run(secured.cold_uri)
+    cold_rid = cold_run.info.run_id
+    for site in ("site1", "site2"):
+        assert history(cold_client, cold_rid, f"{site}/worker_warm") == {1: 0.0, 2: 0.0}
+        assert len(set(history(cold_client, cold_rid, f"{site}/worker_pid").values())) == 2  # a process per message
+        assert "cold: every message runs in a new process" in cold_procs.text(site)
+
+    warm, cold = final_adapters(tmp), final_adapters(cold_tmp)
+    assert set(warm) == set(cold)
+    different = [k for k in warm if not np.array_equal(warm[k], cold[k])]
+    assert not different, f"warm and cold runs differ in {different}"
 
 
 @pytest.mark.timeout(1800)

@@ -1,6 +1,6 @@
 """``nearl-client verify`` (client/verify.py) against a record held in memory: each attributed round
 matched, the first unsent one named, the summary; bad input in one line with exit 2.  The real
-record of a real federation: tests/test_site_verdict_e2e.py."""
+record of a real federation: tests/test_personalized_e2e.py."""
 
 from __future__ import annotations
 

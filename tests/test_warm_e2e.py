@@ -1,10 +1,7 @@
 """Warm sites on real processes: nearl-server + nearl-client (SuperNode with process isolation + site worker).
 
-* warm sites over 2 rounds: one backbone build per site over the whole run (the reply metrics
-  in MLflow), one worker process per site; the final adapters are bit-identical to a cold run
-  (``nearl-client --cold``, a process per message) with the same seed.  Read from the shared
-  ``secured`` federation (tests/conftest.py: TLS, 2 warm honest sites and refused nodes; the cold
-  federation runs alongside it on the same data);
+* warm sites over 2 rounds, bit-identical to a cold run: tests/test_federation_e2e.py (it reads the
+  ``secured`` federation, which runs the cold federation alongside);
 * a site worker killed during a round: that site fails that round (an error reply naming the
   dead worker), a new worker answers the next round;
 * a site refuses runs it did not install: a NEARL bundle with another hash, a foreign Flower app
@@ -19,54 +16,23 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import signal
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
-from tests.fed_helpers import dump, federation, final_adapters, history, mlflow_run, wait_for
+from tests.fed_helpers import dump, federation, history, mlflow_run, refusal_federation, wait_for
 
 pytestmark = [pytest.mark.slow]
 
 
-@pytest.mark.timeout(1800)  # the shared federation may start in this test's setup
-def test_warm_sites_build_the_backbone_once_and_end_bit_identical_to_a_cold_run(secured):
-    procs, tmp, code = secured.procs, secured.tmp, secured.code
-    cold_tmp, cold_procs = secured.cold_tmp, secured.cold_procs
-    assert code == 0, dump(procs)
-    assert secured.cold_code == 0, dump(cold_procs)
-    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}")
-    rid = run.info.run_id
-    out = procs.text("server")
-    # the secured run also sends to two refused nodes: 2 of 4 sampled answer, both warm
-    assert re.search(r"round 1/2  sites 2/4  .*  warm 2/2  ", out), out
-    for site in ("site1", "site2"):
-        assert history(client, rid, f"{site}/worker_builds") == {1: 1.0, 2: 1.0}  # one build over the whole run
-        assert history(client, rid, f"{site}/worker_warm") == {1: 1.0, 2: 1.0}
-        pids = set(history(client, rid, f"{site}/worker_pid").values())
-        assert len(pids) == 1, pids  # one process answered every round
-        log = procs.text(site)
-        assert "warm: one site worker runs this site's installed NEARL code" in log
-        assert "1 CPU thread (nearl-client --threads)" in log, log  # --threads 1 reached the worker
-        assert "Start `flwr-clientapp` process" not in log and "Starting Flower SuperExec" not in log, log
-    assert history(client, rid, "sites_warm") == {1: 2.0, 2: 2.0}
-
-    cold_client, cold_run = mlflow_run(secured.cold_uri)
-    cold_rid = cold_run.info.run_id
-    for site in ("site1", "site2"):
-        assert history(cold_client, cold_rid, f"{site}/worker_warm") == {1: 0.0, 2: 0.0}
-        assert len(set(history(cold_client, cold_rid, f"{site}/worker_pid").values())) == 2  # a process per message
-        assert "cold: every message runs in a new process" in cold_procs.text(site)
-
-    warm, cold = final_adapters(tmp), final_adapters(cold_tmp)
-    assert set(warm) == set(cold)
-    different = [k for k in warm if not np.array_equal(warm[k], cold[k])]
-    assert not different, f"warm and cold runs differ in {different}"
+@pytest.fixture(scope="module")
+def refusals(tmp_path_factory):
+    """A site that refuses another NEARL version's run and a foreign Flower app on one SuperLink."""
+    return refusal_federation(tmp_path_factory.mktemp("refusals"))
 
 
 def task_file(state: Path) -> Path | None:

@@ -1,37 +1,64 @@
-"""The site's verdict and ``nearl-client verify`` on a real federation: nearl-server and two warm sites,
-2 rounds x 1 local epoch, ``--finetune-epochs 1`` (so each site also has personalized adapters).
+"""One personalized federation on real processes, read by every assertion here (a module-scoped fixture):
+``simulation/run.py`` on two virtual sites, then ``nearl-server`` with two warm ``nearl-client`` sites on the same
+virtual sites with the same seeds (2 rounds x 1 local epoch, ``--personalize oca-text,gates --finetune-epochs 1
+--set train.loss=logit-adjusted``), then a second run with site1 alone and the same config.
+
+One federation, two engines:
+
+* the engines' final and personalized adapters are bit-identical (measured largest difference 0.0; every input
+  is the same, the replies may arrive in another order, but a weighted sum of two updates does not depend on it;
+  with more sites the order of the float32 sums could matter);
+* MLflow holds the sites' personalized metrics (``<site>/personal_*``) equal to the simulation's, and the audit
+  trails show that the local groups (``oca-text``, ``gates``) never left.
+
+The site's verdict and ``nearl-client verify``:
 
 * each site writes ``reports/<run>.json`` and ``.md`` after the run: zero-shot, federated (the very numbers
   its final evaluate reported to the coordinator), personalized and a local-only model that really trained;
   bytes and seconds from its audit trail;
-* a second run (a new coordinator with site1 alone, same config) reuses site1's cached local-only model;
+* the second run reuses site1's cached local-only model;
 * verify against the coordinator's MLflow record exits 0 with the summary, for the registered version and
   for the adapters folder, and exits 1 naming the round when one recorded hash is altered (in a copy).
-
-One federation (plus the one-site second run) serves every assertion: a module-scoped fixture.
 """
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from client.audit import read_lines
 from nearl_core.demo_data import generate_demo_data
+from nearl_core.personalize import group_of
 from nearl_protocol import keys
 from nearl_protocol import processes as flower
 from tests.fed_helpers import BIN, Procs, dump, history, mlflow_run, nearl_client, nearl_server, wait_for
 
 pytestmark = [pytest.mark.slow]
 
-FLAGS = ["--rounds", "2", "--local-epochs", "1", "--finetune-epochs", "1"]
+FLAGS = ["--rounds", "2", "--local-epochs", "1", "--personalize", "oca-text,gates", "--finetune-epochs", "1",
+         "--set", "train.loss=logit-adjusted"]
 SITES = ("site1", "site2")
 MODELS = ["zero-shot", "federated", "personalized", "local-only"]
+LOCAL_GROUPS = {"oca-text", "gates"}
+ATOL = 0.0  # measured: 0.0 (the test prints it)
+
+
+def tensors(folder: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    return load_file(str(folder / "adapters.safetensors"))
+
+
+def largest_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert sorted(a) == sorted(b)
+    return max(float(np.max(np.abs(a[k].astype(np.float64) - b[k].astype(np.float64)))) for k in a)
 
 
 def reports(state: Path) -> dict[str, dict]:
@@ -48,6 +75,15 @@ def wait_for_reports(procs: Procs, tmp: Path, sites: tuple[str, ...], count: int
             return
         time.sleep(1)
     raise AssertionError(f"no site verdict {count} within {timeout:.0f}s\n{dump(procs)}")
+
+
+def simulate(tmp: Path, data: Path) -> Path:
+    from simulation.run import main
+
+    out = tmp / "sim"
+    assert main(["--sites", "2", "--data", str(data), "--alpha", "iid", "--out", str(out),
+                 "--mlflow-uri", f"sqlite:///{tmp / 'sim.db'}", *FLAGS]) == 0
+    return out
 
 
 def federate(tmp: Path, data: Path, sites: tuple[str, ...], run: int) -> Procs:
@@ -70,13 +106,50 @@ def federate(tmp: Path, data: Path, sites: tuple[str, ...], run: int) -> Procs:
 
 @pytest.fixture(scope="module")
 def federation(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("verdict")
+    tmp = tmp_path_factory.mktemp("personalized")
     generate_demo_data(tmp / "data", 2, train_per_site=24, val_per_site=8, test_per_site=8)
-    first = federate(tmp, tmp / "data", SITES, 1)
+    sim = simulate(tmp, tmp / "data")
+    first = federate(tmp, sim / "sites", SITES, 1)
+    for site in SITES:  # the second run writes its own personalized adapters over the first's
+        shutil.copytree(tmp / f"state-{site}" / "personalized", tmp / "personalized-1" / site)
     t0 = time.monotonic()
-    second = federate(tmp, tmp / "data", ("site1",), 2)  # the same config, site1 alone: its cache answers
+    second = federate(tmp, sim / "sites", ("site1",), 2)  # the same config, site1 alone: its cache answers
     print(f"second run (site1 alone) took {time.monotonic() - t0:.0f}s")
     return tmp, first, second
+
+
+def test_a_personalized_federation_is_the_same_on_nearl_server_and_in_the_simulation(federation):
+    tmp, _, _ = federation
+    sim = tmp / "sim"
+    client, run = mlflow_run(f"sqlite:///{tmp / 'mlflow.db'}", _version_run(tmp, 1))
+    personal = {k: v for k, v in run.data.metrics.items() if keys.MLFLOW_PERSONAL_PREFIX in k}
+    for site in SITES:
+        assert f"{site}/{keys.MLFLOW_PERSONAL_PREFIX}accuracy" in personal, sorted(run.data.metrics)
+
+    final_difference = largest_difference(tensors(tmp / "ck1" / "final"), tensors(sim / "checkpoints" / "final"))
+    personal_difference = {
+        site: largest_difference(tensors(tmp / "personalized-1" / site),
+                                 tensors(sim / "site-state" / site / "personalized")) for site in SITES}
+    print(f"largest |difference| between the engines: final adapters {final_difference:.2e}, personalized "
+          f"{personal_difference}")
+    assert final_difference <= ATOL and max(personal_difference.values()) <= ATOL
+
+    sim_client, sim_run = mlflow_run(f"sqlite:///{tmp / 'sim.db'}")
+    for key, value in personal.items():
+        assert sim_run.data.metrics[key] == pytest.approx(value, abs=1e-4), key
+
+    for site in SITES:
+        lines = read_lines(tmp / f"state-{site}" / "audit.jsonl")
+        sent = {name for line in lines if line["message_type"] == "train" for name, _, _ in line["arrays"]}
+        assert sent, f"{site}: no train reply in its audit trail"
+        assert {group_of(name) for name in sent} & LOCAL_GROUPS == set()
+        assert not any(".gate." in f".{name}." for name in sent)
+
+
+def examples_in_test_split(tmp: Path, site: str) -> int:
+    """Images in the test split of a virtual site (its manifest)."""
+    with open(tmp / "sim" / "sites" / site / "manifest.csv", newline="") as fh:
+        return sum(row["split"] == "test" for row in csv.DictReader(fh))
 
 
 def first_report(tmp: Path, site: str) -> tuple[str, dict]:
@@ -98,8 +171,8 @@ def test_each_site_writes_its_verdict_with_the_numbers_its_final_evaluate_report
         assert out["run_id"] == run_id and out["site"] == site and out["split"] == "test"
         assert [r["model"] for r in out["rows"]] == MODELS
         for row in out["rows"]:
-            assert row["examples"] == 8 and all(0.0 <= row[m] <= 1.0 for m in ("accuracy", "balanced_accuracy",
-                                                                                  "macro_f1")), row
+            assert row["examples"] == examples_in_test_split(tmp, site), row
+            assert all(0.0 <= row[m] <= 1.0 for m in ("accuracy", "balanced_accuracy", "macro_f1")), row
         federated = out["rows"][1]
         for metric in ("accuracy", "balanced_accuracy", "macro_f1"):
             measured = history(client, run.info.run_id, f"{site}/test_{metric}")
