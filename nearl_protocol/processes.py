@@ -289,6 +289,18 @@ def flwr_json(args: Sequence[str], *, env: dict[str, str], timeout: float = 120.
     return data
 
 
+# `flwr ls` is a Python process per call (about a CPU-second); a run's progress arrives through its progress
+# file, so the status is asked for often only once that file says the run has ended, and otherwise rarely,
+# as the backstop for a ServerApp that dies without a word.
+STATUS_POLL_SECONDS = 10.0
+STATUS_POLL_ENDING_SECONDS = 1.0
+
+
+def status_due(last_poll: float, *, ending: bool) -> bool:
+    """Whether to ask the SuperLink for the run's status now (``last_poll``: time.monotonic() of the last ask)."""
+    return time.monotonic() - last_poll > (STATUS_POLL_ENDING_SECONDS if ending else STATUS_POLL_SECONDS)
+
+
 def run_status(run_id: str, *, env: dict[str, str]) -> tuple[str, str]:
     data = flwr_json(["ls", CONNECTION, "--run-id", str(run_id)], env=env, timeout=120)
     runs = data.get("runs") or [{}]

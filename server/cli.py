@@ -45,7 +45,6 @@ from nearl_protocol.processes import Certs, FlowerError
 
 PROG = "nearl-server"
 STATUS_OUTAGE_SECONDS = 900.0
-POLL_SECONDS = 10.0  # `flwr ls` is a Python process per call; progress lines arrive through a file anyway
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -309,7 +308,7 @@ class Server:
             if self.proxy is not None and self.proxy.poll() is not None:
                 raise FlowerError(f"the Fleet proxy on port {self.args.port} stopped (exit {self.proxy.returncode})")
             ending = any(isinstance(e, (DoneEvent, ErrorEvent)) for e in events[-2:])
-            if time.monotonic() - last_poll > (2.0 if ending else POLL_SECONDS):
+            if flower.status_due(last_poll, ending=ending):
                 try:
                     status, _ = flower.run_status(self.run_id, env=self.cli_env)
                     failing_since = None

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from nearl_protocol.processes import (CONNECTION, FlowerError, flower_env, flwr_json, free_port, run_logs, run_status,
-                           start_process, stop_process, superlink_command, wait_for_port, write_connection,
+                           start_process, status_due, stop_process, superlink_command, wait_for_port, write_connection,
                            write_run_config)
 from server.events import DoneEvent, ErrorEvent, EvalEvent, Event, ProgressReader, RoundEvent, select
 
@@ -93,13 +93,16 @@ def run_simulation(*, sites: int, run_config: dict[str, Any], workdir: Path, cpu
         submitted = flwr_json(["run", str(app_dir(workdir)), CONNECTION, "--federation-config", federation,
                                "--run-config", str(config_file)], env=env, cwd=ROOT)
         flwr_run = str(submitted.get("run-id") or submitted.get("run_id"))
+        last_poll = 0.0
         while True:
             _follow(reader, result, on_event)
-            status, _ = run_status(flwr_run, env=env)
-            if status.startswith("finished"):
-                _follow(reader, result, on_event)
-                result.status = status
-                break
+            if status_due(last_poll, ending=any(isinstance(e, (DoneEvent, ErrorEvent)) for e in result.events[-2:])):
+                status, _ = run_status(flwr_run, env=env)
+                last_poll = time.monotonic()
+                if status.startswith("finished"):
+                    _follow(reader, result, on_event)
+                    result.status = status
+                    break
             if time.perf_counter() - start > timeout:
                 raise FlowerError(f"simulation did not finish within {timeout:.0f}s; see {workdir}/superlink.log")
             time.sleep(1.0)
