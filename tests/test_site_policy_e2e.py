@@ -31,27 +31,30 @@ pytestmark = [pytest.mark.slow]
 DOCS_IMAGES = ROOT / "docs" / "images"
 
 
-def wait_for_pending(state: Path, procs: Procs, timeout: float) -> dict:
+def poll(what: str, probe, procs: Procs, timeout: float, every: float):
+    """The first truthy value of ``probe()`` while the coordinator runs; fails after ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        pending = RunBook(state).pending() if (state / "runs.json").exists() else []
-        if pending:
-            return pending[0]
+        if found := probe():
+            return found
         assert procs.procs["server"].poll() is None, dump(procs)
-        time.sleep(0.2)
-    raise AssertionError(f"site2 recorded no pending run within {timeout:.0f}s\n{dump(procs)}")
+        time.sleep(every)
+    raise AssertionError(f"site2 {what} within {timeout:.0f}s\n{dump(procs)}")
+
+
+def wait_for_pending(state: Path, procs: Procs, timeout: float) -> dict:
+    def pending():
+        return (RunBook(state).pending() if (state / "runs.json").exists() else [])[:1]
+
+    return poll("recorded no pending run", pending, procs, timeout, 0.2)[0]
 
 
 def wait_for_update(state: Path, procs: Procs, timeout: float) -> dict:
     """site2's first audited train reply that carried adapters."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        sent = [x for x in read_lines(state / "audit.jsonl") if x.get("arrays")]
-        if sent:
-            return sent[0]
-        assert procs.procs["server"].poll() is None, dump(procs)
-        time.sleep(0.5)
-    raise AssertionError(f"site2 sent no update within {timeout:.0f}s\n{dump(procs)}")
+    def sent():
+        return [x for x in read_lines(state / "audit.jsonl") if x.get("arrays")][:1]
+
+    return poll("sent no update", sent, procs, timeout, 0.5)[0]
 
 
 def screenshot(url: str, tmp: Path, name: str) -> Path:
